@@ -1,0 +1,53 @@
+"""nora: non-linear low-rank adaptation (NoRA, NoLoRA, AuroRA, LoRAN, and LoRA) for
+Hugging Face causal language models.
+
+    import nora
+    cfg = nora.AdapterConfig(method="nora", r=64, target_modules=["q_proj", "v_proj"])
+    model = nora.inject(model, cfg)          # wraps in place, freezes the base
+    nora.save_adapter(model, "out/")         # adapter_config.json + adapter_model.safetensors
+    nora.load_adapter(base_model, "out/")    # nora or PEFT LoRA folders
+    nora.merge(model); nora.unload(model)
+"""
+
+from nora.adapters import METHODS, NotMergeableError
+from nora.checkpoint import CheckpointError, load_adapter, read_config, save_adapter
+from nora.config import AdapterConfig, ConfigError
+from nora.inject import (
+    InjectionError,
+    ParamCount,
+    adapter_modules,
+    adapter_state_dict,
+    count_parameters,
+    disable_adapters,
+    get_config,
+    inject,
+    merge,
+    parameter_table,
+    set_adapters_enabled,
+    unload,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "AdapterConfig",
+    "CheckpointError",
+    "ConfigError",
+    "InjectionError",
+    "NotMergeableError",
+    "ParamCount",
+    "adapter_modules",
+    "adapter_state_dict",
+    "count_parameters",
+    "disable_adapters",
+    "get_config",
+    "inject",
+    "load_adapter",
+    "merge",
+    "parameter_table",
+    "read_config",
+    "save_adapter",
+    "set_adapters_enabled",
+    "unload",
+]

@@ -1,0 +1,20 @@
+"""The method registry: `METHODS[name]` is the adapter class; one file per method."""
+
+from nora.adapters import aurora, lora, loran, nolora, nora  # noqa: F401  (registers them)
+from nora.adapters.base import (
+    METHODS,
+    Adapter,
+    AdapterLinear,
+    NotMergeableError,
+    ParallelAdapter,
+    register,
+)
+
+__all__ = [
+    "METHODS",
+    "Adapter",
+    "AdapterLinear",
+    "NotMergeableError",
+    "ParallelAdapter",
+    "register",
+]

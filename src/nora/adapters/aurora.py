@@ -1,0 +1,82 @@
+"""AuroRA (NeurIPS 2025): an Adaptive Non-linear Layer between the two projectors.
+
+    Δ(x) = s · B · σ(A · D(x)),   s = α/r
+    σ(z) = tanh(H · tanh(z)) + w_s ⊙ spline(z)          [paper eqs. 5-8]
+
+H ∈ R^{r×r} a learnable self-projection (Xavier-normal); spline(z)_i = Σ_j c_ij·B_j(z_i), a
+per-element B-spline expansion with learnable c ∈ R^{r×(G+K)}, U(−0.1, 0.1)
+[reimplementations: grid size G=5, order K=3, range [−1, 1] → 8 basis functions].
+[ours]: w_s ∈ R^r, ones at init; dropout D on the input as in LoRA (paper p = 0.05);
+A Kaiming-uniform, B zeros. Paper settings: r = 2, α = 4.
+Params r(d+k) + r² + r(G+K) + r.
+
+Not mergeable. The paper merges *approximately* after training, ΔW = s·B·σ(A) with σ applied
+to each column of A, which is not the trained function; offered only as
+`merge(model, approximate_merge=True)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nora.adapters.base import Adapter, register
+
+
+def bspline_basis(z: torch.Tensor, knots: torch.Tensor, order: int) -> torch.Tensor:
+    """B-spline basis functions at z via the Cox–de Boor recursion.
+
+    z: (...), knots: (n_knots,) increasing  ->  (..., n_knots - 1 - order). Zero outside
+    [knots[0], knots[-1]).
+    """
+    z = z.unsqueeze(-1)  # (..., 1)
+    t = knots.to(z.dtype)
+    basis = ((z >= t[:-1]) & (z < t[1:])).to(z.dtype)  # order 0: (..., n_knots - 1)
+    for p in range(1, order + 1):
+        left = (z - t[: -(p + 1)]) / (t[p:-1] - t[: -(p + 1)]) * basis[..., :-1]
+        right = (t[p + 1 :] - z) / (t[p + 1 :] - t[1:-p]) * basis[..., 1:]
+        basis = left + right  # (..., n_knots - 1 - p)
+    return basis
+
+
+@register
+class AuroRA(Adapter):
+    name = "aurora"
+    approximately_mergeable = True
+    default_alpha = 4.0
+    default_dropout = 0.05
+    default_activation = "aurora"
+    activations = ("aurora",)
+
+    def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
+        super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
+        r, G, K = cfg.r, cfg.spline_grid_size, cfg.spline_order
+        lo, hi = cfg.spline_range
+        h = (hi - lo) / G
+        # G intervals on [lo, hi], extended by K knots on each side: G + 2K + 1 knots.
+        knots = lo + h * torch.arange(-K, G + K + 1, dtype=torch.float32)
+        self.register_buffer("knots", knots.to(device), persistent=False)
+        self.order = K
+        self.self_proj = nn.Linear(r, r, bias=False, device=device, dtype=dtype)  # H
+        self.spline_weight = nn.Parameter(torch.empty(r, G + K, device=device, dtype=dtype))
+        self.spline_scale = nn.Parameter(torch.ones(r, device=device, dtype=dtype))  # w_s
+
+    def reset_parameters(self, init_weights: bool = True) -> None:
+        super().reset_parameters(init_weights)
+        nn.init.xavier_normal_(self.self_proj.weight)
+        nn.init.uniform_(self.spline_weight, -0.1, 0.1)
+        nn.init.ones_(self.spline_scale)
+
+    def sigma(self, z: torch.Tensor) -> torch.Tensor:  # (..., r) -> (..., r)
+        mix = torch.tanh(self.self_proj(torch.tanh(z)))
+        spline = (bspline_basis(z, self.knots, self.order) * self.spline_weight).sum(-1)
+        return mix + self.spline_scale * spline
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k)
+        z = self.lora_A(self.dropout(x))  # (..., r)
+        return self.lora_B(self.sigma(z) * self.scale)  # (..., d)
+
+    def approximate_delta_weight(self) -> torch.Tensor:  # (d, k)
+        # σ acts on each column A[:, j] ∈ R^r: treat Aᵀ (k, r) as a batch of k latents.
+        sig_A = self.sigma(self.lora_A.weight.t()).t()  # (r, k)
+        return self.scale * (self.lora_B.weight @ sig_A)
