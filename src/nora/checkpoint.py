@@ -30,14 +30,40 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 # PEFT LoraConfig fields nora reproduces, and the value each unsupported feature must have.
-_PEFT_MAPPED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
-                "exclude_modules", "layers_to_transform", "layers_pattern", "base_model_name_or_path"}
-_PEFT_IGNORED = {"peft_type", "task_type", "auto_mapping", "peft_version", "revision",
-                 "inference_mode", "init_lora_weights", "megatron_core", "qalora_group_size",
-                 "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-                 "ensure_weight_tying"}  # bookkeeping or init-only: the saved weights decide
-_PEFT_REQUIRED = {"fan_in_fan_out": False, "bias": "none", "use_dora": False, "use_qalora": False,
-                  "lora_bias": False}
+_PEFT_MAPPED = {
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "base_model_name_or_path",
+}
+_PEFT_IGNORED = {
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "revision",
+    "inference_mode",
+    "init_lora_weights",
+    "megatron_core",
+    "qalora_group_size",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "ensure_weight_tying",
+}  # bookkeeping or init-only: the saved weights decide
+_PEFT_REQUIRED = {
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "use_dora": False,
+    "use_qalora": False,
+    "lora_bias": False,
+}
 
 
 class CheckpointError(ValueError):
@@ -54,13 +80,24 @@ def config_to_dict(cfg: AdapterConfig) -> dict[str, Any]:
     if peft_type(cfg) == "LORA":  # plain PEFT LoraConfig: no foreign keys, PEFT warns on those
         r = cfg.r
         alpha = cfg.alpha if cfg.scale is None else cfg.scale * (math.sqrt(r) if cfg.rslora else r)
-        return {"peft_type": "LORA", "task_type": "CAUSAL_LM",
-                "base_model_name_or_path": cfg.base_model_name_or_path, "r": r,
-                "lora_alpha": alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
-                "target_modules": cfg.target_modules, "exclude_modules": cfg.exclude_modules,
-                "layers_to_transform": cfg.layers_to_transform,
-                "layers_pattern": cfg.layers_pattern, "bias": "none", "fan_in_fan_out": False,
-                "init_lora_weights": True, "modules_to_save": None, "inference_mode": True}
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": cfg.base_model_name_or_path,
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": cfg.dropout,
+            "use_rslora": cfg.rslora,
+            "target_modules": cfg.target_modules,
+            "exclude_modules": cfg.exclude_modules,
+            "layers_to_transform": cfg.layers_to_transform,
+            "layers_pattern": cfg.layers_pattern,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "inference_mode": True,
+        }
     return {"peft_type": peft_type(cfg), "nora_format_version": FORMAT_VERSION, **cfg.to_dict()}
 
 
@@ -91,21 +128,31 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
 
 
 def _from_peft_lora(d: dict[str, Any]) -> AdapterConfig:
-    problems = [f"{k}={d[k]!r} (nora supports {v!r})"
-                for k, v in _PEFT_REQUIRED.items() if k in d and d[k] != v]
-    problems += [f"{k}={v!r}" for k, v in d.items()
-                 if k not in _PEFT_MAPPED | _PEFT_IGNORED | set(_PEFT_REQUIRED) and v]
+    problems = [
+        f"{k}={d[k]!r} (nora supports {v!r})"
+        for k, v in _PEFT_REQUIRED.items()
+        if k in d and d[k] != v
+    ]
+    problems += [
+        f"{k}={v!r}"
+        for k, v in d.items()
+        if k not in _PEFT_MAPPED | _PEFT_IGNORED | set(_PEFT_REQUIRED) and v
+    ]
     if problems:
-        raise CheckpointError("this PEFT LoRA uses features nora does not support: "
-                              + ", ".join(problems))
+        raise CheckpointError(
+            "this PEFT LoRA uses features nora does not support: " + ", ".join(problems)
+        )
     target = d.get("target_modules")
     if target is None:
         raise CheckpointError("PEFT config has no target_modules")
     ltt = d.get("layers_to_transform")
     pattern = d.get("layers_pattern")
     return AdapterConfig(
-        method="lora", r=d.get("r", 8), alpha=d.get("lora_alpha", 8),
-        dropout=d.get("lora_dropout", 0.0), rslora=bool(d.get("use_rslora", False)),
+        method="lora",
+        r=d.get("r", 8),
+        alpha=d.get("lora_alpha", 8),
+        dropout=d.get("lora_dropout", 0.0),
+        rslora=bool(d.get("use_rslora", False)),
         target_modules=target if isinstance(target, str) else sorted(target),
         exclude_modules=d.get("exclude_modules") or None,
         layers_to_transform=[ltt] if isinstance(ltt, int) else ltt,
@@ -134,7 +181,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     tensors = {}
     for k, v in adapter_state_dict(model).items():
         if v.device.type == "meta":
-            raise CheckpointError("the adapter lives on the meta device: there are no weights to save")
+            raise CheckpointError(
+                "the adapter lives on the meta device: there are no weights to save"
+            )
         tensors[PREFIX + k] = v.detach().to("cpu").contiguous()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -164,8 +213,10 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     f = Path(path) / WEIGHTS_NAME
     if not f.is_file():
         if (Path(path) / "adapter_model.bin").exists():
-            raise CheckpointError(f"{path} holds a pickle (adapter_model.bin); nora only loads "
-                                  "safetensors — re-save it with safe_serialization=True")
+            raise CheckpointError(
+                f"{path} holds a pickle (adapter_model.bin); nora only loads "
+                "safetensors — re-save it with safe_serialization=True"
+            )
         raise CheckpointError(f"{f} not found")
     try:
         raw = load_file(f)
@@ -174,7 +225,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PREFIX): v for k, v in raw.items()}
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, is_trainable: bool = False
+) -> nn.Module:
     """Inject the adapter saved in `path` (nora or PEFT LoRA) into `model` and load its weights.
 
     Checks every module name, tensor name and shape first and names each mismatch; on any
@@ -185,8 +238,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool =
     tensors = read_weights(path)
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
     if cfg.base_model_name_or_path and name and name != cfg.base_model_name_or_path:
-        warnings.warn(f"adapter was saved for {cfg.base_model_name_or_path!r}, loading into "
-                      f"{name!r}", stacklevel=2)
+        warnings.warn(
+            f"adapter was saved for {cfg.base_model_name_or_path!r}, loading into {name!r}",
+            stacklevel=2,
+        )
     try:
         wrappers = plan(model, cfg)
     except ValueError as e:
@@ -194,14 +249,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool =
     expected = {f"{n}.{k}": v for n, w in wrappers for k, v in w.adapter.state_dict().items()}
     problems = [f"missing tensor {k}" for k in expected if k not in tensors]
     problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
-    problems += [f"{k}: model expects shape {tuple(expected[k].shape)}, file has {tuple(v.shape)}"
-                 for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
-    problems += [f"{k}: dtype {v.dtype} is not floating point"
-                 for k, v in tensors.items() if not v.dtype.is_floating_point]
+    problems += [
+        f"{k}: model expects shape {tuple(expected[k].shape)}, file has {tuple(v.shape)}"
+        for k, v in tensors.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems += [
+        f"{k}: dtype {v.dtype} is not floating point"
+        for k, v in tensors.items()
+        if not v.dtype.is_floating_point
+    ]
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-        raise CheckpointError(f"adapter in {path} does not fit this model: "
-                              + "; ".join(problems[:8]) + more)
+        raise CheckpointError(
+            f"adapter in {path} does not fit this model: " + "; ".join(problems[:8]) + more
+        )
     with torch.no_grad():
         for n, w in wrappers:
             for k, p in w.adapter.state_dict().items():

@@ -53,8 +53,10 @@ class AdapterConfig:
     )
     layers_pattern: str | None = field(
         default=None,
-        metadata={"help": "name of the layer list holding the index (default: any of "
-                  "layers|h|blocks|block|layer)"},
+        metadata={
+            "help": "name of the layer list holding the index (default: any of "
+            "layers|h|blocks|block|layer)"
+        },
     )
     placement: str = field(
         default="weight",

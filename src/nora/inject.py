@@ -62,7 +62,9 @@ def _layer_index(name: str, pattern: str | None) -> int | None:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    )
 
 
 def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Module]]:
@@ -92,7 +94,11 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Mod
     if not found:
         raise InjectionError(
             f"target_modules {cfg.target_modules!r} matched no module"
-            + (f" (with layers_to_transform={cfg.layers_to_transform})" if cfg.layers_to_transform else "")
+            + (
+                f" (with layers_to_transform={cfg.layers_to_transform})"
+                if cfg.layers_to_transform
+                else ""
+            )
             + f"; the model's Linear modules are named: {', '.join(_linear_names(model))}"
         )
     for name, module in found:
@@ -135,13 +141,14 @@ def _build_wrapper(model: nn.Module, name: str, module: nn.Module, cfg: AdapterC
         msg = f"r={cfg.r} exceeds min(out, in) = min({d}, {k}) of {name}"
         if cls.linear:
             raise InjectionError(msg + f": a {cfg.method} update cannot have a rank above that")
-        warnings.warn(msg + "; the extra latent width only helps through the non-linearity",
-                      stacklevel=3)
+        warnings.warn(
+            msg + "; the extra latent width only helps through the non-linearity", stacklevel=4
+        )  # -> the caller of inject()/load_adapter()
     dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
     adapter = cls(k, d, cfg, device=ref.device, dtype=dtype)
     adapter.reset_parameters(cfg.init_weights)
     wrapper_cls = AdapterLinear if cfg.placement == "weight" else ParallelAdapter
-    return wrapper_cls(module, adapter)
+    return wrapper_cls(module, adapter).train(module.training)  # follow the model's mode
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -155,7 +162,10 @@ def plan(model: nn.Module, config: AdapterConfig) -> list[tuple[str, _Wrapper]]:
         raise TypeError(f"config must be a nora.AdapterConfig, got {type(config).__name__}")
     if getattr(model, "_nora_state", None) is not None or adapter_modules(model):
         raise InjectionError("this model already has nora adapters; call nora.unload(model) first")
-    return [(name, _build_wrapper(model, name, mod, config)) for name, mod in find_targets(model, config)]
+    wrappers = []
+    for name, module in find_targets(model, config):
+        wrappers.append((name, _build_wrapper(model, name, module, config)))
+    return wrappers
 
 
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
@@ -163,7 +173,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return apply(model, config, plan(model, config))
 
 
-def apply(model: nn.Module, config: AdapterConfig, wrappers: list[tuple[str, _Wrapper]]) -> nn.Module:
+def apply(
+    model: nn.Module, config: AdapterConfig, wrappers: list[tuple[str, _Wrapper]]
+) -> nn.Module:
     """Swap planned wrappers in and freeze the base; cannot fail for a user mistake."""
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -253,7 +265,9 @@ class ParamCount:
 def count_parameters(model: nn.Module) -> ParamCount:
     """Trainable and total parameter counts (works on the meta device)."""
     params = list(model.parameters())
-    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    return ParamCount(
+        sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    )
 
 
 def parameter_table(model: nn.Module) -> str:
@@ -264,8 +278,10 @@ def parameter_table(model: nn.Module) -> str:
         row[0] += 1
         row[1] += sum(p.numel() for p in w.adapter.parameters())
     cfg = get_config(model)
-    lines = [f"method={cfg.method} r={cfg.r} scale={cfg.effective_scale:g} placement={cfg.placement}",
-             f"{'module':<16}{'count':>7}{'adapter params':>16}"]
+    lines = [
+        f"method={cfg.method} r={cfg.r} scale={cfg.effective_scale:g} placement={cfg.placement}",
+        f"{'module':<16}{'count':>7}{'adapter params':>16}",
+    ]
     lines += [f"{k:<16}{c:>7}{n:>16,}" for k, (c, n) in sorted(rows.items())]
     lines.append(str(count_parameters(model)))
     return "\n".join(lines)

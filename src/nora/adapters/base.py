@@ -49,8 +49,9 @@ class Adapter(nn.Module):
     default_activation: ClassVar[str] = "identity"
     activations: ClassVar[tuple[str, ...]] = ("identity",)
 
-    def __init__(self, in_features: int, out_features: int, cfg: AdapterConfig, device=None,
-                 dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, cfg: AdapterConfig, device=None, dtype=None
+    ):
         super().__init__()
         self.in_features, self.out_features, self.r = in_features, out_features, cfg.r
         self.scale = cfg.effective_scale
