@@ -1,6 +1,14 @@
-"""Shared fixtures: tiny random models of several Hugging Face families, built in-process."""
+"""Shared fixtures: tiny random models of several Hugging Face families, built in-process.
+
+Tests never touch the network: the hub is forced offline before transformers is imported.
+"""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
