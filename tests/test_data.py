@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from conftest import DEFAULT_SYSTEM, make_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from nora.data import (
@@ -36,40 +36,6 @@ MATHINSTRUCT_JSON = FIXTURES / "mathinstruct.json"
 MATHINSTRUCT_PARQUET = FIXTURES / "mathinstruct.parquet"
 PROMPT_RESPONSE = FIXTURES / "prompt_response.jsonl"
 MESSAGES = FIXTURES / "messages.jsonl"
-
-DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-CORPUS = [
-    "The answer is 42. Calculate 5 - 3 - 6. How many legs are there in total?",
-    "You are a helpful assistant. Translate to French: the cat sleeps on the sofa.",
-    "x1 = 0.7500\nx2 = 0.5625\nIterate the logistic map with r = 3.72 for 6 steps.",
-    "system user assistant #### 28080 pencils boxes apples Mercury planet speed",
-]
-
-
-def make_tokenizer(template: str | None = SMOLLM2_TEMPLATE) -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte is encodable
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tok.chat_template = template
-    return tok
 
 
 @pytest.fixture(scope="module")

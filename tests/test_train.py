@@ -1,0 +1,219 @@
+"""The training loop and evaluation: exact resume after SIGKILL and Ctrl-C, NaN stop,
+config checks, and perplexity checked against a hand computation."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tokenizer, tiny_llama
+from safetensors.torch import load_file
+
+import nora
+from nora.data import build_splits, collate
+from nora.evaluate import batch_nll, perplexity, supports_fast_nll
+from nora.train import TrainConfig, TrainingError, micro_batch_indices, train
+
+TESTS = Path(__file__).parent
+
+
+def setup(tmp_path, name="run", **kw):
+    tok = make_tokenizer()
+    model = tiny_llama(vocab=len(tok), hidden=64)
+    cfg = dict(
+        adapter=nora.AdapterConfig(method="nora", r=8, dropout=0.2),
+        data="logistic-map",
+        n_train=48,
+        n_eval=8,
+        max_len=300,
+        max_steps=12,
+        batch_size=4,
+        lr=3e-3,
+        save_every=3,
+        output_dir=str(tmp_path / name),
+    )
+    cfg.update(kw)
+    return TrainConfig(**cfg), model, tok
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(run_dir) / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: the target every interrupted-and-resumed run must reach."""
+    cfg, model, tok = setup(tmp_path_factory.mktemp("ref"))
+    summary = train(cfg, model=model, tokenizer=tok, progress=False)
+    return cfg, summary, final_weights(cfg.output_dir)
+
+
+def test_run_writes_metrics_summary_and_adapter(reference):
+    cfg, summary, _ = reference
+    out = Path(cfg.output_dir)
+    assert {p.name for p in out.iterdir()} >= {
+        "train_config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter",
+        "checkpoints",
+    }
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    steps = [eval(line.replace("null", "None"))["step"] for line in lines]
+    assert steps[:12] == list(range(1, 13))
+    assert summary["steps"] == 12 and summary["trainable_params"] == 2 * 8 * (64 + 64 + 64 + 32)
+    assert math.isfinite(summary["eval_ppl"]) and summary["tok_per_s"] > 0
+    assert len(list((out / "checkpoints").glob("step-*"))) == cfg.keep_checkpoints
+    model = nora.load_adapter(tiny_llama(vocab=len(make_tokenizer()), hidden=64), out / "adapter")
+    assert nora.get_config(model).method == "nora"
+
+
+def test_training_lowers_heldout_perplexity(tmp_path):
+    cfg, model, tok = setup(tmp_path, max_steps=25, lr=1e-2)
+    _, eval_set, _ = build_splits(tok, cfg.data, cfg.n_train, cfg.n_eval, cfg.max_len, seed=0)
+    base = perplexity(model, [collate(eval_set, tok.pad_token_id)]).ppl
+    summary = train(cfg, model=model, tokenizer=tok, progress=False)
+    assert summary["eval_ppl"] < 0.9 * base
+
+
+WORKER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import nora
+    from test_train import setup
+    from nora.train import train
+    from pathlib import Path
+    cfg, model, tok = setup(Path({tmp!r}))
+    train(cfg, model=model, tokenizer=tok, progress=False,
+          on_step=lambda step, m: time.sleep(0.3))  # slow enough to be killed mid-run
+""")
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(reference, tmp_path):
+    _, _, ref_weights = reference
+    code = WORKER.format(tests=str(TESTS), tmp=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=TESTS.parent)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts / "step-000006").exists():
+        assert proc.poll() is None, "worker ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "adapter").exists()  # it really died mid-run
+    cfg, model, tok = setup(tmp_path)
+    summary = train(cfg, model=model, tokenizer=tok, progress=False)
+    assert summary["steps"] == 12
+    assert_same_weights(final_weights(cfg.output_dir), ref_weights)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(reference, tmp_path):
+    _, _, ref_weights = reference
+    cfg, model, tok = setup(tmp_path, save_every=0)
+
+    def interrupt(step, _):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingError, match="interrupted at step 5; checkpoint saved"):
+        train(cfg, model=model, tokenizer=tok, progress=False, on_step=interrupt)
+    assert (Path(cfg.output_dir) / "checkpoints" / "step-000005").is_dir()
+    cfg, model, tok = setup(tmp_path, save_every=0)
+    train(cfg, model=model, tokenizer=tok, progress=False)
+    assert_same_weights(final_weights(cfg.output_dir), ref_weights)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg, model, tok = setup(tmp_path, save_every=2)
+
+    def poison(step, m):
+        if step == 4:
+            with torch.no_grad():
+                next(iter(nora.adapter_modules(m).values())).adapter.lora_B.weight.fill_(
+                    float("nan")
+                )
+
+    with pytest.raises(TrainingError, match="loss is nan at step 5.*step-000004"):
+        train(cfg, model=model, tokenizer=tok, progress=False, on_step=poison)
+    good = load_file(
+        Path(cfg.output_dir) / "checkpoints" / "step-000004" / "adapter_model.safetensors"
+    )
+    assert all(torch.isfinite(v).all() for v in good.values())
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    cfg, model, tok = setup(tmp_path, max_steps=3)
+    train(cfg, model=model, tokenizer=tok, progress=False)
+    cfg, model, tok = setup(tmp_path, max_steps=3, lr=1e-4)
+    with pytest.raises(TrainingError, match=r"different config \(differs in \['lr'\]\)"):
+        train(cfg, model=model, tokenizer=tok, progress=False)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("max_steps", 0), ("batch_size", 0), ("lr", 0.0), ("warmup_ratio", 1.5)]
+)
+def test_bad_training_settings(field, value, tmp_path):
+    cfg, model, tok = setup(tmp_path, **{field: value})
+    with pytest.raises(TrainingError, match=field):
+        train(cfg, model=model, tokenizer=tok, progress=False)
+
+
+def test_micro_batches_are_a_pure_function_of_the_step():
+    a = [micro_batch_indices(10, 4, 0, m) for m in range(4)]
+    assert a == [micro_batch_indices(10, 4, 0, m) for m in range(4)]
+    assert a[0] + a[1] != a[2] + a[3]  # the next epoch is a new permutation
+    assert len(set(a[0] + a[1])) == 8 and all(len(b) == 4 for b in a)  # no repeats in an epoch
+    assert micro_batch_indices(10, 4, 1, 0) != a[0]
+
+
+# --- perplexity -----------------------------------------------------------------------------
+
+
+def test_perplexity_matches_a_hand_computation():
+    tok = make_tokenizer()
+    model = tiny_llama(vocab=len(tok), hidden=64)
+    _, eval_set, _ = build_splits(tok, "logistic-map", 1, 5, 300, seed=3)
+    batch = collate(eval_set, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, count = 0.0, 0
+    for b in range(logits.shape[0]):  # token by token, in float64
+        for t in range(logits.shape[1] - 1):
+            y = int(batch["labels"][b, t + 1])
+            if y != -100:
+                total -= float(F.log_softmax(logits[b, t].double(), -1)[y])
+                count += 1
+    res = perplexity(
+        model, [collate(eval_set[:2], tok.pad_token_id), collate(eval_set[2:], tok.pad_token_id)]
+    )
+    assert res.tokens == count
+    assert res.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_fast_head_only_loss_equals_the_full_forward():
+    tok = make_tokenizer()
+    model = tiny_llama(vocab=len(tok), hidden=64)
+    nora.inject(model, nora.AdapterConfig(method="nora", r=4, init_weights=False))
+    train_set, _, _ = build_splits(tok, "logistic-map", 4, 1, 300)
+    batch = collate(train_set, tok.pad_token_id)
+    assert supports_fast_nll(model, batch)
+    with torch.no_grad():
+        fast, n1 = batch_nll(model, batch, fast=True)
+        full, n2 = batch_nll(model, batch, fast=False)
+    assert n1 == n2 and torch.allclose(fast, full, rtol=1e-5)
