@@ -1,0 +1,322 @@
+"""`nora` command line: each subcommand is a thin call into the library.
+
+nora demo                        LoRA vs NoRA on the embedded default (the main job)
+nora train --method nora --r 16  fine-tune an adapter (resumable)
+nora eval --adapter runs/x/adapter --accuracy 32
+nora params --method nora --r 64 --targets q_proj,v_proj
+nora inspect runs/x/adapter      what an adapter folder holds
+nora methods                     the registered methods and their defaults
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="nora: non-linear low-rank adaptation of language models.",
+)
+
+
+def _user_errors(fn):
+    """User mistakes (bad values, files, configs) print one line and exit 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from nora.models import ModelError
+        from nora.train import TrainingError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, ModelError, TrainingError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _split(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def _layers(s: str | None) -> list[int] | None:
+    """'20-29' or '20,21,22' -> list of ints."""
+    if not s:
+        return None
+    out: list[int] = []
+    for part in s.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out += list(range(int(lo), int(hi) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+def _adapter_config(
+    method, r, alpha, scale, rslora, dropout, activation, targets, layers, placement
+):
+    from nora import AdapterConfig
+
+    try:
+        layer_list = _layers(layers)
+    except ValueError:
+        raise ValueError(f"--layers must look like '20-29' or '1,3,5', got {layers!r}") from None
+    return AdapterConfig(
+        method=method,
+        r=r,
+        alpha=alpha,
+        scale=scale,
+        rslora=rslora,
+        dropout=dropout,
+        activation=activation,
+        target_modules=_split(targets),
+        layers_to_transform=layer_list,
+        placement=placement,
+    )
+
+
+Method = Annotated[str, typer.Option(help="lora | nora | nolora | aurora | loran")]
+Rank = Annotated[int, typer.Option("--r", help="rank")]
+Alpha = Annotated[float | None, typer.Option(help="scale = alpha/r (method default if unset)")]
+Scale = Annotated[float | None, typer.Option(help="fixed scale s (overrides alpha)")]
+RsLora = Annotated[bool, typer.Option(help="scale = alpha/sqrt(r)")]
+Dropout = Annotated[float | None, typer.Option(help="dropout p (method default if unset)")]
+Activation = Annotated[
+    str | None, typer.Option(help="identity|relu|silu|gelu|tanh|sinter|learnable")
+]
+Targets = Annotated[
+    str | None, typer.Option(help="comma-separated module names, e.g. q_proj,v_proj")
+]
+Layers = Annotated[str | None, typer.Option(help="layer indices to adapt, e.g. 22-29")]
+Placement = Annotated[str, typer.Option(help="weight | module")]
+
+
+@app.command()
+@_user_errors
+def methods() -> None:
+    """List the registered adapter methods and their defaults."""
+    from nora import METHODS, AdapterConfig
+
+    typer.echo(f"{'method':<8}{'mergeable':<11}{'scale':<12}{'dropout':<9}activation")
+    for name, cls in sorted(METHODS.items()):
+        c = AdapterConfig(method=name)
+        scale = f"{c.scale:g}" if c.scale is not None else f"{c.alpha:g}/r"
+        merge = "yes" if cls.mergeable else ("approx." if cls.approximately_mergeable else "no")
+        typer.echo(f"{name:<8}{merge:<11}{scale:<12}{c.dropout:<9g}{c.activation}")
+
+
+@app.command()
+@_user_errors
+def params(
+    model: Annotated[
+        str, typer.Option(help="smollm2-135m, a local folder or a hub id")
+    ] = "smollm2-135m",
+    method: Method = "nora",
+    r: Rank = 16,
+    alpha: Alpha = None,
+    scale: Scale = None,
+    rslora: RsLora = False,
+    dropout: Dropout = None,
+    activation: Activation = None,
+    targets: Targets = None,
+    layers: Layers = None,
+    placement: Placement = "weight",
+) -> None:
+    """Trainable-parameter table of an adapter on a model (built on the meta device: no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import nora
+
+    cfg = _adapter_config(
+        method, r, alpha, scale, rslora, dropout, activation, targets, layers, placement
+    )
+    if model == "smollm2-135m":
+        from nora.models import load_base_model
+
+        base, _ = load_base_model(model)
+    else:
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    nora.inject(base, cfg)
+    typer.echo(nora.parameter_table(base))
+
+
+@app.command()
+@_user_errors
+def inspect(adapter_dir: Path) -> None:
+    """Show an adapter folder's config and tensors."""
+    from nora.checkpoint import read_config, read_weights
+
+    cfg = read_config(adapter_dir)
+    tensors = read_weights(adapter_dir)
+    typer.echo(json.dumps(cfg.to_dict(), indent=2))
+    n = sum(t.numel() for t in tensors.values())
+    typer.echo(f"{len(tensors)} tensors, {n:,} parameters, effective scale {cfg.effective_scale:g}")
+
+
+@app.command("train")
+@_user_errors
+def train_cmd(
+    method: Method = "nora",
+    r: Rank = 16,
+    alpha: Alpha = None,
+    scale: Scale = None,
+    rslora: RsLora = False,
+    dropout: Dropout = None,
+    activation: Activation = None,
+    targets: Targets = None,
+    layers: Layers = None,
+    placement: Placement = "weight",
+    model: Annotated[
+        str, typer.Option(help="smollm2-135m, a local folder or a hub id")
+    ] = "smollm2-135m",
+    data: Annotated[
+        str,
+        typer.Option(help="math | reasoning-mix | logistic-map | slimorca | mathinstruct | a file"),
+    ] = "math",
+    data_path: Annotated[
+        str | None, typer.Option(help="local file for slimorca/mathinstruct")
+    ] = None,
+    n_train: int = 512,
+    n_eval: int = 64,
+    max_len: int = 256,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 100,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 5e-4,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.05,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32 | bfloat16 | float16 (auto if unset)")
+    ] = None,
+    eval_every: int = 0,
+    save_every: int = 0,
+    output_dir: Annotated[
+        str, typer.Option(help="run folder; rerun the same command to resume")
+    ] = "runs/nora",
+    config: Annotated[
+        Path | None, typer.Option(help="a train_config.json to run instead of the options")
+    ] = None,
+) -> None:
+    """Fine-tune an adapter. Rerunning the same command resumes from the last checkpoint."""
+    from nora.train import TrainConfig, train
+
+    if config is not None:
+        cfg = TrainConfig.from_dict(json.loads(config.read_text()))
+    else:
+        adapter = _adapter_config(
+            method, r, alpha, scale, rslora, dropout, activation, targets, layers, placement
+        )
+        cfg = TrainConfig(
+            adapter=adapter,
+            model=model,
+            data=data,
+            data_path=data_path,
+            n_train=n_train,
+            n_eval=n_eval,
+            max_len=max_len,
+            max_steps=steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_ratio=warmup_ratio,
+            max_grad_norm=max_grad_norm,
+            seed=seed,
+            dtype=dtype,
+            eval_every=eval_every,
+            save_every=save_every,
+            output_dir=output_dir,
+        )
+    summary = train(cfg)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
+
+
+@app.command("eval")
+@_user_errors
+def eval_cmd(
+    adapter: Annotated[
+        Path | None, typer.Option(help="adapter folder (omit for the base model)")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="smollm2-135m, a local folder or a hub id")
+    ] = "smollm2-135m",
+    data: str = "math",
+    data_path: str | None = None,
+    n_eval: int = 64,
+    max_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    accuracy: Annotated[
+        int, typer.Option(help="also score greedy answers on this many problems")
+    ] = 0,
+    max_new_tokens: int = 256,
+    samples: Annotated[Path | None, typer.Option(help="JSONL file for sample outputs")] = None,
+) -> None:
+    """Held-out perplexity (token-weighted) and optional greedy accuracy, base or adapter."""
+    import nora
+    from nora.data import build_splits, collate, load_examples
+    from nora.evaluate import accuracy as score
+    from nora.evaluate import perplexity
+    from nora.models import load_base_model
+
+    base, tok = load_base_model(model)
+    if adapter is not None:
+        nora.load_adapter(base, adapter)
+    kw = {"path": data_path} if data_path else {}
+    _, eval_set, _ = build_splits(tok, data, 0, n_eval, max_len, seed=seed, **kw)
+    batches = [
+        collate(eval_set[i : i + batch_size], tok.pad_token_id)
+        for i in range(0, len(eval_set), batch_size)
+    ]
+    result = perplexity(base, batches, progress=True).to_dict()
+    if accuracy:
+        examples = load_examples(data, n_eval, seed, **kw)[:accuracy]
+        result.update(
+            score(base, tok, examples, max_new_tokens, batch_size, samples, progress=True)
+        )
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+@_user_errors
+def demo(
+    out_dir: str = "demo-out",
+    steps: Annotated[int, typer.Option(help="optimizer steps per method")] = 30,
+    r: Rank = 16,
+    lr: float = 1e-3,
+    quick: Annotated[bool, typer.Option(help="a 1-minute smoke run (tiny numbers)")] = False,
+) -> None:
+    """LoRA vs NoRA at the same rank on the embedded default (offline): table + loss plot."""
+    from nora.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out_dir=out_dir, steps=steps, r=r, lr=lr)
+    if quick:
+        cfg = DemoConfig(
+            out_dir=out_dir,
+            steps=3,
+            r=r,
+            lr=lr,
+            n_train=24,
+            n_eval=8,
+            n_accuracy=2,
+            max_new_tokens=32,
+            top_layers=2,
+        )
+    run_demo(cfg)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
