@@ -217,3 +217,22 @@ def test_fast_head_only_loss_equals_the_full_forward():
         fast, n1 = batch_nll(model, batch, fast=True)
         full, n2 = batch_nll(model, batch, fast=False)
     assert n1 == n2 and torch.allclose(fast, full, rtol=1e-5)
+
+
+def test_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    from nora import train as train_mod
+
+    cfg, model, tok = setup(tmp_path, save_every=2, max_steps=4)
+    real = train_mod.save_file
+
+    def disk_full_at_step_4(tensors, path, metadata=None):
+        if "step-000004" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(train_mod, "save_file", disk_full_at_step_4)
+    with pytest.raises(OSError, match="No space"):
+        train(cfg, model=model, tokenizer=tok, progress=False)
+    ckpts = Path(cfg.output_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002"]  # no half-written folder
+    assert (ckpts / "step-000002" / "training_state.json").is_file()

@@ -36,7 +36,7 @@ def _user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, ModelError, TrainingError) as e:
+        except (ValueError, OSError, ModelError, TrainingError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
 
