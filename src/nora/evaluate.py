@@ -7,9 +7,10 @@ over a 49k vocabulary at every position is a large share of the cost on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+def _inputs(batch: dict) -> dict:
+    # Cached hidden states (nora.prefix_cache) replace the token ids when present.
+    key = "inputs_embeds" if "inputs_embeds" in batch else "input_ids"
+    return {key: batch[key], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 def _full_logits(model: nn.Module, batch: dict, mask: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits[:, :-1][mask]
+    return model(**_inputs(batch)).logits[:, :-1][mask]
 
 
 def _head_logits(model: nn.Module, batch: dict, mask: torch.Tensor) -> torch.Tensor:
-    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model.base_model(**_inputs(batch))
     hidden = out.last_hidden_state[:, :-1][mask]  # (N, H): supervised positions only
     return model.get_output_embeddings()(hidden)  # (N, V)
 
@@ -74,9 +80,16 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, batches: Iterable[dict], progress: bool = False, fast: bool | None = None
+    model: nn.Module,
+    batches: Iterable[dict],
+    progress: bool = False,
+    fast: bool | None = None,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> PerplexityResult:
-    """Token-weighted perplexity over `batches` (collated dicts with labels = -100 masked)."""
+    """Token-weighted perplexity over `batches` (collated dicts with labels = -100 masked).
+
+    `context()` wraps each forward (e.g. `PrefixCache.top_only` for cached batches).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -84,9 +97,10 @@ def perplexity(
     try:
         for batch in tqdm(list(batches), desc="eval ppl", disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
-            if fast is None:
-                fast = supports_fast_nll(model, batch)
-            nll, n = batch_nll(model, batch, fast=fast)
+            with context():
+                if fast is None:
+                    fast = supports_fast_nll(model, batch)
+                nll, n = batch_nll(model, batch, fast=fast)
             total, count = total + float(nll), count + n
     finally:
         model.train(was_training)

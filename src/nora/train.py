@@ -18,6 +18,7 @@ Output folder:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,6 +39,7 @@ from transformers import get_cosine_schedule_with_warmup
 import nora
 from nora.config import AdapterConfig
 from nora.evaluate import batch_nll, perplexity, supports_fast_nll
+from nora.prefix_cache import PrefixCache
 
 
 class TrainingError(RuntimeError):
@@ -214,11 +216,15 @@ def train(
     progress: bool = True,
     resume: bool = True,
     on_step: Callable[[int, nn.Module], None] | None = None,
+    splits: tuple[list[dict], list[dict]] | None = None,
+    prefix: PrefixCache | None = None,
 ) -> dict[str, Any]:
     """Fine-tune an adapter per `cfg`; resumes from `cfg.output_dir` when it holds checkpoints.
 
     `model`/`tokenizer` may be passed in (tests, notebooks); otherwise `cfg.model` is loaded.
     `on_step(step, model)` runs after every optimizer step (and its checkpoint, if any).
+    `splits=(train, eval)` overrides the data `cfg` names (a sweep builds them once), and
+    `prefix`, a `PrefixCache` holding those examples, skips the frozen lower layers.
     Returns the summary also written to summary.json.
     """
     from accelerate import Accelerator
@@ -247,10 +253,21 @@ def train(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    kw = {"path": cfg.data_path} if cfg.data_path else {}
-    train_set, eval_set, stats = build_splits(
-        tokenizer, cfg.data, cfg.n_train, cfg.n_eval, cfg.max_len, seed=cfg.seed, **kw
-    )
+    if splits is not None:
+        (train_set, eval_set), stats = splits, None
+    else:
+        kw = {"path": cfg.data_path} if cfg.data_path else {}
+        train_set, eval_set, stats = build_splits(
+            tokenizer, cfg.data, cfg.n_train, cfg.n_eval, cfg.max_len, seed=cfg.seed, **kw
+        )
+    layers = cfg.adapter.layers_to_transform
+    if prefix is not None and (layers is None or min(layers) < prefix.first):
+        raise TrainingError(
+            f"the prefix cache skips layers below {prefix.first}, but layers "
+            f"{layers or 'all'} are adapted"
+        )
+    batch_of = prefix.collate if prefix is not None else collate
+    ctx = prefix.top_only if prefix is not None else contextlib.nullcontext
     world = accel.num_processes
     if len(train_set) < cfg.batch_size * world:
         raise TrainingError(
@@ -292,17 +309,18 @@ def train(
         mine = idx[
             accel.process_index * cfg.batch_size : (accel.process_index + 1) * cfg.batch_size
         ]
-        batch = collate([train_set[i] for i in mine], pad_id)
+        batch = batch_of([train_set[i] for i in mine], pad_id)
         return {k: v.to(accel.device) for k, v in batch.items()}
 
     def eval_batches():
         return [
-            collate(eval_set[i : i + cfg.batch_size], pad_id)
+            batch_of(eval_set[i : i + cfg.batch_size], pad_id)
             for i in range(0, len(eval_set), cfg.batch_size)
         ]
 
     # The head-only loss calls the backbone directly, which would bypass DDP's gradient sync.
-    fast = world == 1 and supports_fast_nll(raw, micro_batch(0))
+    with ctx():
+        fast = world == 1 and supports_fast_nll(raw, micro_batch(0))
     if rng is not None:
         _set_rng_state(rng)
     model.train()
@@ -321,7 +339,7 @@ def train(
             n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             loss_sum = 0.0
             for b in batches:  # token-weighted over the whole accumulated batch
-                with accel.autocast():
+                with accel.autocast(), ctx():
                     nll, _ = batch_nll(model if not fast else raw, b, fast=fast)
                 loss = nll / max(n_tok, 1)
                 accel.backward(loss)
@@ -357,7 +375,7 @@ def train(
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tok_per_s']:.0f}")
             bar.update(1)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                ev = perplexity(raw, eval_batches(), fast=fast)
+                ev = perplexity(raw, eval_batches(), fast=fast, context=ctx)
                 model.train()
                 if accel.is_main_process:
                     _log(metrics, {"step": step, "eval_loss": ev.nll, "eval_ppl": ev.ppl})
@@ -374,7 +392,7 @@ def train(
         ) from None
     bar.close()
     train_time = time.perf_counter() - t0
-    ev = perplexity(raw, eval_batches(), fast=fast)
+    ev = perplexity(raw, eval_batches(), fast=fast, context=ctx)
     _save(accel, ckpt_dir, raw, optimizer, scheduler, step, rng, cfg)
     summary = {
         "method": cfg.adapter.method,
@@ -387,7 +405,7 @@ def train(
         "train_time_s": train_time,
         "tok_per_s": tokens_seen / train_time if tokens_seen else None,
         "final_train_loss": history[-1]["loss"] if history else None,
-        "data": dataclasses.asdict(stats),
+        "data": dataclasses.asdict(stats) if stats is not None else None,
     }
     if accel.is_main_process:
         nora.save_adapter(raw, out / "adapter")
