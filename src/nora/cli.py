@@ -318,5 +318,67 @@ def demo(
     run_demo(cfg)
 
 
+@app.command()
+@_user_errors
+def analyze(
+    adapter_dir: Path,
+    model: Annotated[str, typer.Option(help="the adapter's base model")] = "smollm2-135m",
+    data: str = "math",
+    data_path: str | None = None,
+    n_eval: int = 64,
+    max_len: int = 256,
+    max_tokens: Annotated[int, typer.Option(help="tokens sampled per layer")] = 4096,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default: ADAPTER_DIR/analysis)")
+    ] = None,
+) -> None:
+    """Spectra, effective rank and AUC-90 of a trained adapter: JSON summary + plots."""
+    from nora.analysis import analyze_adapter
+    from nora.data import build_splits, collate
+    from nora.models import load_base_model
+
+    base, tok = load_base_model(model)
+    kw = {"path": data_path} if data_path else {}
+    _, eval_set, _ = build_splits(tok, data, 0, n_eval, max_len, **kw)
+    batches = [collate(eval_set[i : i + 8], tok.pad_token_id) for i in range(0, len(eval_set), 8)]
+    out = out or adapter_dir / "analysis"
+    summary = analyze_adapter(adapter_dir, base, batches, out, max_tokens=max_tokens)
+    agg = summary["aggregate"]
+    for view in ("latent", "output", "weight"):
+        er, auc = agg[view]["effective_rank"]["mean"], agg[view]["auc90"]["mean"]
+        typer.echo(f"{view:<7} effective rank {er:8.2f}   AUC-90 {auc:7.1f} of r={summary['r']}")
+    typer.echo(f"written: {out}")
+
+
+@app.command()
+@_user_errors
+def sweep(
+    spec: Annotated[str, typer.Argument(help="a preset (paper-mini, paper) or a YAML/JSON file")],
+    out: Annotated[Path, typer.Option(help="sweep folder; rerun to continue")] = Path(
+        "results/sweep"
+    ),
+    only: Annotated[
+        str | None, typer.Option(help="phases: lr,runs,ablations,probe,efficiency")
+    ] = None,
+) -> None:
+    """Methods × ranks × seeds (× ablations); resumable: finished runs are skipped."""
+    from nora.experiments import run_sweep
+
+    result = run_sweep(
+        spec, out, log=typer.echo, only=_split(only), command="nora sweep " + " ".join(sys.argv[2:])
+    )
+    if result["failed"]:
+        typer.echo(f"{result['failed']} run(s) failed: see error.json files under {out}", err=True)
+
+
+@app.command()
+@_user_errors
+def report(sweep_dir: Path) -> None:
+    """Markdown report with the paper's figures and tables, from a sweep folder."""
+    from nora.report import build_report
+
+    typer.echo(f"written: {build_report(sweep_dir)}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

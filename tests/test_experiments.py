@@ -1,0 +1,184 @@
+"""Sweeps on a tiny local model: the grid runs, resumes by skipping finished runs, survives a
+failing run, and the report builds with its figures and tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import make_tokenizer, tiny_llama
+
+from nora.experiments import SweepConfig, SweepError, probe_logistic, run_sweep
+from nora.report import build_report
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = make_tokenizer()
+    tiny_llama(vocab=len(tok), hidden=64, layers=4).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def sweep_file(tmp_path, model_dir, **over):
+    cfg = {
+        "model": str(model_dir),
+        "datasets": ["logistic-map"],
+        "top_layers": 2,
+        "train": {
+            "steps": 3,
+            "batch_size": 4,
+            "n_train": 12,
+            "n_val": 4,
+            "n_test": 4,
+            "max_len": 300,
+        },
+        "variants": {"lora": {"method": "lora", "alpha": 32}, "nora": {"method": "nora"}},
+        "ranks": [2, 4],
+        "seeds": [0, 1],
+        "lr_grid": {"values": [1e-3, 1e-2], "rank": 2},
+        "ablations": {
+            "rank": 4,
+            "dataset": "logistic-map",
+            "base": "nora",
+            "variants": {"identity": {"method": "nora", "activation": "identity"}},
+        },
+        "probe": {
+            "variants": ["lora", "nora"],
+            "rank": 2,
+            "n_train": 12,
+            "n_test": 2,
+            "steps": 2,
+            "max_new_tokens": 8,
+        },
+        "efficiency": {"rank": 2, "batch": 2, "seq": 8, "repeats": 2},
+        "analysis_tokens": 64,
+    }
+    cfg.update(over)
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    return str(f)
+
+
+def test_sweep_resume_and_report(tmp_path, model_dir):
+    spec = sweep_file(tmp_path, model_dir)
+    out = tmp_path / "out"
+    logs: list[str] = []
+    res = run_sweep(spec, out, log=logs.append)
+    assert res["failed"] == 0
+    results = sorted(out.glob("runs/logistic-map/*/r*/s*/result.json"))
+    assert len(results) == 2 * 2 * 2  # variants x ranks x seeds
+    r = json.loads(results[0].read_text())
+    assert {"ppl", "analysis", "lr", "trainable_params"} <= set(r)
+    chosen = json.loads((out / "lr" / "chosen-logistic-map.json").read_text())["lr"]
+    assert set(chosen) == {"lora", "nora"} and all(v in (1e-3, 1e-2) for v in chosen.values())
+    assert r["lr"] == chosen[r["variant"]]
+    assert len(list(out.glob("probe/*/s*/result.json"))) == 4
+    assert (out / "efficiency" / "result.json").is_file()
+    # a second call skips everything that finished
+    logs.clear()
+    run_sweep(spec, out, log=logs.append)
+    assert not any(line.startswith("done") for line in logs)
+    report = build_report(out)
+    text = report.read_text()
+    for needle in (
+        "## logistic-map",
+        "NoRA vs LoRA",
+        "r=2",
+        "r=4",
+        "Ablations",
+        "identity",
+        "logistic map",
+        "Efficiency",
+        "Learning rates",
+        "Machine",
+    ):
+        assert needle in text, needle
+    for png in (
+        "ppl_vs_rank_logistic-map.png",
+        "spectrum_logistic-map.png",
+        "effective_rank_logistic-map.png",
+        "cumulative_energy_logistic-map.png",
+    ):
+        assert (out / "figures" / png).stat().st_size > 1000
+
+
+def test_a_failing_run_is_reported_not_fatal(tmp_path, model_dir):
+    # rank 40 > the tiny v_proj's width 32: refused for LoRA, so those runs fail; NoRA runs on
+    spec = sweep_file(
+        tmp_path,
+        model_dir,
+        ranks=[40],
+        seeds=[0],
+        lr_grid=None,
+        ablations=None,
+        probe=None,
+        efficiency=None,
+    )
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning):
+        res = run_sweep(spec, out, log=lambda *_: None)
+    assert res["failed"] == 1
+    err = json.loads((out / "runs/logistic-map/lora/r40/s0/error.json").read_text())
+    assert "exceeds min" in err["error"]
+    assert (out / "runs/logistic-map/nora/r40/s0/result.json").is_file()
+    assert "failed: runs/logistic-map/lora/r40/s0" in build_report(out).read_text()
+
+
+def test_bad_sweep_files(tmp_path, model_dir):
+    with pytest.raises(SweepError, match="neither a preset"):
+        SweepConfig.load(str(tmp_path / "missing.yaml"))
+    with pytest.raises(SweepError, match="unknown sweep fields"):
+        SweepConfig.load(sweep_file(tmp_path, model_dir, colour="red"))
+    with pytest.raises(SweepError, match="variant 'x'.*unknown method"):
+        SweepConfig.load(sweep_file(tmp_path, model_dir, variants={"x": {"method": "dora"}}))
+    spec = sweep_file(
+        tmp_path,
+        model_dir,
+        ranks=[2],
+        seeds=[0],
+        lr_grid=None,
+        ablations=None,
+        probe=None,
+        efficiency=None,
+        variants={"nora": {"method": "nora"}},
+    )
+    run_sweep(spec, tmp_path / "o", log=lambda *_: None)
+    spec2 = sweep_file(
+        tmp_path,
+        model_dir,
+        ranks=[4],
+        seeds=[0],
+        lr_grid=None,
+        ablations=None,
+        probe=None,
+        efficiency=None,
+        variants={"nora": {"method": "nora"}},
+    )
+    with pytest.raises(SweepError, match="another config"):
+        run_sweep(spec2, tmp_path / "o", log=lambda *_: None)
+
+
+def test_presets_are_valid():
+    for name in ("paper-mini", "paper"):
+        cfg = SweepConfig.load(name)
+        assert "nora" in cfg.variants and "lora" in cfg.variants
+
+
+def test_probe_counts_correct_steps_and_collapse():
+    from nora.data import logistic_steps
+
+    truth = logistic_steps(3.7, 0.25, 5)
+    good = "\n".join(f"x{i} = {v:.4f}" for i, v in enumerate(truth, 1))
+    assert probe_logistic(good, 3.7, 0.25, 5) == {
+        "correct_steps": 5,
+        "steps": 5,
+        "all_correct": True,
+        "collapse": 0,
+        "n_values": 5,
+    }
+    stuck = "\n".join(f"x{i} = {truth[0]:.4f}" for i in range(1, 6))
+    p = probe_logistic(stuck, 3.7, 0.25, 5)
+    assert p["correct_steps"] == 1 and p["collapse"] == 4 and not p["all_correct"]
