@@ -360,9 +360,15 @@ def sweep(
     only: Annotated[
         str | None, typer.Option(help="phases: lr,runs,ablations,probe,efficiency")
     ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
 ) -> None:
     """Methods × ranks × seeds (× ablations); resumable: finished runs are skipped."""
+    import torch
+
     from nora.experiments import run_sweep
+
+    if threads:
+        torch.set_num_threads(threads)
 
     result = run_sweep(
         spec, out, log=typer.echo, only=_split(only), command="nora sweep " + " ".join(sys.argv[2:])
