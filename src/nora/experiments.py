@@ -37,6 +37,14 @@ from nora.config import AdapterConfig
 from nora.data import collate as _collate
 from nora.train import TrainConfig, train
 
+# The paper's Table 2 rows: each changes one design choice of NoRA.
+TABLE2_ROWS = {
+    "module-level": {"method": "nora", "placement": "module"},
+    "identity": {"method": "nora", "activation": "identity"},
+    "relu": {"method": "nora", "activation": "relu"},
+    "no-dropout": {"method": "nora", "dropout": 0.0},
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The whole study on the embedded default, sized for about 2 hours on a 2-core CPU.
     "paper-mini": {
@@ -70,12 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "rank": 64,
             "dataset": "math",
             "base": "nora",
-            "variants": {
-                "module-level": {"method": "nora", "placement": "module"},
-                "identity": {"method": "nora", "activation": "identity"},
-                "relu": {"method": "nora", "activation": "relu"},
-                "no-dropout": {"method": "nora", "dropout": 0.0},
-            },
+            "variants": TABLE2_ROWS,
         },
         "probe": {
             "variants": ["lora", "nora"],
@@ -116,12 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "rank": 128,
             "dataset": "slimorca",
             "base": "nora",
-            "variants": {
-                "module-level": {"method": "nora", "placement": "module"},
-                "identity": {"method": "nora", "activation": "identity"},
-                "relu": {"method": "nora", "activation": "relu"},
-                "no-dropout": {"method": "nora", "dropout": 0.0},
-            },
+            "variants": TABLE2_ROWS,
         },
         "probe": {
             "variants": ["lora", "nora"],
