@@ -331,12 +331,13 @@ def train(
         disable=not (progress and accel.is_main_process),
         dynamic_ncols=True,
     )
-    t0, tokens_seen, history = time.perf_counter(), 0, []
+    t0, tokens_seen, supervised_seen, history = time.perf_counter(), 0, 0, []
     try:
         while step < cfg.max_steps:
             rng = _rng_state()  # a checkpoint taken during this step restarts it from here
             batches = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
             n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            n_in = sum(int(b["attention_mask"].sum()) for b in batches)  # all input tokens
             loss_sum = 0.0
             for b in batches:  # token-weighted over the whole accumulated batch
                 with accel.autocast(), ctx():
@@ -358,15 +359,17 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             rng = _rng_state()  # from here on, a checkpoint restarts at the next step
-            tokens_seen += n_tok
+            tokens_seen += n_in
+            supervised_seen += n_tok
             elapsed = time.perf_counter() - t0
             rec = {
                 "step": step,
                 "loss": loss_value,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
-                "tokens": n_tok,
-                "tok_per_s": tokens_seen / elapsed,
+                "tokens": n_in,
+                "supervised_tokens": n_tok,
+                "tok_per_s": tokens_seen / elapsed,  # input tokens processed per second
                 "elapsed_s": elapsed,
             }
             history.append(rec)
@@ -403,7 +406,8 @@ def train(
         "eval_loss": ev.nll,
         "eval_tokens": ev.tokens,
         "train_time_s": train_time,
-        "tok_per_s": tokens_seen / train_time if tokens_seen else None,
+        "tok_per_s": tokens_seen / train_time if tokens_seen else None,  # input tokens
+        "supervised_tok_per_s": supervised_seen / train_time if supervised_seen else None,
         "final_train_loss": history[-1]["loss"] if history else None,
         "data": dataclasses.asdict(stats) if stats is not None else None,
     }
