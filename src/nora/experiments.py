@@ -71,9 +71,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "ranks": [4, 16, 64, 128],
         "seeds": [0, 1],
-        # the sibling methods at fewer ranks, to stay within the time budget
-        "variant_ranks": {"nolora": [16, 64], "aurora": [16, 64], "loran": [16, 64]},
-        "lr_grid": {"values": [3e-4, 1e-3, 3e-3], "rank": 16, "datasets": ["math"]},
+        # At r=16 the three LoRA scalings coincide (s = 2), so the controls skip it; the
+        # sibling methods run at one rank, to stay within the time budget.
+        "variant_ranks": {
+            "lora-fixed-scale": [4, 64, 128],
+            "lora-rslora": [4, 64, 128],
+            "nolora": [16],
+            "aurora": [16],
+            "loran": [16],
+        },
+        # LR grid at r=16, where the LoRA controls equal LoRA: they take LoRA's choice.
+        "lr_grid": {
+            "values": [3e-4, 1e-3, 3e-3],
+            "rank": 16,
+            "datasets": ["math"],
+            "same_as": {"lora-fixed-scale": "lora", "lora-rslora": "lora"},
+        },
         "ablations": {
             "rank": 64,
             "dataset": "math",
@@ -430,7 +443,10 @@ class _Sweep:
         on = grid.get("datasets", self.cfg.datasets)
         source = dataset if dataset in on else on[0]
         chosen = {}
+        same_as = grid.get("same_as", {})
         for name, kw in self.cfg.variants.items():
+            if name in same_as:
+                continue
             scores = {}
             for lr in grid["values"]:
                 run_dir = self.out / "lr" / source / name / f"lr{lr:g}"
@@ -441,6 +457,9 @@ class _Sweep:
                     scores[lr] = res["ppl"]
             if scores:
                 chosen[name] = min(scores, key=scores.get)
+        for name, other in same_as.items():
+            if other in chosen:
+                chosen[name] = chosen[other]
         if chosen:
             (self.out / "lr" / f"chosen-{dataset}.json").write_text(
                 json.dumps({"chosen_on": source, "lr": chosen}, indent=1)
@@ -480,10 +499,10 @@ def run_sweep(
     t_start = time.perf_counter()
     for dataset in cfg.datasets:
         lrs = sweep.choose_lrs(dataset) if "lr" in phases else _chosen_lrs(out, dataset)
-        if "runs" in phases:
-            for name, kw in cfg.variants.items():
-                for r in cfg.ranks_of(name):
-                    for seed in cfg.seeds:
+        if "runs" in phases:  # seed-major: a partial sweep still covers every cell once
+            for seed in cfg.seeds:
+                for name, kw in cfg.variants.items():
+                    for r in cfg.ranks_of(name):
                         run_dir = out / "runs" / dataset / name / f"r{r}" / f"s{seed}"
                         sweep.run(
                             run_dir,
@@ -498,13 +517,14 @@ def run_sweep(
         ab = cfg.ablations
         if "ablations" in phases and ab and ab.get("dataset", cfg.datasets[0]) == dataset:
             lr = lrs.get(ab.get("base", "nora"), default_lr)
-            for name, kw in ab["variants"].items():
-                for seed in cfg.seeds:
+            for seed in cfg.seeds:
+                for name, kw in ab["variants"].items():
                     run_dir = out / "ablations" / dataset / name / f"s{seed}"
                     sweep.run(run_dir, dataset, name, kw, ab["rank"], seed, lr)
+        if dataset == cfg.datasets[0] and "probe" in phases and cfg.probe:
+            sweep.ctx = None
+            sweep.failed += _probe_phase(cfg, out, log)
     sweep.ctx = None
-    if "probe" in phases and cfg.probe:
-        sweep.failed += _probe_phase(cfg, out, log)
     if "efficiency" in phases and cfg.efficiency:
         _guarded(out / "efficiency", lambda: measure_efficiency(cfg), log)
     total = time.perf_counter() - t_start
