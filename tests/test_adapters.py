@@ -265,3 +265,18 @@ def test_delta_weight_reproduces_the_forward(method):
     x = torch.randn(5, 12)
     ad = m.proj.adapter
     torch.testing.assert_close(ad(x), x @ ad.delta_weight().T, rtol=1e-5, atol=1e-6)
+
+
+def test_loran_reuses_its_update_at_inference_until_weights_change():
+    m = adapted("loran")
+    ad = m.proj.adapter
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        first = ad(x)
+        assert ad._cache is not None
+        cached = ad._cache[1]
+        assert torch.equal(ad(x), first) and ad._cache[1] is cached  # reused
+        ad.lora_B.weight.mul_(2.0)  # an in-place update (optimizer step, load) invalidates it
+        torch.testing.assert_close(ad(x), x @ ad.delta_weight().T, rtol=1e-5, atol=1e-6)
+        assert ad._cache[1] is not cached
+    torch.testing.assert_close(ad(x), x @ ad.delta_weight().T, rtol=1e-5, atol=1e-6)  # grad path

@@ -31,14 +31,26 @@ class LoRAN(Adapter):
     def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
         super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
         self.a, self.omega = cfg.sinter_a, cfg.sinter_omega
+        self._cache: tuple[tuple, torch.Tensor] | None = None  # (weights' versions, ΔW)
 
     def delta_weight(self) -> torch.Tensor:  # (d, k), float32
         BA = self.lora_B.weight.float() @ self.lora_A.weight.float()  # (d, k)
         return self.scale * sinter(BA, self.a, self.omega)
 
+    def _inference_delta(self, dtype: torch.dtype) -> torch.Tensor:
+        # Without autograd, ΔW (a d×k matmul plus a sine) is reused until A or B change:
+        # recomputing it per call would cost more than the layer itself at decode.
+        A, B = self.lora_A.weight, self.lora_B.weight
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.delta_weight().to(dtype))
+        return self._cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
         x = self.dropout(x)
-        return F.linear(x, self.delta_weight().to(x.dtype))
+        if torch.is_grad_enabled():
+            return F.linear(x, self.delta_weight().to(x.dtype))
+        return F.linear(x, self._inference_delta(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, a={self.a:g}, omega={self.omega:g}"

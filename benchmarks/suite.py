@@ -1,0 +1,312 @@
+"""nora's benchmark suite: one entry point, every variant interleaved, medians and ratios.
+
+    .venv/bin/python benchmarks/suite.py            # full run, writes benchmarks/results/suite.{json,md}
+    .venv/bin/python benchmarks/suite.py --quick    # a smoke run (fewer repeats and ranks)
+
+Sections
+1. branch: the adapter branch alone (x: N×576 -> 576) per method × rank, against its FLOP
+   lower bound 2·N·r·(k+d) / (this machine's sgemm rate), and PEFT's LoRA branch (PEFT layer
+   time minus base layer time); per-call overhead at decode (N = 1).
+2. train: one training step (4×256, q,v of every layer of the embedded default): nora's
+   methods vs PEFT LoRA at the same rank and vs full fine-tuning; time and memory (parameters,
+   gradients, AdamW state and the activations autograd saves for backward).
+3. infer: prefill (8×256) and greedy decode (batch 1, per token) on the embedded default:
+   base, merged LoRA, unmerged LoRA (nora and PEFT), unmerged NoRA and the other methods.
+A benchmark, not a test: it asserts nothing; it prints ratios and records the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import nora
+from nora.experiments import machine_info
+
+ROOT = Path(__file__).resolve().parent
+
+
+def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per name, running A B C A B C … so drift hits every variant alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[name].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sgemm_flops() -> float:
+    """This machine's float32 matmul rate (FLOP/s), on a shape like the adapted layers'."""
+    a, b = torch.randn(2048, 576), torch.randn(576, 576)
+    t = interleaved({"mm": lambda: a @ b}, reps=20, warmup=3)["mm"]
+    return 2 * 2048 * 576 * 576 / t
+
+
+# --- 1. the branch alone ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def bench_branch(ranks: list[int], reps: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    peak = sgemm_flops()
+    k = d = 576
+    rows = []
+    for n in (2048, 1):
+        x = torch.randn(n, k)
+        for r in ranks:
+            fns, flops = {}, 2 * n * r * (k + d)
+            for method in sorted(nora.METHODS):
+                holder = nn.Sequential(nn.Linear(k, d))
+                nora.inject(holder, nora.AdapterConfig(method=method, r=r, target_modules=["0"],
+                                                      init_weights=False))
+                branch = holder[0].adapter.eval()
+                fns[f"nora:{method}"] = lambda b=branch: b(x)
+            base = nn.Sequential(nn.Linear(k, d)).eval()
+            peft_layer = get_peft_model(
+                nn.Sequential(nn.Linear(k, d)), LoraConfig(r=r, target_modules=["0"])
+            ).base_model.model[0].eval()
+            fns["base layer"] = lambda: base(x)
+            fns["peft:lora layer"] = lambda: peft_layer(x)
+            med = interleaved(fns, reps)
+            med["peft:lora"] = max(med.pop("peft:lora layer") - med["base layer"], 0.0)
+            bound = flops / peak
+            for name, t in med.items():
+                if name == "base layer":
+                    continue
+                rows.append({"tokens": n, "r": r, "variant": name, "us": 1e6 * t,
+                             "flop_bound_us": 1e6 * bound, "x_bound": t / bound,
+                             "base_layer_us": 1e6 * med["base layer"]})
+    return {"sgemm_gflops": peak / 1e9, "rows": rows}
+
+
+# --- 2. training step -------------------------------------------------------------------------
+
+
+def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward during `step()`."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    return sum(seen.values())
+
+
+def bench_train(ranks: list[int], reps: int, batch: int = 4, seq: int = 256) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from nora.models import load_base_model
+
+    model, _ = load_base_model()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    rows = []
+    for r in ranks:
+        variants = {f"nora:{m}": m for m in (["lora", "nora"] if r != 16 else sorted(nora.METHODS))}
+        variants["peft:lora"] = "peft"
+        if r == ranks[0]:
+            variants["full fine-tune"] = "full"
+
+        def setup(kind):
+            """Returns (step function, cleanup)."""
+            if kind == "peft":
+                pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r,
+                                                      target_modules=["q_proj", "v_proj"]))
+                net, undo = pm, lambda: pm.unload()
+            elif kind == "full":
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                net, undo = model, lambda: [p.requires_grad_(False) for p in model.parameters()]
+            else:
+                nora.inject(model, nora.AdapterConfig(method=kind, r=r, init_weights=False))
+                net, undo = model, lambda: nora.unload(model)
+            net.train()
+            params = [p for p in net.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4)
+
+            def step():
+                loss = net(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            def fwd():
+                return net(input_ids=ids, labels=ids).loss
+
+            state_bytes = sum(3 * p.numel() * p.element_size() for p in params)  # grad + 2 Adam
+            return step, fwd, undo, state_bytes
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        memory: dict[str, int] = {}
+        for i in range(reps + 1):  # round 0 warms up and measures memory
+            for name, kind in variants.items():
+                step, fwd, undo, state_bytes = setup(kind)
+                if i == 0:
+                    memory[name] = saved_activation_bytes(fwd) + state_bytes
+                    model.zero_grad(set_to_none=True)
+                step()  # first step allocates optimizer state; time the second
+                t0 = time.perf_counter()
+                step()
+                if i:
+                    times[name].append(time.perf_counter() - t0)
+                undo()
+        ref = statistics.median(times["peft:lora"])
+        for name in variants:
+            t = statistics.median(times[name])
+            rows.append({"r": r, "variant": name, "step_s": t, "vs_peft_lora": t / ref,
+                         "memory_mb": memory[name] / 2**20,
+                         "memory_vs_peft_lora": memory[name] / memory["peft:lora"]})
+    return {"batch": batch, "seq": seq, "targets": "q_proj,v_proj, all 30 layers", "rows": rows}
+
+
+# --- 3. inference -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def bench_infer(reps: int, r: int = 16, batch: int = 8, seq: int = 256, new: int = 16) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from nora.models import load_base_model
+
+    model, _ = load_base_model()
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    one = prompt[:1, :32]
+    names = ["base", "merged lora", "nora:lora", "peft:lora", *(f"nora:{m}" for m in
+             sorted(nora.METHODS) if m != "lora")]
+
+    def setup(name):
+        if name == "base":
+            return model, lambda: None
+        if name == "peft:lora":
+            pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False,
+                                                  target_modules=["q_proj", "v_proj"])).eval()
+            return pm, lambda: pm.unload()
+        method = "lora" if name == "merged lora" else name.split(":")[1]
+        nora.inject(model, nora.AdapterConfig(method=method, r=r, init_weights=False))
+        if name == "merged lora":
+            saved = {n: w.base_layer.weight.clone() for n, w in nora.adapter_modules(model).items()}
+            nora.merge(model)
+
+            def undo():
+                for n, w in nora.adapter_modules(model).items():
+                    w.base_layer.weight.copy_(saved[n])  # restore the exact base weights
+                nora.unload(model)
+
+            return model, undo
+        return model, lambda: nora.unload(model)
+
+    prefill: dict[str, list[float]] = {n: [] for n in names}
+    decode: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(reps + 1):
+        for name in names:
+            net, undo = setup(name)
+            t0 = time.perf_counter()
+            net(input_ids=prompt, use_cache=False)
+            t1 = time.perf_counter()
+            net.generate(input_ids=one, attention_mask=torch.ones_like(one), max_new_tokens=new,
+                         min_new_tokens=new, do_sample=False, pad_token_id=0)
+            t2 = time.perf_counter()
+            undo()
+            if i:
+                prefill[name].append(t1 - t0)
+                decode[name].append((t2 - t1) / new)
+    p_ref = statistics.median(prefill["merged lora"])
+    d_ref = statistics.median(decode["merged lora"])
+    rows = [{"variant": n, "prefill_ms": 1e3 * statistics.median(prefill[n]),
+             "prefill_vs_merged": statistics.median(prefill[n]) / p_ref,
+             "decode_ms_per_token": 1e3 * statistics.median(decode[n]),
+             "decode_vs_merged": statistics.median(decode[n]) / d_ref} for n in names]
+    return {"r": r, "prefill": f"{batch}x{seq}", "decode": f"batch 1, {new} tokens after a 32-token prompt",
+            "rows": rows}
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    L = ["# nora benchmark suite", "",
+         f"{res['date']}, commit {res['commit']}; {m['cpu']}, {m['cores']} cores, torch "
+         f"{m['torch']}, {res['threads']} threads, float32. Command: `{res['command']}`.", ""]
+    if "branch" in res:
+        b = res["branch"]
+        L += [f"## Adapter branch alone (576→576; sgemm rate {b['sgemm_gflops']:.0f} GFLOP/s)", "",
+              "| tokens | r | variant | µs | FLOP bound µs | × bound | base layer µs |",
+              "|---|---|---|---|---|---|---|"]
+        L += [f"| {x['tokens']} | {x['r']} | {x['variant']} | {x['us']:.1f} | {x['flop_bound_us']:.1f} | "
+              f"{x['x_bound']:.1f} | {x['base_layer_us']:.1f} |" for x in b["rows"]]
+        L.append("")
+    if "train" in res:
+        t = res["train"]
+        L += [f"## Training step ({t['batch']}×{t['seq']}, {t['targets']})", "",
+              "| r | variant | step s | vs PEFT LoRA | memory MB | memory vs PEFT LoRA |",
+              "|---|---|---|---|---|---|"]
+        L += [f"| {x['r']} | {x['variant']} | {x['step_s']:.2f} | {x['vs_peft_lora']:.3f}× | "
+              f"{x['memory_mb']:.0f} | {x['memory_vs_peft_lora']:.3f}× |" for x in t["rows"]]
+        L += ["", "Memory = trainable parameters' gradients and AdamW state + the activations "
+              "autograd saved for backward (distinct storages); weights excluded (shared).", ""]
+    if "infer" in res:
+        i = res["infer"]
+        L += [f"## Inference (r={i['r']} on q,v of every layer; prefill {i['prefill']}; decode "
+              f"{i['decode']})", "",
+              "| variant | prefill ms | vs merged LoRA | decode ms/token | vs merged LoRA |",
+              "|---|---|---|---|---|"]
+        L += [f"| {x['variant']} | {x['prefill_ms']:.0f} | {x['prefill_vs_merged']:.3f}× | "
+              f"{x['decode_ms_per_token']:.1f} | {x['decode_vs_merged']:.3f}× |" for x in i["rows"]]
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few repeats, one rank")
+    ap.add_argument("--only", default="branch,train,infer", help="sections to run")
+    ap.add_argument("--out", default=str(ROOT / "results" / "suite"))
+    args = ap.parse_args()
+    reps = 2 if args.quick else 5
+    ranks = [16] if args.quick else [8, 16, 64, 128]
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=ROOT).stdout.strip(),
+           "machine": machine_info(), "threads": torch.get_num_threads(),
+           "command": " ".join(["python benchmarks/suite.py", *sys.argv[1:]])}
+    sections = args.only.split(",")
+    if "branch" in sections:
+        res["branch"] = bench_branch(ranks, reps=10 if args.quick else 30)
+    if "train" in sections:
+        res["train"] = bench_train(ranks if not args.quick else [16], reps=1 if args.quick else 3)
+    if "infer" in sections:
+        res["infer"] = bench_infer(reps=reps)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    text = markdown(res)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
