@@ -1,14 +1,18 @@
 """Shared fixtures: tiny random models of several Hugging Face families, built in-process.
 
 Tests never touch the network: the hub is forced offline before transformers is imported.
+Without a GPU, Triton kernels are tested under its interpreter (set before triton is imported).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if shutil.which("nvidia-smi") is None:  # no GPU: Triton kernels run in its CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
