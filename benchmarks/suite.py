@@ -72,14 +72,22 @@ def bench_branch(ranks: list[int], reps: int) -> dict:
             fns, flops = {}, 2 * n * r * (k + d)
             for method in sorted(nora.METHODS):
                 holder = nn.Sequential(nn.Linear(k, d))
-                nora.inject(holder, nora.AdapterConfig(method=method, r=r, target_modules=["0"],
-                                                      init_weights=False))
+                nora.inject(
+                    holder,
+                    nora.AdapterConfig(
+                        method=method, r=r, target_modules=["0"], init_weights=False
+                    ),
+                )
                 branch = holder[0].adapter.eval()
                 fns[f"nora:{method}"] = lambda b=branch: b(x)
             base = nn.Sequential(nn.Linear(k, d)).eval()
-            peft_layer = get_peft_model(
-                nn.Sequential(nn.Linear(k, d)), LoraConfig(r=r, target_modules=["0"])
-            ).base_model.model[0].eval()
+            peft_layer = (
+                get_peft_model(
+                    nn.Sequential(nn.Linear(k, d)), LoraConfig(r=r, target_modules=["0"])
+                )
+                .base_model.model[0]
+                .eval()
+            )
             fns["base layer"] = lambda: base(x)
             fns["peft:lora layer"] = lambda: peft_layer(x)
             med = interleaved(fns, reps)
@@ -88,9 +96,17 @@ def bench_branch(ranks: list[int], reps: int) -> dict:
             for name, t in med.items():
                 if name == "base layer":
                     continue
-                rows.append({"tokens": n, "r": r, "variant": name, "us": 1e6 * t,
-                             "flop_bound_us": 1e6 * bound, "x_bound": t / bound,
-                             "base_layer_us": 1e6 * med["base layer"]})
+                rows.append(
+                    {
+                        "tokens": n,
+                        "r": r,
+                        "variant": name,
+                        "us": 1e6 * t,
+                        "flop_bound_us": 1e6 * bound,
+                        "x_bound": t / bound,
+                        "base_layer_us": 1e6 * med["base layer"],
+                    }
+                )
     return {"sgemm_gflops": peak / 1e9, "rows": rows}
 
 
@@ -129,8 +145,9 @@ def bench_train(ranks: list[int], reps: int, batch: int = 4, seq: int = 256) -> 
         def setup(kind):
             """Returns (step function, cleanup)."""
             if kind == "peft":
-                pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r,
-                                                      target_modules=["q_proj", "v_proj"]))
+                pm = get_peft_model(
+                    model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"])
+                )
                 net, undo = pm, lambda: pm.unload()
             elif kind == "full":
                 for p in model.parameters():
@@ -174,9 +191,16 @@ def bench_train(ranks: list[int], reps: int, batch: int = 4, seq: int = 256) -> 
         ref = statistics.median(times["peft:lora"])
         for name in variants:
             t = statistics.median(times[name])
-            rows.append({"r": r, "variant": name, "step_s": t, "vs_peft_lora": t / ref,
-                         "memory_mb": memory[name] / 2**20,
-                         "memory_vs_peft_lora": memory[name] / memory["peft:lora"]})
+            rows.append(
+                {
+                    "r": r,
+                    "variant": name,
+                    "step_s": t,
+                    "vs_peft_lora": t / ref,
+                    "memory_mb": memory[name] / 2**20,
+                    "memory_vs_peft_lora": memory[name] / memory["peft:lora"],
+                }
+            )
     return {"batch": batch, "seq": seq, "targets": "q_proj,v_proj, all 30 layers", "rows": rows}
 
 
@@ -194,15 +218,27 @@ def bench_infer(reps: int, r: int = 16, batch: int = 8, seq: int = 256, new: int
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
     one = prompt[:1, :32]
-    names = ["base", "merged lora", "nora:lora", "peft:lora", *(f"nora:{m}" for m in
-             sorted(nora.METHODS) if m != "lora")]
+    names = [
+        "base",
+        "merged lora",
+        "nora:lora",
+        "peft:lora",
+        *(f"nora:{m}" for m in sorted(nora.METHODS) if m != "lora"),
+    ]
 
     def setup(name):
         if name == "base":
             return model, lambda: None
         if name == "peft:lora":
-            pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False,
-                                                  target_modules=["q_proj", "v_proj"])).eval()
+            pm = get_peft_model(
+                model,
+                LoraConfig(
+                    r=r,
+                    lora_alpha=2 * r,
+                    init_lora_weights=False,
+                    target_modules=["q_proj", "v_proj"],
+                ),
+            ).eval()
             return pm, lambda: pm.unload()
         method = "lora" if name == "merged lora" else name.split(":")[1]
         nora.inject(model, nora.AdapterConfig(method=method, r=r, init_weights=False))
@@ -226,8 +262,14 @@ def bench_infer(reps: int, r: int = 16, batch: int = 8, seq: int = 256, new: int
             t0 = time.perf_counter()
             net(input_ids=prompt, use_cache=False)
             t1 = time.perf_counter()
-            net.generate(input_ids=one, attention_mask=torch.ones_like(one), max_new_tokens=new,
-                         min_new_tokens=new, do_sample=False, pad_token_id=0)
+            net.generate(
+                input_ids=one,
+                attention_mask=torch.ones_like(one),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
             t2 = time.perf_counter()
             undo()
             if i:
@@ -235,12 +277,22 @@ def bench_infer(reps: int, r: int = 16, batch: int = 8, seq: int = 256, new: int
                 decode[name].append((t2 - t1) / new)
     p_ref = statistics.median(prefill["merged lora"])
     d_ref = statistics.median(decode["merged lora"])
-    rows = [{"variant": n, "prefill_ms": 1e3 * statistics.median(prefill[n]),
-             "prefill_vs_merged": statistics.median(prefill[n]) / p_ref,
-             "decode_ms_per_token": 1e3 * statistics.median(decode[n]),
-             "decode_vs_merged": statistics.median(decode[n]) / d_ref} for n in names]
-    return {"r": r, "prefill": f"{batch}x{seq}", "decode": f"batch 1, {new} tokens after a 32-token prompt",
-            "rows": rows}
+    rows = [
+        {
+            "variant": n,
+            "prefill_ms": 1e3 * statistics.median(prefill[n]),
+            "prefill_vs_merged": statistics.median(prefill[n]) / p_ref,
+            "decode_ms_per_token": 1e3 * statistics.median(decode[n]),
+            "decode_vs_merged": statistics.median(decode[n]) / d_ref,
+        }
+        for n in names
+    ]
+    return {
+        "r": r,
+        "prefill": f"{batch}x{seq}",
+        "decode": f"batch 1, {new} tokens after a 32-token prompt",
+        "rows": rows,
+    }
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -248,34 +300,60 @@ def bench_infer(reps: int, r: int = 16, batch: int = 8, seq: int = 256, new: int
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    L = ["# nora benchmark suite", "",
-         f"{res['date']}, commit {res['commit']}; {m['cpu']}, {m['cores']} cores, torch "
-         f"{m['torch']}, {res['threads']} threads, float32. Command: `{res['command']}`.", ""]
+    L = [
+        "# nora benchmark suite",
+        "",
+        f"{res['date']}, commit {res['commit']}; {m['cpu']}, {m['cores']} cores, torch "
+        f"{m['torch']}, {res['threads']} threads, float32. Command: `{res['command']}`.",
+        "",
+    ]
     if "branch" in res:
         b = res["branch"]
-        L += [f"## Adapter branch alone (576→576; sgemm rate {b['sgemm_gflops']:.0f} GFLOP/s)", "",
-              "| tokens | r | variant | µs | FLOP bound µs | × bound | base layer µs |",
-              "|---|---|---|---|---|---|---|"]
-        L += [f"| {x['tokens']} | {x['r']} | {x['variant']} | {x['us']:.1f} | {x['flop_bound_us']:.1f} | "
-              f"{x['x_bound']:.1f} | {x['base_layer_us']:.1f} |" for x in b["rows"]]
+        L += [
+            f"## Adapter branch alone (576→576; sgemm rate {b['sgemm_gflops']:.0f} GFLOP/s)",
+            "",
+            "| tokens | r | variant | µs | FLOP bound µs | × bound | base layer µs |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        L += [
+            f"| {x['tokens']} | {x['r']} | {x['variant']} | {x['us']:.1f} | {x['flop_bound_us']:.1f} | "
+            f"{x['x_bound']:.1f} | {x['base_layer_us']:.1f} |"
+            for x in b["rows"]
+        ]
         L.append("")
     if "train" in res:
         t = res["train"]
-        L += [f"## Training step ({t['batch']}×{t['seq']}, {t['targets']})", "",
-              "| r | variant | step s | vs PEFT LoRA | memory MB | memory vs PEFT LoRA |",
-              "|---|---|---|---|---|---|"]
-        L += [f"| {x['r']} | {x['variant']} | {x['step_s']:.2f} | {x['vs_peft_lora']:.3f}× | "
-              f"{x['memory_mb']:.0f} | {x['memory_vs_peft_lora']:.3f}× |" for x in t["rows"]]
-        L += ["", "Memory = trainable parameters' gradients and AdamW state + the activations "
-              "autograd saved for backward (distinct storages); weights excluded (shared).", ""]
+        L += [
+            f"## Training step ({t['batch']}×{t['seq']}, {t['targets']})",
+            "",
+            "| r | variant | step s | vs PEFT LoRA | memory MB | memory vs PEFT LoRA |",
+            "|---|---|---|---|---|---|",
+        ]
+        L += [
+            f"| {x['r']} | {x['variant']} | {x['step_s']:.2f} | {x['vs_peft_lora']:.3f}× | "
+            f"{x['memory_mb']:.0f} | {x['memory_vs_peft_lora']:.3f}× |"
+            for x in t["rows"]
+        ]
+        L += [
+            "",
+            "Memory = trainable parameters' gradients and AdamW state + the activations "
+            "autograd saved for backward (distinct storages); weights excluded (shared).",
+            "",
+        ]
     if "infer" in res:
         i = res["infer"]
-        L += [f"## Inference (r={i['r']} on q,v of every layer; prefill {i['prefill']}; decode "
-              f"{i['decode']})", "",
-              "| variant | prefill ms | vs merged LoRA | decode ms/token | vs merged LoRA |",
-              "|---|---|---|---|---|"]
-        L += [f"| {x['variant']} | {x['prefill_ms']:.0f} | {x['prefill_vs_merged']:.3f}× | "
-              f"{x['decode_ms_per_token']:.1f} | {x['decode_vs_merged']:.3f}× |" for x in i["rows"]]
+        L += [
+            f"## Inference (r={i['r']} on q,v of every layer; prefill {i['prefill']}; decode "
+            f"{i['decode']})",
+            "",
+            "| variant | prefill ms | vs merged LoRA | decode ms/token | vs merged LoRA |",
+            "|---|---|---|---|---|",
+        ]
+        L += [
+            f"| {x['variant']} | {x['prefill_ms']:.0f} | {x['prefill_vs_merged']:.3f}× | "
+            f"{x['decode_ms_per_token']:.1f} | {x['decode_vs_merged']:.3f}× |"
+            for x in i["rows"]
+        ]
         L.append("")
     return "\n".join(L) + "\n"
 
@@ -288,11 +366,15 @@ def main() -> None:
     args = ap.parse_args()
     reps = 2 if args.quick else 5
     ranks = [16] if args.quick else [8, 16, 64, 128]
-    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, cwd=ROOT).stdout.strip(),
-           "machine": machine_info(), "threads": torch.get_num_threads(),
-           "command": " ".join(["python benchmarks/suite.py", *sys.argv[1:]])}
+    res = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip(),
+        "machine": machine_info(),
+        "threads": torch.get_num_threads(),
+        "command": " ".join(["python benchmarks/suite.py", *sys.argv[1:]]),
+    }
     sections = args.only.split(",")
     if "branch" in sections:
         res["branch"] = bench_branch(ranks, reps=10 if args.quick else 30)
