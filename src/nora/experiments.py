@@ -82,7 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         # LR grid at r=16, where the LoRA controls equal LoRA: they take LoRA's choice.
         "lr_grid": {
-            "values": [3e-4, 1e-3, 3e-3],
+            "values": [3e-4, 1e-3, 3e-3, 1e-2],
             "rank": 16,
             "datasets": ["math"],
             "same_as": {"lora-fixed-scale": "lora", "lora-rslora": "lora"},
