@@ -10,6 +10,7 @@ stops there) and the loss is computed at response positions only.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ def _adapter_config(method: str, cfg: DemoConfig, n_layers: int) -> AdapterConfi
     return AdapterConfig(method=method, r=cfg.r, layers_to_transform=layers, **kw)
 
 
-def plot_losses(runs: dict[str, Path], path: Path) -> None:
+def plot_losses(runs: dict[str, Path], path: Path, base_loss: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,6 +62,8 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
         ax.plot(
             [r["step"] for r in ev], [r["eval_loss"] for r in ev], "o--", label=f"{name} (held-out)"
         )
+    if base_loss is not None:
+        ax.axhline(base_loss, color="gray", ls=":", label="base model (held-out)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / response token)")
     ax.set_title("LoRA vs NoRA on the embedded default")
@@ -166,7 +169,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, log=print) ->
         )
         runs[name] = out / method
         nora.unload(model)  # back to the exact base model for the next method
-    plot_losses(runs, out / "loss_curves.png")
+    plot_losses(runs, out / "loss_curves.png", base_loss=math.log(rows[0]["ppl"]))
     results = {"config": cfg.__dict__, "rows": rows, "wall_time_s": time.perf_counter() - t_start}
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     log("\n" + format_table(rows))
