@@ -386,5 +386,27 @@ def report(sweep_dir: Path) -> None:
     typer.echo(f"written: {build_report(sweep_dir)}")
 
 
+@app.command()
+@_user_errors
+def serve(
+    adapters: Annotated[Path, typer.Option(help="folder of adapter folders (PEFT layout)")] = Path(
+        "adapters"
+    ),
+    base: Annotated[
+        str, typer.Option(help="smollm2-135m, a local folder or a hub id")
+    ] = "smollm2-135m",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_resident: Annotated[int, typer.Option(help="adapters kept loaded at once (LRU)")] = 16,
+    max_batch: Annotated[int, typer.Option(help="requests decoded together")] = 16,
+) -> None:
+    """OpenAI-compatible server: many unmerged adapters over one base model, batched together."""
+    from nora.serving import serve as run_server
+
+    run_server(
+        base, str(adapters), host=host, port=port, max_resident=max_resident, max_batch=max_batch
+    )
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

@@ -1,0 +1,211 @@
+"""The batched heterogeneous forward: a mixed batch equals each request run alone.
+
+Also holds the helpers the other serving tests import: random adapters saved to a folder,
+a character-level tokenizer for the tiny models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, randomize, tiny_llama
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+import nora
+from nora.serving import BatchPlan, MultiAdapterLinear, MultiAdapterModel
+from nora.serving.layers import pack
+
+# Every method, several activations, mixed ranks (2 … 8), scales != 1.
+SPECS = {
+    "lora-r2": dict(method="lora", r=2),
+    "lora-r8": dict(method="lora", r=8, alpha=32.0),
+    "nora-silu": dict(method="nora", r=4, scale=2.5),
+    "nora-silu-r8": dict(method="nora", r=8),
+    "nora-relu": dict(method="nora", r=8, activation="relu"),
+    "nora-gelu": dict(method="nora", r=3, activation="gelu"),
+    "nora-tanh": dict(method="nora", r=5, activation="tanh"),
+    "nora-identity": dict(method="nora", r=2, activation="identity"),
+    "nora-sinter": dict(method="nora", r=4, activation="sinter", sinter_a=0.05, sinter_omega=3.0),
+    "nora-learnable": dict(method="nora", r=6, activation="learnable"),
+    "nolora": dict(method="nolora", r=4),
+    "nolora-silu": dict(method="nolora", r=7, activation="silu"),
+    "aurora": dict(method="aurora", r=2),
+    "aurora-r6": dict(method="aurora", r=6, spline_grid_size=4),
+    "loran": dict(method="loran", r=4, sinter_a=0.05, sinter_omega=5.0),
+    "loran-r2": dict(method="loran", r=2),
+}
+
+
+def save_random(path, seed: int = 0, base=tiny_llama, **cfg) -> None:
+    """A random non-zero adapter (every parameter, B included) saved in PEFT layout."""
+    model = base()
+    nora.inject(model, nora.AdapterConfig(init_weights=False, **cfg))
+    randomize(model, seed)
+    nora.save_adapter(model, path)
+
+
+def make_dir(root, specs=SPECS):
+    for i, (name, cfg) in enumerate(specs.items()):
+        save_random(root / name, seed=i, **cfg)
+    return root
+
+
+def solo(root, name, ids: torch.Tensor, base=tiny_llama) -> torch.Tensor:
+    """Logits of `ids` through a fresh base model carrying only adapter `name` (or none)."""
+    model = base()
+    if name is not None:
+        nora.load_adapter(model, root / name)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character (fits VOCAB = 96), <eos> = 1, and a tiny chat template."""
+    chars = ["\n"] + [chr(c) for c in range(32, 122)]
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    assert len(vocab) <= VOCAB
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return tok
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    return make_dir(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def multi(adapters):
+    mm = MultiAdapterModel(tiny_llama())
+    for name in SPECS:
+        mm.add(name, adapters / name)
+    return mm
+
+
+def random_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def check_rows(multi, adapters, names, ids):
+    with torch.no_grad():
+        out = multi(ids, adapters=names).logits
+    for b, name in enumerate(names):
+        ref = solo(adapters, name, ids[b : b + 1])[0]
+        assert torch.allclose(out[b], ref, atol=1e-5, rtol=1e-4), (name, (out[b] - ref).abs().max())
+        if name is not None:  # the adapter really changes the output
+            assert not torch.allclose(ref, solo(adapters, None, ids[b : b + 1])[0], atol=1e-3)
+
+
+def test_mixed_batch_of_every_method_and_rank_equals_each_alone(multi, adapters):
+    names = [*SPECS, None]  # one row per adapter, plus a base row
+    check_rows(multi, adapters, names, random_ids(len(names), 7))
+
+
+def test_shared_adapters_with_uneven_segments_pad_correctly(multi, adapters):
+    # 3 rows on one adapter, 1 on another, per kind: segments of 3T and T tokens are padded
+    names = ["nora-silu", "lora-r2", "nora-silu", None, "nora-relu", "nora-silu", "lora-r8"]
+    names += ["aurora", "aurora-r6", "aurora", "loran", "loran", "loran-r2", "nora-relu"]
+    plan = multi.plan([multi.uid(n) for n in names], 5)
+    assert any(s.valid is not None for s in plan.groups.values())  # padding path exercised
+    check_rows(multi, adapters, names, random_ids(len(names), 5, seed=1))
+
+
+def test_badly_skewed_segments_run_segment_by_segment(multi, adapters):
+    # one kind (SiLU): 12 rows on one adapter, 1 row on two others: padding would waste 60%
+    names = ["nora-silu"] * 12 + ["nolora-silu", "nora-silu-r8", None, "lora-r2"]
+    plan = multi.plan([multi.uid(n) for n in names], 9)
+    assert plan.groups[("act", "silu")].loop
+    check_rows(multi, adapters, names, random_ids(len(names), 9, seed=2))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_one_adapter_for_the_whole_batch(multi, adapters, name):
+    ids = random_ids(3, 6, seed=4)
+    plan = multi.plan([multi.uid(name)] * 3, 6)
+    assert next(iter(plan.groups.values())).all_rows  # the two-matmul fast path
+    with torch.no_grad():
+        out = multi(ids, adapters=[name] * 3).logits
+    assert torch.allclose(out, solo(adapters, name, ids), atol=1e-5, rtol=1e-4)
+
+
+def test_adapters_on_different_modules_and_layers(tmp_path):
+    specs = {
+        "qv": dict(method="nora", r=4),
+        "ko": dict(method="nora", r=2, target_modules=["k_proj", "o_proj"]),
+        "mlp-top": dict(
+            method="nora", r=3, target_modules=["gate_proj", "down_proj"], layers_to_transform=[1]
+        ),
+        "all": dict(method="lora", r=4, target_modules=["q_proj", "k_proj", "v_proj", "up_proj"]),
+    }
+    make_dir(tmp_path, specs)
+    mm = MultiAdapterModel(tiny_llama())
+    for name in specs:
+        mm.add(name, tmp_path / name)
+    names = ["qv", "ko", "mlp-top", None, "all", "qv", "ko"]
+    check_rows(mm, tmp_path, names, random_ids(len(names), 6, seed=5))
+
+
+def test_plan_segments_come_from_a_stable_sort():
+    uids = torch.tensor([3, 0, 5, 3, 3, 5, 0, 7])
+    plan = BatchPlan.build(uids, {3: "k", 5: "k", 7: "other"})
+    seg = plan.groups["k"]
+    assert seg.uids == (3, 5) and seg.counts == (3, 2) and seg.L == 3
+    assert seg.rows.tolist() == [0, 3, 4, 2, 5]  # token indices, sorted by uid, stable
+    assert seg.gather.tolist() == [0, 3, 4, 2, 5, 0] and seg.valid.tolist() == [0, 1, 2, 3, 4]
+    assert plan.groups["other"].rows.tolist() == [7] and not plan.groups["other"].all_rows
+    assert BatchPlan.build(torch.tensor([2, 2]), {2: "k"}).groups["k"].all_rows
+
+
+def test_scale_is_folded_into_B_never_into_A(adapters):
+    model = nora.load_adapter(tiny_llama(), adapters / "nora-silu")  # scale 2.5
+    a = model.model.layers[0].self_attn.q_proj.adapter
+    kind, w = pack(a)
+    assert kind == ("act", "silu")
+    assert torch.equal(w.A, a.lora_A.weight.t())
+    assert torch.allclose(w.B, (2.5 * a.lora_B.weight).t())
+    x = torch.randn(5, a.in_features)
+    assert torch.allclose(torch.nn.functional.silu(x @ w.A) @ w.B, a(x), atol=1e-6)
+
+
+def test_base_weights_are_shared_never_copied(adapters):
+    model = tiny_llama()
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    mm = MultiAdapterModel(model)
+    for name in SPECS:
+        mm.add(name, adapters / name)
+    layers = mm.layers()
+    assert set(layers) == {n for n in originals if n.endswith(("q_proj", "v_proj"))}
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == before
+    assert list(model.state_dict()) == keys
+    for n, layer in layers.items():
+        assert layer.weight is originals[n].weight and len(layer.adapters) == len(SPECS)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in tiny_llama().parameters()
+    )
+    mm.remove("nora-silu")
+    assert all(len(layer.adapters) == len(SPECS) - 1 for layer in layers.values())
+    base = mm.close()
+    for n, m in base.named_modules():
+        if n in originals:
+            assert m is originals[n] and not isinstance(m, MultiAdapterLinear)
