@@ -363,9 +363,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few repeats, one rank")
     ap.add_argument("--only", default="branch,train,infer", help="sections to run")
     ap.add_argument("--out", default=str(ROOT / "results" / "suite"))
+    ap.add_argument("--ranks", default=None, help="comma-separated ranks (default 8,16,64,128)")
     args = ap.parse_args()
     reps = 2 if args.quick else 5
     ranks = [16] if args.quick else [8, 16, 64, 128]
+    if args.ranks:
+        ranks = [int(r) for r in args.ranks.split(",")]
     res = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": subprocess.run(
