@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import DynamicCache
 
 import nora
+from nora.experiments import machine_info
 from nora.inject import plan
 from nora.models import load_base_model
 from nora.serving import MultiAdapterLinear, MultiAdapterModel
@@ -51,22 +51,11 @@ MultiAdapterLinear.STACKS_PER_KIND = 4
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        **machine_info(),
         "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "python": platform.python_version(),
         "loadavg_start": os.getloadavg(),
     }
 

@@ -234,7 +234,7 @@ def test_load_and_unload_endpoints(server):
     assert {m["id"]: m["loaded"] for m in models["data"]}["loran"] is True
     status, body = call(server, "POST", "/v1/adapters/load", {"name": "wide"})
     assert status == 400
-    assert "base model implies shape (2, 32), file has (2, 48)" in body["error"]["message"]
+    assert "model expects shape (2, 32), file has (2, 48)" in body["error"]["message"]
     status, body = call(server, "POST", "/v1/completions", {"model": "wide", "prompt": "a"})
     assert status == 400 and "refused" in body["error"]["message"]
     status, body = call(server, "POST", "/v1/adapters/unload", {"name": "loran"})

@@ -71,7 +71,7 @@ def test_shape_mismatch_is_refused_with_the_tensor_named(store, root):
         store.load("wide")
     msg = str(e.value)
     assert "'wide'" in msg and "model.layers.0.self_attn.q_proj.lora_A.weight" in msg
-    assert "base model implies shape (2, 32), file has (2, 48)" in msg
+    assert "model expects shape (2, 32), file has (2, 48)" in msg
     assert store.resident() == [] and not store.multi.layers()  # nothing changed
 
 

@@ -225,6 +225,24 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PREFIX): v for k, v in raw.items()}
 
 
+def tensor_problems(wrappers: list, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Every way `tensors` fails to fit the planned (name, wrapper) pairs, one line each."""
+    expected = {f"{n}.{k}": v for n, w in wrappers for k, v in w.adapter.state_dict().items()}
+    problems = [f"missing tensor {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
+    problems += [
+        f"{k}: model expects shape {tuple(expected[k].shape)}, file has {tuple(v.shape)}"
+        for k, v in tensors.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems += [
+        f"{k}: dtype {v.dtype} is not floating point"
+        for k, v in tensors.items()
+        if not v.dtype.is_floating_point
+    ]
+    return problems
+
+
 def load_adapter(
     model: nn.Module, path: str | os.PathLike, is_trainable: bool = False
 ) -> nn.Module:
@@ -246,19 +264,7 @@ def load_adapter(
         wrappers = plan(model, cfg)
     except ValueError as e:
         raise CheckpointError(f"adapter in {path} does not fit this model: {e}") from None
-    expected = {f"{n}.{k}": v for n, w in wrappers for k, v in w.adapter.state_dict().items()}
-    problems = [f"missing tensor {k}" for k in expected if k not in tensors]
-    problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
-    problems += [
-        f"{k}: model expects shape {tuple(expected[k].shape)}, file has {tuple(v.shape)}"
-        for k, v in tensors.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    problems += [
-        f"{k}: dtype {v.dtype} is not floating point"
-        for k, v in tensors.items()
-        if not v.dtype.is_floating_point
-    ]
+    problems = tensor_problems(wrappers, tensors)
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise CheckpointError(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nora.checkpoint import CheckpointError, read_config, read_weights
+from nora.checkpoint import CheckpointError, read_config, read_weights, tensor_problems
 from nora.config import AdapterConfig, ConfigError
 from nora.inject import InjectionError, plan
 from nora.serving.layers import (
@@ -110,19 +110,7 @@ class MultiAdapterModel(nn.Module):
             wrappers = plan(self.model, cfg)
         except (InjectionError, ConfigError) as e:
             raise CheckpointError(bad + f"it does not fit the base model: {e}") from None
-        expected = {f"{n}.{k}": v for n, w in wrappers for k, v in w.adapter.state_dict().items()}
-        problems = [f"missing tensor {k}" for k in expected if k not in tensors]
-        problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
-        problems += [
-            f"{k}: base model implies shape {tuple(expected[k].shape)}, file has {tuple(v.shape)}"
-            for k, v in tensors.items()
-            if k in expected and v.shape != expected[k].shape
-        ]
-        problems += [
-            f"{k}: dtype {v.dtype} is not floating point"
-            for k, v in tensors.items()
-            if not v.dtype.is_floating_point
-        ]
+        problems = tensor_problems(wrappers, tensors)
         if not problems:
             problems += [
                 f"{k}: has NaN or infinite values"
