@@ -62,9 +62,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "variants": {
             "lora": {"method": "lora", "alpha": 32},  # the paper's baseline: alpha = 32 always
+            "nora": {"method": "nora"},
             "lora-fixed-scale": {"method": "lora", "scale": 2.0},  # alpha/r fixed
             "lora-rslora": {"method": "lora", "alpha": 8, "rslora": True},  # alpha/sqrt(r)
-            "nora": {"method": "nora"},
             "nolora": {"method": "nolora"},
             "aurora": {"method": "aurora"},
             "loran": {"method": "loran"},
