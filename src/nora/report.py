@@ -49,7 +49,6 @@ def collect(sweep_dir: Path) -> dict[str, Any]:
     lr_runs = [_load(f) for f in sorted(sweep_dir.glob("lr/*/*/lr*/result.json"))]
     errors = [str(f.parent.relative_to(sweep_dir)) for f in sorted(sweep_dir.rglob("error.json"))]
     eff = sweep_dir / "efficiency" / "result.json"
-    timing = sweep_dir / "timing.jsonl"
     return {
         "sweep": _load(sweep_dir / "sweep.json") if (sweep_dir / "sweep.json").is_file() else {},
         "runs": runs,
@@ -60,9 +59,8 @@ def collect(sweep_dir: Path) -> dict[str, Any]:
         "lr_runs": lr_runs,
         "errors": errors,
         "efficiency": _load(eff) if eff.is_file() else None,
-        "seconds": sum(json.loads(x)["seconds"] for x in timing.read_text().splitlines())
-        if timing.is_file()
-        else None,
+        # compute = the wall time of every finished run (robust to sweeps stopped mid-way)
+        "seconds": sum(_load(f).get("wall_s", 0) for f in sweep_dir.rglob("result.json")) or None,
     }
 
 
@@ -106,7 +104,11 @@ def _headline(runs: dict[str, dict[int, list[dict]]], dataset: str) -> list[str]
             spread = max(
                 statistics.stdev(a) if len(a) > 1 else 0, statistics.stdev(b) if len(b) > 1 else 0
             )
-            if abs(diff) <= spread:
+            if min(len(a), len(b)) < 2:
+                verdict = (
+                    "NoRA lower" if diff < 0 else "LoRA lower"
+                ) + " (one seed: no spread yet)"
+            elif abs(diff) <= spread:
                 verdict = "**no clear difference** (within the seed spread)"
             elif diff < 0:
                 verdict = "**NoRA is better**"
@@ -145,7 +147,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         f"- **Data**: {', '.join(cfg.get('datasets', []))}; training: {json.dumps(cfg.get('train', {}))}",
         f"- **Command**: `{sw.get('command') or 'nora sweep ' + str(sw.get('spec', '?'))}` then "
         f"`nora report {sweep_dir}`",
-        f"- **Compute**: {data['seconds'] / 60:.0f} min of sweep time"
+        f"- **Compute**: {data['seconds'] / 60:.0f} min, the summed wall time of finished runs"
         if data["seconds"]
         else "- **Compute**: not recorded",
     ]
