@@ -82,6 +82,8 @@ def _plot_ppl(
     if base is not None:
         ax.axhline(base, color="gray", ls="--", lw=1, label="base model")
     ax.set_xscale("log", base=2)
+    ranks = sorted({r for by_r in runs.values() for r in by_r})
+    ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set_xlabel("rank r")
     ax.set_ylabel("held-out perplexity (test split)")
     ax.set_title(title)
