@@ -96,7 +96,8 @@ def _plot_ppl(
 def _headline(runs: dict[str, dict[int, list[dict]]], dataset: str) -> list[str]:
     """Plain statements, NoRA vs LoRA at each rank both ran, difference vs seed spread."""
     out = []
-    for lora_name in [v for v in runs if v.startswith("lora")]:
+    loras = [v for v, by_r in runs.items() if next(iter(by_r.values()))[0]["method"] == "lora"]
+    for lora_name in loras:
         if "nora" not in runs:
             break
         for r in sorted(set(runs["nora"]) & set(runs[lora_name])):
