@@ -267,7 +267,7 @@ def eval_cmd(
 ) -> None:
     """Held-out perplexity (token-weighted) and optional greedy accuracy, base or adapter."""
     import nora
-    from nora.data import build_splits, collate, load_examples
+    from nora.data import batches, build_splits, load_examples
     from nora.evaluate import accuracy as score
     from nora.evaluate import perplexity
     from nora.models import load_base_model
@@ -277,11 +277,8 @@ def eval_cmd(
         nora.load_adapter(base, adapter)
     kw = {"path": data_path} if data_path else {}
     _, eval_set, _ = build_splits(tok, data, 0, n_eval, max_len, seed=seed, **kw)
-    batches = [
-        collate(eval_set[i : i + batch_size], tok.pad_token_id)
-        for i in range(0, len(eval_set), batch_size)
-    ]
-    result = perplexity(base, batches, progress=True).to_dict()
+    result = perplexity(base, batches(eval_set, tok.pad_token_id, batch_size), progress=True)
+    result = result.to_dict()
     if accuracy:
         examples = load_examples(data, n_eval, seed, **kw)[:accuracy]
         result.update(
@@ -334,15 +331,15 @@ def analyze(
 ) -> None:
     """Spectra, effective rank and AUC-90 of a trained adapter: JSON summary + plots."""
     from nora.analysis import analyze_adapter
-    from nora.data import build_splits, collate
+    from nora.data import batches, build_splits
     from nora.models import load_base_model
 
     base, tok = load_base_model(model)
     kw = {"path": data_path} if data_path else {}
     _, eval_set, _ = build_splits(tok, data, 0, n_eval, max_len, **kw)
-    batches = [collate(eval_set[i : i + 8], tok.pad_token_id) for i in range(0, len(eval_set), 8)]
+    eval_batches = batches(eval_set, tok.pad_token_id, 8)
     out = out or adapter_dir / "analysis"
-    summary = analyze_adapter(adapter_dir, base, batches, out, max_tokens=max_tokens)
+    summary = analyze_adapter(adapter_dir, base, eval_batches, out, max_tokens=max_tokens)
     agg = summary["aggregate"]
     for view in ("latent", "output", "weight"):
         er, auc = agg[view]["effective_rank"]["mean"], agg[view]["auc90"]["mean"]

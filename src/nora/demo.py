@@ -89,7 +89,7 @@ def format_table(rows: list[dict]) -> str:
 
 def run_demo(cfg: DemoConfig | None = None, progress: bool = True, log=print) -> dict:
     """Run the demo; returns (and writes) the results. Each call starts from scratch."""
-    from nora.data import build_splits, collate, load_examples
+    from nora.data import batches, build_splits, load_examples
     from nora.evaluate import accuracy, perplexity
     from nora.models import describe_model, load_base_model
 
@@ -104,10 +104,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, log=print) ->
         f"data: {cfg.data}, {cfg.n_train} train / {cfg.n_eval} held-out examples, "
         f"max_len {cfg.max_len} ({stats.truncated} truncated, {stats.dropped_too_long} dropped)"
     )
-    eval_batches = [
-        collate(eval_set[i : i + cfg.batch_size], tok.pad_token_id)
-        for i in range(0, len(eval_set), cfg.batch_size)
-    ]
+    eval_batches = batches(eval_set, tok.pad_token_id, cfg.batch_size)
     acc_examples = load_examples(cfg.data, cfg.n_eval + cfg.n_train, cfg.seed)[: cfg.n_accuracy]
     acc_examples = [e for e in acc_examples if e.answer is not None]
 

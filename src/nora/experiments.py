@@ -34,6 +34,7 @@ import torch
 
 import nora
 from nora.config import AdapterConfig
+from nora.data import batches
 from nora.data import collate as _collate
 from nora.train import TrainConfig, train
 
@@ -278,9 +279,7 @@ class _Context:
 
     def batches(self, split: list[dict], size: int = 8) -> list[dict]:
         collate = self.prefix.collate if self.prefix else _collate
-        return [
-            collate(split[i : i + size], self.tok.pad_token_id) for i in range(0, len(split), size)
-        ]
+        return batches(split, self.tok.pad_token_id, size, collate)
 
     def forward_context(self):
         return self.prefix.top_only() if self.prefix else contextlib.nullcontext()
@@ -342,11 +341,9 @@ def _run(
     if analyze:
         from nora.analysis import analyze as spectral
 
-        batches = [
-            _collate(eval_set[i : i + 8], ctx.tok.pad_token_id) for i in range(0, len(eval_set), 8)
-        ]
+        token_batches = batches(eval_set, ctx.tok.pad_token_id, 8)  # tokens, not cached states
         result["analysis"] = spectral(
-            ctx.model, batches, max_tokens=cfg.analysis_tokens, keep_singular_values=256
+            ctx.model, token_batches, max_tokens=cfg.analysis_tokens, keep_singular_values=256
         )
     nora.unload(ctx.model)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # keep the final adapter only

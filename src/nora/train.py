@@ -229,7 +229,7 @@ def train(
     """
     from accelerate import Accelerator
 
-    from nora.data import build_splits, collate
+    from nora.data import batches, build_splits, collate
     from nora.models import load_base_model
 
     cfg.validate()
@@ -313,10 +313,7 @@ def train(
         return {k: v.to(accel.device) for k, v in batch.items()}
 
     def eval_batches():
-        return [
-            batch_of(eval_set[i : i + cfg.batch_size], pad_id)
-            for i in range(0, len(eval_set), cfg.batch_size)
-        ]
+        return batches(eval_set, pad_id, cfg.batch_size, batch_of)
 
     # The head-only loss calls the backbone directly, which would bypass DDP's gradient sync.
     with ctx():
@@ -335,11 +332,11 @@ def train(
     try:
         while step < cfg.max_steps:
             rng = _rng_state()  # a checkpoint taken during this step restarts it from here
-            batches = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
-            n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            n_in = sum(int(b["attention_mask"].sum()) for b in batches)  # all input tokens
+            micro = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
+            n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            n_in = sum(int(b["attention_mask"].sum()) for b in micro)  # all input tokens
             loss_sum = 0.0
-            for b in batches:  # token-weighted over the whole accumulated batch
+            for b in micro:  # token-weighted over the whole accumulated batch
                 with accel.autocast(), ctx():
                     nll, _ = batch_nll(model if not fast else raw, b, fast=fast)
                 loss = nll / max(n_tok, 1)

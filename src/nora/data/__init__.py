@@ -29,6 +29,7 @@ from nora.data.scoring import extract_final_answer, score_answer
 from nora.data.splits import build_splits
 from nora.data.tokenization import (
     IGNORE_INDEX,
+    batches,
     collate,
     encode,
     prompt_ids,
@@ -38,6 +39,7 @@ from nora.data.tokenization import (
 __all__ = [
     "DATASETS",
     "IGNORE_INDEX",
+    "batches",
     "MIX_TASKS",
     "DataError",
     "DataStats",

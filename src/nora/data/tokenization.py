@@ -102,3 +102,8 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(features: list[dict], pad_id: int, size: int, collate_fn=collate) -> list[dict]:
+    """`features` in order, `size` at a time, each chunk collated (`collate_fn`, default `collate`)."""
+    return [collate_fn(features[i : i + size], pad_id) for i in range(0, len(features), size)]
