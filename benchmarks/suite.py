@@ -18,6 +18,7 @@ A benchmark, not a test: it asserts nothing; it prints ratios and records the ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 import nora
 from nora.experiments import machine_info
@@ -113,8 +115,9 @@ def bench_branch(ranks: list[int], reps: int) -> dict:
 # --- 2. training step -------------------------------------------------------------------------
 
 
-def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward during `step()`."""
+def saved_activation_bytes(step: Callable[[], torch.Tensor], exclude=()) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward during `step()`, leaving
+    out the storages of the tensors in `exclude`."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -124,26 +127,61 @@ def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = step()
     loss.backward()
-    return sum(seen.values())
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    return sum(b for ptr, b in seen.items() if ptr not in skip)
 
 
-def bench_train(ranks: list[int], reps: int, batch: int = 4, seq: int = 256) -> dict:
+def tiny_model() -> nn.Module:
+    """A small random Llama (4 layers, 128 wide): the launch-bound regime."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def bench_train(
+    model: nn.Module,
+    label: str,
+    ranks: list[int],
+    reps: int,
+    batch: int = 4,
+    seq: int = 256,
+    methods: list[str] | None = None,
+) -> dict:
+    """One training step per variant, all variants interleaved per round.
+
+    Variants: every nora method (fused training node on, the default), NoRA with the plain
+    autograd path (`fused(False)`), NoRA with the q/v shared shrink, PEFT LoRA (α = 2r, as
+    nora's LoRA here), and full fine-tuning (first rank only).
+    """
     from peft import LoraConfig, get_peft_model
 
-    from nora.models import load_base_model
+    from nora.fused import fuse_shared_inputs, fused
 
-    model, _ = load_base_model()
+    methods = methods or sorted(nora.METHODS)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
     rows = []
     for r in ranks:
-        variants = {f"nora:{m}": m for m in (["lora", "nora"] if r != 16 else sorted(nora.METHODS))}
+        variants = {f"nora:{m}": m for m in methods}
+        variants["nora:nora (plain autograd)"] = "nora-plain"
+        variants["nora:nora + shared q/v shrink"] = "nora-shared"
         variants["peft:lora"] = "peft"
         if r == ranks[0]:
             variants["full fine-tune"] = "full"
 
         def setup(kind):
-            """Returns (step function, cleanup)."""
+            """Returns (step, forward, cleanup, optimizer-state bytes)."""
+            mode = contextlib.nullcontext
             if kind == "peft":
                 pm = get_peft_model(
                     model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"])
@@ -154,20 +192,26 @@ def bench_train(ranks: list[int], reps: int, batch: int = 4, seq: int = 256) -> 
                     p.requires_grad_(True)
                 net, undo = model, lambda: [p.requires_grad_(False) for p in model.parameters()]
             else:
-                nora.inject(model, nora.AdapterConfig(method=kind, r=r, init_weights=False))
+                method = kind.split("-")[0]
+                nora.inject(model, nora.AdapterConfig(method=method, r=r, init_weights=False))
+                if kind == "nora-plain":
+                    mode = lambda: fused(False)  # noqa: E731
+                if kind == "nora-shared":
+                    fuse_shared_inputs(model)
                 net, undo = model, lambda: nora.unload(model)
             net.train()
             params = [p for p in net.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4)
 
+            def fwd():
+                with mode():
+                    return net(input_ids=ids, labels=ids).loss
+
             def step():
-                loss = net(input_ids=ids, labels=ids).loss
-                loss.backward()
+                with mode():
+                    net(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-
-            def fwd():
-                return net(input_ids=ids, labels=ids).loss
 
             state_bytes = sum(3 * p.numel() * p.element_size() for p in params)  # grad + 2 Adam
             return step, fwd, undo, state_bytes
@@ -176,6 +220,7 @@ def bench_train(ranks: list[int], reps: int, batch: int = 4, seq: int = 256) -> 
             p.requires_grad_(False)
         times: dict[str, list[float]] = {k: [] for k in variants}
         memory: dict[str, int] = {}
+        bar = tqdm(total=(reps + 1) * len(variants), desc=f"train {label} r={r}", leave=False)
         for i in range(reps + 1):  # round 0 warms up and measures memory
             for name, kind in variants.items():
                 step, fwd, undo, state_bytes = setup(kind)
@@ -188,6 +233,8 @@ def bench_train(ranks: list[int], reps: int, batch: int = 4, seq: int = 256) -> 
                 if i:
                     times[name].append(time.perf_counter() - t0)
                 undo()
+                bar.update()
+        bar.close()
         ref = statistics.median(times["peft:lora"])
         for name in variants:
             t = statistics.median(times[name])
@@ -201,7 +248,98 @@ def bench_train(ranks: list[int], reps: int, batch: int = 4, seq: int = 256) -> 
                     "memory_vs_peft_lora": memory[name] / memory["peft:lora"],
                 }
             )
-    return {"batch": batch, "seq": seq, "targets": "q_proj,v_proj, all 30 layers", "rows": rows}
+    n_layers = model.config.num_hidden_layers
+    return {
+        "model": label,
+        "batch": batch,
+        "seq": seq,
+        "targets": f"q_proj,v_proj, all {n_layers} layers",
+        "rows": rows,
+    }
+
+
+# --- 2b. the fast paths on their own ----------------------------------------------------------
+
+
+def bench_fastpaths(ranks: list[int], reps: int, n: int = 2048) -> dict:
+    """Branch forward+backward with the fused node vs plain autograd (time, saved bytes), and
+    q/k/v adapters (576→576, 576→192, 576→192) with one shared shrink vs three."""
+    from nora.fused import fuse_shared_inputs, fused
+
+    k = d = 576
+    rows, shared = [], []
+    for r in ranks:
+        for method in ("lora", "nora", "nolora", "aurora"):
+            holder = nn.Sequential(nn.Linear(k, d))
+            cfg = nora.AdapterConfig(method=method, r=r, target_modules=["0"], init_weights=False)
+            nora.inject(holder, cfg)
+            branch = holder[0].adapter.train()  # the method's default dropout
+            x = torch.randn(n, k, requires_grad=True)
+            g = torch.randn(n, d)
+
+            def run(enabled, b=branch, x=x, g=g):
+                with fused(enabled):
+                    b(x).backward(g)
+
+            med = interleaved({"fused": lambda: run(True), "plain": lambda: run(False)}, reps, 2)
+            mem = {}
+            for enabled in (True, False):
+                with fused(enabled):
+                    mem[enabled] = saved_activation_bytes(
+                        lambda b=branch, x=x: b(x).sum(), exclude=[x, *branch.parameters()]
+                    )
+            rows.append(
+                {
+                    "r": r,
+                    "method": method,
+                    "fused_us": 1e6 * med["fused"],
+                    "plain_us": 1e6 * med["plain"],
+                    "fused_saved_kb": mem[True] / 1024,
+                    "plain_saved_kb": mem[False] / 1024,
+                }
+            )
+
+        class Attn(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.q_proj, self.k_proj = nn.Linear(k, d), nn.Linear(k, 192)
+                self.v_proj = nn.Linear(k, 192)
+
+            def forward(self, x):
+                return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+        cfg = nora.AdapterConfig(
+            method="nora", r=r, target_modules=["q_proj", "k_proj", "v_proj"], init_weights=False
+        )
+        separate, grouped = Attn(), Attn()
+        for net in (separate, grouped):
+            nora.inject(net, cfg)
+        grouped.load_state_dict(separate.state_dict())
+        fuse_shared_inputs(grouped)
+        for tokens, train in ((1, False), (n, False), (n, True)):
+            x = torch.randn(tokens, k, requires_grad=train)
+
+            def run_qkv(net, x=x, train=train):
+                net.train(train)
+                adapters = [net.q_proj.adapter, net.k_proj.adapter, net.v_proj.adapter]
+                with torch.set_grad_enabled(train):
+                    outs = [a(x) for a in adapters]
+                    if train:
+                        sum(o.sum() for o in outs).backward()
+
+            fns = {"shared": lambda: run_qkv(grouped), "separate": lambda: run_qkv(separate)}
+            med = interleaved(fns, reps, 2)
+            shared.append(
+                {
+                    "r": r,
+                    "tokens": tokens,
+                    "mode": "train fwd+bwd" if train else "inference",
+                    "separate_us": 1e6 * med["separate"],
+                    "shared_us": 1e6 * med["shared"],
+                    "ratio": med["shared"] / med["separate"],
+                }
+            )
+    return {"tokens": n, "fused": rows, "shared": shared}
 
 
 # --- 3. inference -----------------------------------------------------------------------------
@@ -298,6 +436,32 @@ def bench_infer(reps: int, r: int = 16, batch: int = 8, seq: int = 256, new: int
 # --- report -----------------------------------------------------------------------------------
 
 
+def targets(res: dict) -> list[tuple[str, float, str, bool]]:
+    """The issue's targets (r = 16, q,v, embedded default), each as (what, value, goal, met)."""
+    out = []
+    if "train" in res:
+        rows = {(x["r"], x["variant"]): x for x in res["train"]["rows"]}
+        if (16, "nora:nora") in rows:
+            v = rows[16, "nora:nora"]["vs_peft_lora"]
+            out.append(("NoRA training step / PEFT LoRA step", v, "≤ 0.97", v <= 0.97))
+            v = rows[16, "nora:lora"]["vs_peft_lora"]
+            out.append(("nora LoRA training step / PEFT LoRA step", v, "≤ 1.00", v <= 1.00))
+            v = rows[16, "nora:nora"]["memory_vs_peft_lora"]
+            out.append(("NoRA peak training memory / PEFT LoRA", v, "≤ 1.05", v <= 1.05))
+    if "infer" in res:
+        rows = {x["variant"]: x for x in res["infer"]["rows"]}
+        v = rows["nora:nora"]["prefill_ms"] / rows["base"]["prefill_ms"]
+        out.append(("unmerged NoRA prefill / base model", v, "≤ 1.05", v <= 1.05))
+    if "branch" in res:
+        rows = {(x["tokens"], x["r"], x["variant"]): x for x in res["branch"]["rows"]}
+        if (2048, 16, "nora:nora") in rows:
+            v = rows[2048, 16, "nora:nora"]["x_bound"]
+            out.append(("NoRA branch / FLOP bound, 2048 tokens", v, "≤ 2", v <= 2))
+            v = rows[1, 16, "nora:nora"]["us"]
+            out.append(("NoRA branch per call at decode (batch 1), µs", v, "≤ 30", v <= 30))
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     L = [
@@ -307,6 +471,15 @@ def markdown(res: dict) -> str:
         f"{m['torch']}, {res['threads']} threads, float32. Command: `{res['command']}`.",
         "",
     ]
+    if goals := targets(res):
+        L += [
+            "## Targets (r = 16, q,v)",
+            "",
+            "| target | measured | goal | met |",
+            "|---|---|---|---|",
+        ]
+        L += [f"| {w} | {v:.3f} | {g} | {'yes' if ok else 'no'} |" for w, v, g, ok in goals]
+        L.append("")
     if "branch" in res:
         b = res["branch"]
         L += [
@@ -321,17 +494,19 @@ def markdown(res: dict) -> str:
             for x in b["rows"]
         ]
         L.append("")
-    if "train" in res:
-        t = res["train"]
+    for key in ("train", "train_tiny"):
+        if key not in res:
+            continue
+        t = res[key]
         L += [
-            f"## Training step ({t['batch']}×{t['seq']}, {t['targets']})",
+            f"## Training step, {t['model']} ({t['batch']}×{t['seq']}, {t['targets']})",
             "",
             "| r | variant | step s | vs PEFT LoRA | memory MB | memory vs PEFT LoRA |",
             "|---|---|---|---|---|---|",
         ]
         L += [
-            f"| {x['r']} | {x['variant']} | {x['step_s']:.2f} | {x['vs_peft_lora']:.3f}× | "
-            f"{x['memory_mb']:.0f} | {x['memory_vs_peft_lora']:.3f}× |"
+            f"| {x['r']} | {x['variant']} | {x['step_s']:.3f} | {x['vs_peft_lora']:.3f}× | "
+            f"{x['memory_mb']:.1f} | {x['memory_vs_peft_lora']:.3f}× |"
             for x in t["rows"]
         ]
         L += [
@@ -340,6 +515,36 @@ def markdown(res: dict) -> str:
             "autograd saved for backward (distinct storages); weights excluded (shared).",
             "",
         ]
+    if "fastpaths" in res:
+        f = res["fastpaths"]
+        L += [
+            f"## Fast paths: fused training node vs plain autograd (branch fwd+bwd, "
+            f"{f['tokens']} tokens, 576→576, each method's default dropout)",
+            "",
+            "| r | method | fused µs | plain µs | fused/plain | saved KiB fused | saved KiB plain |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        L += [
+            f"| {x['r']} | {x['method']} | {x['fused_us']:.0f} | {x['plain_us']:.0f} | "
+            f"{x['fused_us'] / x['plain_us']:.3f} | {x['fused_saved_kb']:.0f} | "
+            f"{x['plain_saved_kb']:.0f} |"
+            for x in f["fused"]
+        ]
+        L += [
+            "",
+            "Saved = what autograd keeps for backward beyond the input and parameters.",
+            "",
+            "### q/k/v NoRA adapters: one shared shrink GEMM vs three",
+            "",
+            "| r | tokens | mode | separate µs | shared µs | shared/separate |",
+            "|---|---|---|---|---|---|",
+        ]
+        L += [
+            f"| {x['r']} | {x['tokens']} | {x['mode']} | {x['separate_us']:.0f} | "
+            f"{x['shared_us']:.0f} | {x['ratio']:.3f} |"
+            for x in f["shared"]
+        ]
+        L.append("")
     if "infer" in res:
         i = res["infer"]
         L += [
@@ -361,7 +566,9 @@ def markdown(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repeats, one rank")
-    ap.add_argument("--only", default="branch,train,infer", help="sections to run")
+    ap.add_argument(
+        "--only", default="branch,fastpaths,train,train_tiny,infer", help="sections to run"
+    )
     ap.add_argument("--out", default=str(ROOT / "results" / "suite"))
     ap.add_argument("--ranks", default=None, help="comma-separated ranks (default 8,16,64,128)")
     args = ap.parse_args()
@@ -381,8 +588,19 @@ def main() -> None:
     sections = args.only.split(",")
     if "branch" in sections:
         res["branch"] = bench_branch(ranks, reps=10 if args.quick else 30)
+    if "fastpaths" in sections:
+        res["fastpaths"] = bench_fastpaths(ranks, reps=5 if args.quick else 20)
     if "train" in sections:
-        res["train"] = bench_train(ranks if not args.quick else [16], reps=1 if args.quick else 3)
+        from nora.models import load_base_model
+
+        model, _ = load_base_model()
+        label = "SmolLM2-135M (embedded default)"
+        res["train"] = bench_train(model, label, ranks, reps=1 if args.quick else 3)
+        del model
+    if "train_tiny" in sections:
+        res["train_tiny"] = bench_train(
+            tiny_model(), "tiny Llama (4×128)", ranks, reps=3 if args.quick else 10
+        )
     if "infer" in sections:
         res["infer"] = bench_infer(reps=reps)
     out = Path(args.out)

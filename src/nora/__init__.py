@@ -12,6 +12,7 @@ Hugging Face causal language models.
 from nora.adapters import METHODS, NotMergeableError
 from nora.checkpoint import CheckpointError, load_adapter, read_config, save_adapter
 from nora.config import AdapterConfig, ConfigError
+from nora.fused import fuse_shared_inputs, set_fused, unfuse_shared_inputs
 from nora.inject import (
     InjectionError,
     ParamCount,
@@ -41,6 +42,7 @@ __all__ = [
     "adapter_state_dict",
     "count_parameters",
     "disable_adapters",
+    "fuse_shared_inputs",
     "get_config",
     "inject",
     "load_adapter",
@@ -49,5 +51,7 @@ __all__ = [
     "read_config",
     "save_adapter",
     "set_adapters_enabled",
+    "set_fused",
+    "unfuse_shared_inputs",
     "unload",
 ]

@@ -72,9 +72,10 @@ class AuroRA(Adapter):
         spline = (bspline_basis(z, self.knots, self.order) * self.spline_weight).sum(-1)
         return mix + self.spline_scale * spline
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k)
-        z = self.lora_A(self.dropout(x))  # (..., r)
-        return self.lora_B(self.sigma(z) * self.scale)  # (..., d)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
+        # B·(s·σ(A·D(x))); in training σ(z) — spline basis included — is recomputed in backward
+        params = (self.self_proj.weight, self.spline_weight, self.spline_scale)
+        return self.bottleneck(x, self.sigma, params)
 
     def approximate_delta_weight(self) -> torch.Tensor:  # (d, k)
         # σ acts on each column A[:, j] ∈ R^r: treat Aᵀ (k, r) as a batch of k latents.

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from nora.fused import expand
+
 if TYPE_CHECKING:
     from nora.config import AdapterConfig
 
@@ -48,6 +50,8 @@ class Adapter(nn.Module):
     default_dropout: ClassVar[float] = 0.0
     default_activation: ClassVar[str] = "identity"
     activations: ClassVar[tuple[str, ...]] = ("identity",)
+    shrinks: ClassVar[bool] = True  # Δ starts with z = A·x (all but loran)
+    latent_dropout: ClassVar[bool] = False  # dropout on the r-dim latent, not on the input
 
     def __init__(
         self, in_features: int, out_features: int, cfg: AdapterConfig, device=None, dtype=None
@@ -58,6 +62,7 @@ class Adapter(nn.Module):
         self.lora_A = nn.Linear(in_features, cfg.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(cfg.r, out_features, bias=False, device=device, dtype=dtype)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.shared = None  # a nora.fused.SharedInputGroup, set by fuse_shared_inputs
 
     def reset_parameters(self, init_weights: bool = True) -> None:
         """A Kaiming-uniform (a=√5), B zeros so Δ = 0 at start. Subclasses may override.
@@ -75,6 +80,20 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
         raise NotImplementedError
+
+    def bottleneck(self, x: torch.Tensor, phi=None, params=()) -> torch.Tensor:
+        """s · B · D(φ(A · x)), with D on the input or on the latent: (..., k) -> (..., d).
+
+        The shared shape of lora, nora, nolora and aurora; `nora.fused` makes it fast.
+        """
+        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        if p > 0 and not self.latent_dropout:  # input dropout: this adapter's own x
+            z, p = self.lora_A(self.dropout(x)), 0.0
+        elif self.shared is not None and not torch.compiler.is_compiling():
+            z = self.shared.shrink(self, x)  # one GEMM with the siblings that read x
+        else:
+            z = self.lora_A(x)  # (..., r)
+        return expand(z, self.lora_B, self.scale, p, phi, params)  # (..., d)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (d, k) with Δ(x) = ΔW·x; defined by mergeable methods only."""

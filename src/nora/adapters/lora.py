@@ -20,11 +20,10 @@ class LoRA(Adapter):
     linear = True
     default_alpha = 8.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k)
-        z = self.lora_A(self.dropout(x))  # (..., r)
-        # The scale multiplies the r-wide latent, not the d-wide output: same function,
-        # a fraction of the elementwise work.
-        return self.lora_B(z * self.scale)  # (..., d)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
+        # B·(s·A·D(x)): the scale multiplies the r-wide latent, not the d-wide output — same
+        # function, a fraction of the elementwise work.
+        return self.bottleneck(x)
 
     def delta_weight(self) -> torch.Tensor:  # (d, k)
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)

@@ -27,6 +27,7 @@ class LoRAN(Adapter):
     default_dropout = 0.2
     default_activation = "sinter"
     activations = ("sinter",)
+    shrinks = False  # Δ(x) = ΔW·x with a dense ΔW: nothing to share with siblings
 
     def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
         super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)

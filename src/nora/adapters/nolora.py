@@ -24,6 +24,7 @@ class NoLoRA(Adapter):
     default_alpha = 16.0
     default_activation = "learnable"
     activations = ACTIVATIONS
+    latent_dropout = True
 
     def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
         super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
@@ -36,6 +37,9 @@ class NoLoRA(Adapter):
         if hasattr(self.act, "beta"):
             nn.init.ones_(self.act.beta)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k)
-        h = self.dropout(self.lora_v * self.act(self.lora_A(x)))  # (..., r)
-        return self.lora_B(h * self.scale)  # (..., d)
+    def modulated(self, z: torch.Tensor) -> torch.Tensor:  # (..., r) -> (..., r)
+        return self.lora_v * self.act(z)  # v ⊙ f(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
+        # B·(s·D(v ⊙ f(A·x)))
+        return self.bottleneck(x, self.modulated, (self.lora_v, *self.act.parameters()))

@@ -27,6 +27,7 @@ class NoRA(Adapter):
     default_dropout = 0.1
     default_activation = "silu"
     activations = ACTIVATIONS
+    latent_dropout = True
 
     def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
         super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
@@ -36,6 +37,7 @@ class NoRA(Adapter):
         nn.init.kaiming_normal_(self.lora_A.weight, nonlinearity="relu")  # N(0, 2/k)
         self._init_B(init_weights)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k)
-        h = self.dropout(self.act(self.lora_A(x)))  # (..., r)
-        return self.lora_B(h * self.scale)  # (..., d); s·B·h == B·(s·h)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
+        # B·(s·D(σ(A·x))); s·B·h == B·(s·h). In training σ(z) is recomputed in backward.
+        phi = None if isinstance(self.act, nn.Identity) else self.act
+        return self.bottleneck(x, phi, tuple(self.act.parameters()))

@@ -1,0 +1,242 @@
+"""Fast paths for the low-rank bottleneck: a fused training node and a shared-input shrink.
+
+Every latent method (lora, nora, nolora, aurora) computes
+
+    Δ(x) = B · (s · D_p(φ(z))),   z = A · x          (..., k) -> (..., r) -> (..., d)
+
+1. `expand(z, ...)`, the part after the shrink, is one autograd node in training
+   (`_Expand`): it saves z (r-wide) and a bool dropout mask, and *recomputes* φ(z) in
+   backward instead of keeping φ(z), the float mask and s·D(φ(z)) alive. For NoRA that is
+   three r-wide float tensors down to one plus a byte mask; for AuroRA it drops the
+   B-spline basis tensors (r·(G+2K) floats per token per level of the recursion). The
+   dropout mask is drawn exactly as `F.dropout` draws it on CPU (bernoulli_(1−p), divided
+   by 1−p), so the fused node and the plain path give the same numbers for the same seed.
+   The plain path is used where the fused node cannot help or would get in the way: no
+   grad, eval mode, under torch.compile (dynamo traces the plain ops without graph breaks),
+   under autocast, with hooks on lora_B (analysis uses them), or `set_fused(False)`.
+
+2. `SharedInputGroup`: layers that read the same input (q/k/v in attention, gate/up in an
+   MLP) get one shrink GEMM x·[A_q; A_k; A_v]ᵀ instead of three, reading x once. The group
+   computes it when the first member is called with x and hands each member its slice;
+   a member called with a different tensor gets a fresh computation, so the result is
+   always A_member · x_member. `fuse_shared_inputs(model)` sets it up after `inject`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+_ENABLED = True
+
+
+def set_fused(enabled: bool) -> None:
+    """Turn the fused training node on (default) or off for every adapter."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+@contextlib.contextmanager
+def fused(enabled: bool) -> Iterator[None]:
+    """`with nora.fused.fused(False): ...` runs the plain autograd path (for comparisons)."""
+    before = _ENABLED
+    set_fused(enabled)
+    try:
+        yield
+    finally:
+        set_fused(before)
+
+
+def _use_fused(z: torch.Tensor, B: nn.Linear) -> bool:
+    return (
+        _ENABLED
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(z.device.type)
+        and z.dtype == B.weight.dtype
+        and (z.requires_grad or B.weight.requires_grad)
+        and not (B._forward_pre_hooks or B._forward_hooks)
+    )
+
+
+aten = torch.ops.aten
+
+# φ'(z)·g for the built-in activations, straight from ATen's backward kernels (no graph to
+# build in backward); anything else (learnable, NoLoRA's v ⊙ f, AuroRA's σ) goes through
+# autograd on the recomputed φ(z).
+_DIRECT_GRAD: dict[type, Callable] = {
+    nn.SiLU: lambda phi, g, z, h: aten.silu_backward(g, z),
+    nn.ReLU: lambda phi, g, z, h: aten.threshold_backward(g, h, 0),
+    nn.Tanh: lambda phi, g, z, h: aten.tanh_backward(g, h),
+    nn.GELU: lambda phi, g, z, h: aten.gelu_backward(g, z, approximate=phi.approximate),
+}
+
+
+class _Expand(torch.autograd.Function):
+    """out = (s · D_p(φ(z))) · Bᵀ, saving z and a bool mask; φ(z) is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, z, B, scale, p, phi, *params):  # z: (..., r), B: (d, r)
+        h = z if phi is None else phi(z)  # (..., r)
+        keep = None
+        if p > 0:
+            noise = torch.empty_like(h).bernoulli_(1 - p)  # F.dropout's draw on CPU
+            keep = noise.bool()
+            h = h * noise.div_(1 - p)
+        out = F.linear(h * scale if scale != 1 else h, B)  # (..., d); h·1 is h, skip it
+        ctx.save_for_backward(z, B, keep, *params)
+        ctx.scale, ctx.p, ctx.phi = scale, p, phi
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # g: (..., d)
+        z, B, keep, *params = ctx.saved_tensors
+        need_z, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want = [i for i, p in enumerate(params) if ctx.needs_input_grad[5 + i]]
+        r, d = z.shape[-1], g.shape[-1]
+        g2, z2 = g.reshape(-1, d), z.reshape(-1, r)  # (N, d), (N, r)
+        direct = _DIRECT_GRAD.get(type(ctx.phi))
+        if ctx.phi is None:
+            h = z2
+        elif direct is not None:
+            h = ctx.phi(z2)  # recomputed, (N, r)
+        else:  # recompute φ(z) with a graph, to differentiate it below
+            with torch.enable_grad():
+                zz = z2.detach().requires_grad_(need_z)
+                h = ctx.phi(zz)  # (N, r)
+        # one r-wide multiplier for dropout and scale: s·keep/(1−p), or s alone
+        if keep is not None:
+            mult = keep.reshape(-1, r).to(z.dtype).mul_(ctx.scale / (1 - ctx.p))
+        else:
+            mult = ctx.scale if ctx.scale != 1 else None
+        gB = None
+        if need_B:
+            hs = h.detach() if mult is None else h.detach() * mult
+            gB = g2.t().mm(hs)  # (d, r)
+        gz, gparams = None, [None] * len(params)
+        if need_z or want:
+            gh = g2.mm(B)  # (N, r)
+            if mult is not None:
+                gh = gh * mult
+            if ctx.phi is None:
+                gz = gh
+            elif direct is not None:
+                gz = direct(ctx.phi, gh, z2, h) if need_z else None
+            else:
+                inputs = ([zz] if need_z else []) + [params[i] for i in want]
+                grads = list(torch.autograd.grad(h, inputs, gh))
+                gz = grads.pop(0) if need_z else None
+                for i, gp in zip(want, grads, strict=True):
+                    gparams[i] = gp
+            if gz is not None:
+                gz = gz.reshape(z.shape)
+        return (gz, gB, None, None, None, *gparams)
+
+
+def expand(
+    z: torch.Tensor,
+    lora_B: nn.Linear,
+    scale: float,
+    p: float = 0.0,
+    phi: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    params: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """B · (s · D_p(φ(z))): (..., r) -> (..., d). p is the latent dropout (0 outside training)."""
+    if _use_fused(z, lora_B):
+        return _Expand.apply(z, lora_B.weight, scale, p, phi, *params)
+    h = z if phi is None else phi(z)
+    if p > 0:
+        h = F.dropout(h, p, training=True)
+    return lora_B(h * scale)
+
+
+class SharedInputGroup:
+    """Adapters of sibling layers that read one input: one shrink GEMM for all of them."""
+
+    def __init__(self, adapters: Sequence[nn.Module]):
+        self.adapters = list(adapters)
+        self.index = {id(a): i for i, a in enumerate(self.adapters)}
+        ends = torch.tensor([a.r for a in self.adapters]).cumsum(0).tolist()
+        self.spans = list(zip([0, *ends[:-1]], ends, strict=True))
+        self._x: weakref.ref | None = None  # the input the cached latents belong to
+        self._key: tuple = ()
+        self._z: torch.Tensor | None = None  # (..., Σr)
+        self._left: set[int] = set()
+        self._weight: tuple[tuple, torch.Tensor] | None = None  # (versions, [A_1; A_2; …])
+
+    def _stacked_A(self) -> torch.Tensor:  # (Σr, k)
+        ws = [a.lora_A.weight for a in self.adapters]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+            return torch.cat(ws)  # autograd routes each slice's gradient back to its A
+        key = tuple((w._version, w.data_ptr()) for w in ws)
+        if self._weight is None or self._weight[0] != key:  # inference: concatenate once
+            self._weight = (key, torch.cat([w.detach() for w in ws]))
+        return self._weight[1]
+
+    def shrink(self, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A_adapter · x, (..., k) -> (..., r), from the group's one GEMM where possible."""
+        i = self.index[id(adapter)]
+        key = (x._version, torch.is_grad_enabled())
+        fresh = self._x is None or self._x() is not x or self._key != key or i not in self._left
+        if fresh:
+            self._z = F.linear(x, self._stacked_A())
+            self._x, self._key, self._left = weakref.ref(x), key, set(range(len(self.adapters)))
+        z = self._z
+        self._left.discard(i)
+        if not self._left:  # every member served: drop the reference
+            self._x, self._z = None, None
+        lo, hi = self.spans[i]
+        return z[..., lo:hi]
+
+
+DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen2, …: attention reads one input
+    ("gate_proj", "up_proj"),  # gated MLPs
+)
+
+
+def fuse_shared_inputs(model: nn.Module, groups: Sequence[Sequence[str]] = DEFAULT_GROUPS) -> int:
+    """Give sibling adapted layers named in one of `groups` a shared shrink; returns #groups.
+
+    Only weight-level adapters with a shrink (every method but loran) take part, and only
+    siblings with the same input width and parameter dtype/device. Calling it again
+    rebuilds the groups; `unfuse_shared_inputs` removes them.
+    """
+    from nora.adapters.base import AdapterLinear
+
+    unfuse_shared_inputs(model)
+    n = 0
+    for parent in model.modules():
+        kids = {name: m for name, m in parent.named_children() if isinstance(m, AdapterLinear)}
+        for names in groups:
+            members = [kids[nm].adapter for nm in names if nm in kids]
+            members = [a for a in members if a.shrinks]
+            if len(members) < 2:
+                continue
+            w0 = members[0].lora_A.weight
+            if any(
+                a.in_features != members[0].in_features
+                or a.lora_A.weight.dtype != w0.dtype
+                or a.lora_A.weight.device != w0.device
+                for a in members
+            ):
+                continue
+            group = SharedInputGroup(members)
+            for a in members:
+                a.shared = group
+            n += 1
+    return n
+
+
+def unfuse_shared_inputs(model: nn.Module) -> None:
+    """Every adapter back to its own shrink."""
+    for m in model.modules():
+        if getattr(m, "shared", None) is not None and hasattr(m, "lora_A"):
+            m.shared = None
