@@ -14,7 +14,7 @@ from scipy.interpolate import BSpline
 from torch import nn
 
 import nora
-from nora.adapters.aurora import bspline_basis
+from nora.adapters.aurora import bspline_basis, local_basis_polynomials, uniform_spline
 
 METHODS = sorted(nora.METHODS)
 
@@ -186,6 +186,32 @@ def test_bspline_basis_matches_scipy_and_sums_to_one():
     ref = BSpline.design_matrix(z.numpy(), knots.numpy(), 3).toarray()
     torch.testing.assert_close(basis, torch.from_numpy(ref))
     assert torch.all(bspline_basis(torch.tensor([-5.0, 5.0]), knots.float(), 3) == 0)
+
+
+@pytest.mark.parametrize(("order", "grid"), [(1, 3), (2, 4), (3, 5), (4, 7)])
+def test_uniform_spline_equals_the_full_basis_expansion(order, grid):
+    """AuroRA's fast spline (K+1 local polynomials) = Cox–de Boor over every basis function."""
+    h = 2.0 / grid
+    knots = -1 + h * torch.arange(-order, grid + order + 1, dtype=torch.float64)
+    coef = torch.randn(6, grid + order, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(order)
+    z = (torch.randn(64, 6, generator=g, dtype=torch.float64) * 1.5).requires_grad_()
+    on_knots = knots[:, None].expand(-1, 6)  # both sides of each knot, and outside the range
+    M = local_basis_polynomials(order)
+    fast = uniform_spline(z, coef, float(knots[0]), h, M)
+    ref = (bspline_basis(z, knots, order) * coef).sum(-1)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(ref)
+    grads_fast = torch.autograd.grad(fast, [z, coef], w)
+    grads_ref = torch.autograd.grad(ref, [z, coef], w)
+    for a, b in zip(grads_fast, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        uniform_spline(on_knots, coef, float(knots[0]), h, M),
+        (bspline_basis(on_knots, knots, order) * coef).sum(-1),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -65,6 +65,21 @@ def test_fused_node_matches_the_reference_path(method, kw):
         torch.testing.assert_close(g_f[name], g_r[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize(("method", "kw"), [("loran", {}), ("loran", {"dropout": 0.0})])
+def test_dropped_linear_matches_the_reference_path(method, kw):
+    """LoRAN's ΔW·D(x) (and every input-dropout shrink) through the bool-mask node."""
+    holder = _layer(method, **kw)
+    x = torch.randn(3, 5, 24)
+    out_f, gx_f, g_f, fn = _run(holder, x, True)
+    out_r, gx_r, g_r, _ = _run(holder, x, False)
+    used = "_DroppedLinear" in fn.next_functions[1][0].name()
+    assert used == (holder[0].adapter.dropout.__class__ is nn.Dropout)
+    assert torch.equal(out_f, out_r)
+    torch.testing.assert_close(gx_f, gx_r, rtol=1e-6, atol=1e-6)
+    for name in g_r:
+        torch.testing.assert_close(g_f[name], g_r[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _saved_bytes(holder, x) -> int:
     seen: dict[int, int] = {}
 
@@ -79,9 +94,13 @@ def _saved_bytes(holder, x) -> int:
     return sum(b for ptr, b in seen.items() if ptr not in params and ptr != x.data_ptr())
 
 
-@pytest.mark.parametrize(("method", "ratio"), [("nora", 0.5), ("nolora", 0.5), ("aurora", 0.2)])
+@pytest.mark.parametrize(
+    ("method", "ratio"),
+    [("nora", 0.5), ("nolora", 0.5), ("aurora", 0.3), ("lora", 0.4), ("loran", 0.5)],
+)
 def test_fused_node_saves_less_for_backward(method, ratio):
-    """nora: z + a byte mask instead of z, the float mask and s·D(σ(z)); aurora: no basis."""
+    """nora: z + a byte mask instead of z, the float mask and s·D(σ(z)); aurora: no spline
+    tables; input dropout (lora, aurora, loran): a byte mask instead of D(x) and its mask."""
     holder = _layer(method, r=16, dropout=0.1)[0]
     x = torch.randn(256, 24, requires_grad=True)
     with fused(True):

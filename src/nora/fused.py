@@ -15,7 +15,11 @@ Every latent method (lora, nora, nolora, aurora) computes
    grad, eval mode, under torch.compile (dynamo traces the plain ops without graph breaks),
    under autocast, with hooks on lora_B (analysis uses them), or `set_fused(False)`.
 
-2. `SharedInputGroup`: layers that read the same input (q/k/v in attention, gate/up in an
+2. `dropped_linear(x, W, p)`: input dropout then a linear map (LoRA's and AuroRA's shrink,
+   LoRAN's ΔW·D(x)) as one node that keeps x — which the base layer saves anyway — and a
+   bool mask, and recomputes D(x) in backward: 1 byte per input element instead of 8.
+
+3. `SharedInputGroup`: layers that read the same input (q/k/v in attention, gate/up in an
    MLP) get one shrink GEMM x·[A_q; A_k; A_v]ᵀ instead of three, reading x once. The group
    computes it when the first member is called with x and hands each member its slice;
    a member called with a different tensor gets a fresh computation, so the result is
@@ -53,16 +57,53 @@ def fused(enabled: bool) -> Iterator[None]:
         set_fused(before)
 
 
-def _use_fused(z: torch.Tensor, B: nn.Linear) -> bool:
+def _use_fused(z: torch.Tensor, weight: torch.Tensor, module: nn.Module | None = None) -> bool:
     return (
         _ENABLED
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(z.device.type)
-        and z.dtype == B.weight.dtype
-        and (z.requires_grad or B.weight.requires_grad)
-        and not (B._forward_pre_hooks or B._forward_hooks)
+        and z.dtype == weight.dtype
+        and (z.requires_grad or weight.requires_grad)
+        and not (module is not None and (module._forward_pre_hooks or module._forward_hooks))
     )
+
+
+class _DroppedLinear(torch.autograd.Function):
+    """out = D_p(x) · Wᵀ, saving x (the base layer keeps it anyway) and a bool mask instead of
+    D_p(x) and the float mask: 1 byte per input element instead of 8."""
+
+    @staticmethod
+    def forward(ctx, x, W, p):  # x: (..., k), W: (r, k)
+        noise = torch.empty_like(x).bernoulli_(1 - p)  # F.dropout's draw on CPU
+        keep = noise.bool()
+        out = F.linear(x * noise.div_(1 - p), W)  # (..., r)
+        ctx.save_for_backward(x, W, keep)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # g: (..., r)
+        x, W, keep = ctx.saved_tensors
+        noise = keep.to(x.dtype).div_(1 - ctx.p)  # the forward's values exactly
+        gx = gW = None
+        if ctx.needs_input_grad[1]:
+            xd = (x * noise).reshape(-1, x.shape[-1])  # recomputed D_p(x), (N, k)
+            gW = g.reshape(-1, g.shape[-1]).t().mm(xd)  # (r, k)
+        if ctx.needs_input_grad[0]:
+            gx = g.matmul(W) * noise  # (..., k)
+        return gx, gW, None
+
+
+def dropped_linear(x: torch.Tensor, linear: nn.Module | torch.Tensor, p: float) -> torch.Tensor:
+    """F.linear(F.dropout(x, p), W) in training, keeping a bool mask for backward."""
+    W = linear if isinstance(linear, torch.Tensor) else linear.weight
+    module = None if isinstance(linear, torch.Tensor) else linear
+    if p > 0 and _use_fused(x, W, module):
+        return _DroppedLinear.apply(x, W, p)
+    xd = F.dropout(x, p, training=True) if p > 0 else x
+    return F.linear(xd, W) if module is None else module(xd)
 
 
 aten = torch.ops.aten
@@ -149,7 +190,7 @@ def expand(
     params: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """B · (s · D_p(φ(z))): (..., r) -> (..., d). p is the latent dropout (0 outside training)."""
-    if _use_fused(z, lora_B):
+    if _use_fused(z, lora_B.weight, lora_B):
         return _Expand.apply(z, lora_B.weight, scale, p, phi, *params)
     h = z if phi is None else phi(z)
     if p > 0:

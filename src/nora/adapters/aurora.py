@@ -17,7 +17,10 @@ to each column of A, which is not the trained function; offered only as
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from numpy.polynomial import Polynomial
 from torch import nn
 
 from nora.adapters.base import Adapter, register
@@ -39,6 +42,56 @@ def bspline_basis(z: torch.Tensor, knots: torch.Tensor, order: int) -> torch.Ten
     return basis
 
 
+def local_basis_polynomials(order: int) -> torch.Tensor:
+    """M (K+1, K+1): on one interval of a *uniform* knot vector, the K+1 B-splines of order K
+    that are non-zero there are N_i(u) = Σ_p M[i, p]·u^p, u ∈ [0, 1) the position in the
+    interval, N_i belonging to basis function (interval index − K + i).
+
+    Built once from de Boor's triangular recursion on polynomials (The NURBS Book, A2.2,
+    with the uniform spacing cancelled).
+    """
+    u = Polynomial([0.0, 1.0])
+    N = [Polynomial([1.0])]
+    for j in range(1, order + 1):
+        saved, nxt = Polynomial([0.0]), []
+        for i in range(j):
+            temp = N[i] / j
+            nxt.append(saved + (i + 1 - u) * temp)
+            saved = (u + j - i - 1) * temp
+        N = [*nxt, saved]
+    M = np.zeros((order + 1, order + 1))
+    for i, poly in enumerate(N):
+        M[i, : len(poly.coef)] = poly.coef
+    return torch.from_numpy(M)
+
+
+def uniform_spline(
+    z: torch.Tensor, coef: torch.Tensor, lo: float, h: float, M: torch.Tensor
+) -> torch.Tensor:
+    """Σ_j coef[c, j]·B_j(z[..., c]) for B-splines on the uniform knots lo + h·(0, 1, …).
+
+    z: (..., r), coef: (r, n_basis), M from `local_basis_polynomials` -> (..., r). Equal to
+    (bspline_basis(z, knots, K) * coef).sum(-1), but only the K+1 non-zero basis functions
+    of z's interval are touched: per interval the spline is one polynomial of degree K,
+    evaluated by Horner's rule; zero outside the knot range.
+    """
+    K = M.shape[0] - 1
+    r, n_int = coef.shape[0], coef.shape[1] + K  # knot intervals: n_basis + K
+    # per-interval polynomial coefficients P[c, m, p] = Σ_i coef[c, m − K + i]·M[i, p]
+    windows = F.pad(coef, (K, K)).unfold(1, K + 1, 1)  # (r, n_int, K+1)
+    P = (windows @ M.to(coef.dtype)).reshape(r * n_int, K + 1)
+    t = (z - lo) / h  # position in units of knot intervals
+    inside = (t >= 0) & (t < n_int)
+    m = t.floor().clamp(0, n_int - 1)
+    u = t - m  # (..., r) in [0, 1) inside the range
+    rows = m.long() + n_int * torch.arange(r, device=z.device)  # (..., r) rows of P
+    c = F.embedding(rows, P)  # (..., r, K+1)
+    out = c[..., K]
+    for p in range(K - 1, -1, -1):  # Horner: (((c_K·u + c_{K−1})·u + …)·u + c_0
+        out = torch.addcmul(c[..., p], out, u)
+    return torch.where(inside, out, torch.zeros_like(out))
+
+
 @register
 class AuroRA(Adapter):
     name = "aurora"
@@ -56,7 +109,8 @@ class AuroRA(Adapter):
         # G intervals on [lo, hi], extended by K knots on each side: G + 2K + 1 knots.
         knots = lo + h * torch.arange(-K, G + K + 1, dtype=torch.float32)
         self.register_buffer("knots", knots.to(device), persistent=False)
-        self.order = K
+        self.order, self.spline_lo, self.spline_h = K, lo - K * h, h  # knots[0], spacing
+        self.register_buffer("local_basis", local_basis_polynomials(K).float(), persistent=False)
         self.self_proj = nn.Linear(r, r, bias=False, device=device, dtype=dtype)  # H
         self.spline_weight = nn.Parameter(torch.empty(r, G + K, device=device, dtype=dtype))
         self.spline_scale = nn.Parameter(torch.ones(r, device=device, dtype=dtype))  # w_s
@@ -69,7 +123,10 @@ class AuroRA(Adapter):
 
     def sigma(self, z: torch.Tensor) -> torch.Tensor:  # (..., r) -> (..., r)
         mix = torch.tanh(self.self_proj(torch.tanh(z)))
-        spline = (bspline_basis(z, self.knots, self.order) * self.spline_weight).sum(-1)
+        # = (bspline_basis(z, self.knots, K) * c).sum(-1), touching K+1 basis functions only
+        spline = uniform_spline(
+            z, self.spline_weight, self.spline_lo, self.spline_h, self.local_basis
+        )
         return mix + self.spline_scale * spline
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from nora.fused import expand
+from nora.fused import dropped_linear, expand
 
 if TYPE_CHECKING:
     from nora.config import AdapterConfig
@@ -88,7 +88,7 @@ class Adapter(nn.Module):
         """
         p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
         if p > 0 and not self.latent_dropout:  # input dropout: this adapter's own x
-            z, p = self.lora_A(self.dropout(x)), 0.0
+            z, p = dropped_linear(x, self.lora_A, p), 0.0
         elif self.shared is not None and not torch.compiler.is_compiling():
             z = self.shared.shrink(self, x)  # one GEMM with the siblings that read x
         else:

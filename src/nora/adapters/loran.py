@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nora.activations import sinter
 from nora.adapters.base import Adapter, register
+from nora.fused import dropped_linear
 
 
 @register
@@ -48,10 +50,10 @@ class LoRAN(Adapter):
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
-        x = self.dropout(x)
         if torch.is_grad_enabled():
-            return F.linear(x, self.delta_weight().to(x.dtype))
-        return F.linear(x, self._inference_delta(x.dtype))
+            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+            return dropped_linear(x, self.delta_weight().to(x.dtype), p)  # ΔW·D(x)
+        return F.linear(self.dropout(x), self._inference_delta(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, a={self.a:g}, omega={self.omega:g}"
