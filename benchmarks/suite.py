@@ -132,14 +132,14 @@ def saved_activation_bytes(step: Callable[[], torch.Tensor], exclude=()) -> int:
 
 
 def tiny_model() -> nn.Module:
-    """A small random Llama (4 layers, 128 wide): the launch-bound regime."""
+    """A small random Llama (4 layers, 256 wide, v_proj 256→128): the launch-bound regime."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=1024,
-        hidden_size=128,
-        intermediate_size=344,
+        hidden_size=256,
+        intermediate_size=688,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -571,6 +571,9 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(ROOT / "results" / "suite"))
     ap.add_argument("--ranks", default=None, help="comma-separated ranks (default 8,16,64,128)")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the sections an earlier run already wrote"
+    )
     args = ap.parse_args()
     reps = 2 if args.quick else 5
     ranks = [16] if args.quick else [8, 16, 64, 128]
@@ -586,29 +589,43 @@ def main() -> None:
         "command": " ".join(["python benchmarks/suite.py", *sys.argv[1:]]),
     }
     sections = args.only.split(",")
-    if "branch" in sections:
-        res["branch"] = bench_branch(ranks, reps=10 if args.quick else 30)
-    if "fastpaths" in sections:
-        res["fastpaths"] = bench_fastpaths(ranks, reps=5 if args.quick else 20)
-    if "train" in sections:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.resume and out.with_suffix(".json").exists():
+        # sections finished by an earlier run of this command are kept, the rest are run
+        old = json.loads(out.with_suffix(".json").read_text())
+        res.update({k: v for k, v in old.items() if k in sections})
+        res["resumed_from"] = old.get("resumed_from", []) + [old["commit"]]
+
+    def save() -> str:  # after every section, so a crash or a kill keeps what finished
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        text = markdown(res)
+        out.with_suffix(".md").write_text(text)
+        return text
+
+    def tiny():
+        return bench_train(tiny_model(), "tiny Llama (4×256)", ranks, reps=3 if args.quick else 10)
+
+    def default():
         from nora.models import load_base_model
 
         model, _ = load_base_model()
-        label = "SmolLM2-135M (embedded default)"
-        res["train"] = bench_train(model, label, ranks, reps=1 if args.quick else 3)
-        del model
-    if "train_tiny" in sections:
-        res["train_tiny"] = bench_train(
-            tiny_model(), "tiny Llama (4×128)", ranks, reps=3 if args.quick else 10
+        return bench_train(
+            model, "SmolLM2-135M (embedded default)", ranks, reps=1 if args.quick else 3
         )
-    if "infer" in sections:
-        res["infer"] = bench_infer(reps=reps)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    text = markdown(res)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+
+    runners = {
+        "branch": lambda: bench_branch(ranks, reps=10 if args.quick else 30),
+        "fastpaths": lambda: bench_fastpaths(ranks, reps=5 if args.quick else 20),
+        "train_tiny": tiny,
+        "infer": lambda: bench_infer(reps=reps),
+        "train": default,
+    }
+    for name, run in runners.items():
+        if name in sections and name not in res:
+            res[name] = run()
+            save()
+    print(save())
 
 
 if __name__ == "__main__":
