@@ -525,6 +525,12 @@ def markdown(res: dict) -> str:
         f"{m['torch']}, {res['threads']} threads, float32. Command: `{res['command']}`.",
         "",
     ]
+    if res.get("resumed_from"):
+        L += [
+            f"Resumed: sections already in the results file were kept from the run at commit "
+            f"{', '.join(res['resumed_from'])}; the rest ran at {res['commit']}.",
+            "",
+        ]
     if goals := targets(res):
         L += [
             "## Targets (r = 16, q,v)",

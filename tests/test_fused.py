@@ -189,6 +189,21 @@ def test_shared_shrink_matches_separate_shrinks(method):
     assert group._z is None  # all three members served: nothing held between calls
 
 
+def test_shared_shrink_under_gradient_checkpointing():
+    """Checkpointed layers recompute their forward in backward: the group must follow."""
+    plain, grouped = _model_pair("nora", dropout=0.0)
+    fuse_shared_inputs(grouped)
+    ids = torch.randint(0, 96, (2, 7))
+    grads = []
+    for m in (plain, grouped):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_shared_shrink_is_always_the_members_own_input():
     """Members called with different tensors, twice, or out of order: each gets A·x."""
     model = _model("nora", dropout=0.0)
