@@ -575,18 +575,17 @@ def markdown(res: dict) -> str:
             "autograd saved for backward (distinct storages); weights excluded (shared).",
             "",
         ]
-    if "train_focus" in res:
-        L += [
-            "### Training-step pairs (from the table above)",
-            "",
-            "| variant | against | step time ratio | memory ratio |",
-            "|---|---|---|---|",
-        ]
-        L += [
-            f"| {x['a']} | {x['b']} | {x['time']:.3f} | {x['memory']:.3f} |"
-            for x in res["train_focus"]["pairs"]
-        ]
-        L.append("")
+        if key == "train_focus":
+            L += [
+                "### Training-step pairs (from the table above)",
+                "",
+                "| variant | against | step time ratio | memory ratio |",
+                "|---|---|---|---|",
+            ]
+            L += [
+                f"| {x['a']} | {x['b']} | {x['time']:.3f} | {x['memory']:.3f} |" for x in t["pairs"]
+            ]
+            L.append("")
     if "fastpaths" in res:
         f = res["fastpaths"]
         L += [

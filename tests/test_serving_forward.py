@@ -33,6 +33,7 @@ SPECS = {
     "nolora-silu": dict(method="nolora", r=7, activation="silu"),
     "aurora": dict(method="aurora", r=2),
     "aurora-r6": dict(method="aurora", r=6, spline_grid_size=4),
+    "aurora-r5": dict(method="aurora", r=5),  # stacks with "aurora": spline rows zero-padded
     "loran": dict(method="loran", r=4, sinter_a=0.05, sinter_omega=5.0),
     "loran-r2": dict(method="loran", r=2),
 }
@@ -123,7 +124,8 @@ def test_mixed_batch_of_every_method_and_rank_equals_each_alone(multi, adapters)
 def test_shared_adapters_with_uneven_segments_pad_correctly(multi, adapters):
     # 3 rows on one adapter, 1 on another, per kind: segments of 3T and T tokens are padded
     names = ["nora-silu", "lora-r2", "nora-silu", None, "nora-relu", "nora-silu", "lora-r8"]
-    names += ["aurora", "aurora-r6", "aurora", "loran", "loran", "loran-r2", "nora-relu"]
+    names += ["aurora", "aurora-r6", "aurora", "aurora-r5", "loran", "loran", "loran-r2"]
+    names += ["nora-relu"]
     plan = multi.plan([multi.uid(n) for n in names], 5)
     assert any(s.valid is not None for s in plan.groups.values())  # padding path exercised
     check_rows(multi, adapters, names, random_ids(len(names), 5, seed=1))

@@ -16,8 +16,8 @@ Every latent method (lora, nora, nolora, aurora) computes
    under autocast, with hooks on lora_B (analysis uses them), or `set_fused(False)`.
 
 2. `dropped_linear(x, W, p)`: input dropout then a linear map (LoRA's and AuroRA's shrink,
-   LoRAN's ΔW·D(x)) as one node that keeps x — which the base layer saves anyway — and the
-   dropout factors, and recomputes D(x) in backward: 4 bytes per input element instead of 8.
+   LoRAN's ΔW·D(x)) as one node that keeps x — which the base layer saves anyway — and a
+   bool mask, and recomputes D(x) in backward: 1 byte per input element instead of 8.
 
 3. `SharedInputGroup`: layers that read the same input (q/k/v in attention, gate/up in an
    MLP) get one shrink GEMM x·[A_q; A_k; A_v]ᵀ instead of three, reading x once. The group
@@ -79,36 +79,33 @@ def _draw_keep(like: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
 
 class _DroppedLinear(torch.autograd.Function):
-    """out = D_p(x) · Wᵀ, saving x (the base layer keeps it anyway) and the dropout factors
-    instead of D_p(x) and the factors: 4 bytes per input element instead of 8.
-
-    The factors stay float: a bool mask would save 3 more bytes per element, but turning it
-    back into floats costs two full-width passes per step on CPU (measured), while this node
-    does the same arithmetic as plain autograd plus one recomputed D_p(x) = x·noise.
-    """
+    """out = D_p(x) · Wᵀ, saving x (the base layer keeps it anyway) and a bool mask instead of
+    D_p(x) and the float mask: 1 byte per input element instead of 8. The factor 1/(1−p) is
+    applied on the small r×k side in backward."""
 
     @staticmethod
     def forward(ctx, x, W, p):  # x: (..., k), W: (r, k)
-        noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)  # F.dropout's on CPU
-        out = F.linear(x * noise, W)  # (..., r)
-        ctx.save_for_backward(x, W, noise)
+        keep, v = _draw_keep(x, p)
+        out = F.linear(x.mul(v).mul_(keep), W)  # (..., r); = F.linear(F.dropout(x, p), W)
+        ctx.save_for_backward(x, W, keep)
+        ctx.v = v
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):  # g: (..., r)
-        x, W, noise = ctx.saved_tensors
+        x, W, keep = ctx.saved_tensors
         gx = gW = None
         if ctx.needs_input_grad[1]:
-            xd = (x * noise).reshape(-1, x.shape[-1])  # D_p(x) recomputed, (N, k)
-            gW = g.reshape(-1, g.shape[-1]).t().mm(xd)  # (r, k)
+            xk = x.mul(keep).reshape(-1, x.shape[-1])  # D_p(x)/v, (N, k)
+            gW = g.reshape(-1, g.shape[-1]).t().mm(xk).mul_(ctx.v)  # (r, k)
         if ctx.needs_input_grad[0]:
-            gx = g.matmul(W) * noise  # (..., k)
+            gx = g.matmul(W * ctx.v).mul_(keep)  # (..., k)
         return gx, gW, None
 
 
 def dropped_linear(x: torch.Tensor, linear: nn.Module | torch.Tensor, p: float) -> torch.Tensor:
-    """F.linear(F.dropout(x, p), W) in training, keeping x and the dropout factors (not D(x)) for backward."""
+    """F.linear(F.dropout(x, p), W) in training, keeping x and a bool mask (not D(x)) for backward."""
     W = linear if isinstance(linear, torch.Tensor) else linear.weight
     module = None if isinstance(linear, torch.Tensor) else linear
     if p > 0 and _use_fused(x, W, module):

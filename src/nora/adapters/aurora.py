@@ -65,6 +65,38 @@ def local_basis_polynomials(order: int) -> torch.Tensor:
     return torch.from_numpy(M)
 
 
+def interval_polynomials(coef: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """P (r, n_int, K+1): the spline of each channel on each knot interval as a polynomial in
+    the position u ∈ [0, 1) within it, P[c, m, p] = Σ_i coef[c, m − K + i]·M[i, p].
+
+    coef: (r, n_basis) B-spline coefficients; n_int = n_basis + K intervals.
+    """
+    K = M.shape[0] - 1
+    windows = F.pad(coef, (K, K)).unfold(1, K + 1, 1)  # (r, n_int, K+1)
+    return windows @ M.to(coef.dtype)
+
+
+def eval_interval_polynomials(
+    z: torch.Tensor, P: torch.Tensor, lo: float, h: float, channel: torch.Tensor
+) -> torch.Tensor:
+    """Σ_p P[channel, m, p]·u^p at z, where z lies in knot interval m at position u; 0 outside.
+
+    z: (..., r); P: (C, n_int, K+1) for C channels; channel: which row of P each element of z
+    uses, broadcastable to z (arange(r) for one adapter, more for stacked adapters).
+    """
+    C, n_int, K1 = P.shape
+    t = (z - lo) / h  # position in units of knot intervals
+    inside = (t >= 0) & (t < n_int)
+    m = t.floor().clamp(0, n_int - 1)
+    u = t - m  # (..., r) in [0, 1) inside the range
+    rows = m.long() + n_int * channel  # (..., r) rows of P flattened to (C·n_int, K+1)
+    c = F.embedding(rows, P.reshape(C * n_int, K1))  # (..., r, K+1)
+    out = c[..., K1 - 1]
+    for p in range(K1 - 2, -1, -1):  # Horner: (((c_K·u + c_{K−1})·u + …)·u + c_0
+        out = torch.addcmul(c[..., p], out, u)
+    return torch.where(inside, out, torch.zeros_like(out))
+
+
 def uniform_spline(
     z: torch.Tensor, coef: torch.Tensor, lo: float, h: float, M: torch.Tensor
 ) -> torch.Tensor:
@@ -75,21 +107,8 @@ def uniform_spline(
     of z's interval are touched: per interval the spline is one polynomial of degree K,
     evaluated by Horner's rule; zero outside the knot range.
     """
-    K = M.shape[0] - 1
-    r, n_int = coef.shape[0], coef.shape[1] + K  # knot intervals: n_basis + K
-    # per-interval polynomial coefficients P[c, m, p] = Σ_i coef[c, m − K + i]·M[i, p]
-    windows = F.pad(coef, (K, K)).unfold(1, K + 1, 1)  # (r, n_int, K+1)
-    P = (windows @ M.to(coef.dtype)).reshape(r * n_int, K + 1)
-    t = (z - lo) / h  # position in units of knot intervals
-    inside = (t >= 0) & (t < n_int)
-    m = t.floor().clamp(0, n_int - 1)
-    u = t - m  # (..., r) in [0, 1) inside the range
-    rows = m.long() + n_int * torch.arange(r, device=z.device)  # (..., r) rows of P
-    c = F.embedding(rows, P)  # (..., r, K+1)
-    out = c[..., K]
-    for p in range(K - 1, -1, -1):  # Horner: (((c_K·u + c_{K−1})·u + …)·u + c_0
-        out = torch.addcmul(c[..., p], out, u)
-    return torch.where(inside, out, torch.zeros_like(out))
+    channel = torch.arange(coef.shape[0], device=z.device)
+    return eval_interval_polynomials(z, interval_polynomials(coef, M), lo, h, channel)
 
 
 @register

@@ -35,7 +35,7 @@ from torch import nn
 
 from nora.activations import LearnableSiLU, Sinter
 from nora.adapters import Adapter
-from nora.adapters.aurora import bspline_basis
+from nora.adapters.aurora import eval_interval_polynomials, interval_polynomials
 from nora.serving.plan import BatchPlan, Segments
 
 DENSE: tuple = ("dense",)
@@ -104,16 +104,17 @@ def pack(adapter: Adapter) -> tuple[Hashable, LayerWeights]:
         if name == "nolora":
             B = B * adapter.lora_v.detach()  # B·diag(v): v ⊙ f(z) folded into the expand
     elif name == "aurora":
-        knots = adapter.knots.float()
-        kind = ("aurora", tuple(knots.tolist()), adapter.order)
+        # one knot grid and spline shape per kind: (lo, h, basis functions, order)
+        kind = ("aurora", adapter.spline_lo, adapter.spline_h, *adapter.spline_weight.shape[1:])
+        kind = (*kind, adapter.order)
+        C = adapter.spline_scale.detach()[:, None] * adapter.spline_weight.detach()  # w_s ⊙ c
         p = {
             "Ht": adapter.self_proj.weight.detach().t().contiguous(),  # (r, r)
-            "C": adapter.spline_scale.detach()[:, None] * adapter.spline_weight.detach(),
-            "knots": knots.to(A.device),
+            "P": interval_polynomials(C, adapter.local_basis),  # (r, n_int, K+1), once
         }
     else:
         raise UnsupportedAdapterError(f"serving does not know the method {name!r}")
-    p = {k: v.to(dtype) if k != "knots" else v for k, v in p.items()}
+    p = {k: v.to(dtype) for k, v in p.items()}
     return kind, LayerWeights(adapter.r, A, B.t().contiguous(), p=p)
 
 
@@ -128,8 +129,12 @@ def activate(kind: Hashable, z: torch.Tensor, p: dict[str, torch.Tensor]) -> tor
         return z * torch.sigmoid(p["beta"] * z)
     if tag == "aurora":
         mix = torch.tanh(torch.matmul(torch.tanh(z), p["Ht"]))
-        basis = bspline_basis(z, p["knots"], kind[2])  # (..., r, nb)
-        return mix + (basis * p["C"]).sum(-1)
+        P = p["P"]  # (r, n_int, K+1), or (n, R, n_int, K+1) stacked
+        channel = torch.arange(P.shape[0] * P.shape[1] if P.dim() == 4 else P.shape[0])
+        if P.dim() == 4:  # z (n, L, R): adapter i's channel j is row i·R + j
+            channel, P = channel.view(P.shape[0], 1, P.shape[1]), P.flatten(0, 1)
+        spline = eval_interval_polynomials(z, P, kind[1], kind[2], channel.to(z.device))
+        return mix + spline
     raise AssertionError(kind)
 
 
@@ -152,9 +157,7 @@ def stack(ws: list[LayerWeights]) -> Stack:
         B[i, : w.r] = w.B
     p: dict[str, torch.Tensor] = {}
     for key, v0 in ws[0].p.items():
-        if key == "knots":  # one grid per kind
-            p[key] = v0
-        elif key in ("a", "omega"):  # () -> (n, 1, 1)
+        if key in ("a", "omega"):  # () -> (n, 1, 1)
             p[key] = torch.stack([w.p[key] for w in ws]).view(n, 1, 1)
         elif key == "beta":  # (r,) -> (n, 1, R); the pad value is irrelevant (z = 0 there)
             p[key] = v0.new_ones(n, 1, R)
@@ -164,10 +167,10 @@ def stack(ws: list[LayerWeights]) -> Stack:
             p[key] = v0.new_zeros(n, R, R)
             for i, w in enumerate(ws):
                 p[key][i, : w.r, : w.r] = w.p[key]
-        elif key == "C":  # (r, nb) -> (n, 1, R, nb)
-            p[key] = v0.new_zeros(n, 1, R, v0.shape[1])
+        elif key == "P":  # (r, n_int, K+1) -> (n, R, n_int, K+1); zero rows for the padding
+            p[key] = v0.new_zeros(n, R, *v0.shape[1:])
             for i, w in enumerate(ws):
-                p[key][i, 0, : w.r] = w.p[key]
+                p[key][i, : w.r] = w.p[key]
         else:
             raise AssertionError(key)
     return Stack(A, B, p)
