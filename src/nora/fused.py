@@ -7,10 +7,10 @@ Every latent method (lora, nora, nolora, aurora) computes
 1. `expand(z, ...)`, the part after the shrink, is one autograd node in training
    (`_Expand`): it saves z (r-wide) and a bool dropout mask, and *recomputes* φ(z) in
    backward instead of keeping φ(z), the float mask and s·D(φ(z)) alive. For NoRA that is
-   three r-wide float tensors down to one plus a byte mask; for AuroRA it drops the
-   B-spline basis tensors (r·(G+2K) floats per token per level of the recursion). The
-   dropout mask is drawn exactly as `F.dropout` draws it on CPU (bernoulli_(1−p), divided
-   by 1−p), so the fused node and the plain path give the same numbers for the same seed.
+   three r-wide float tensors down to one plus a byte mask; for AuroRA it drops every
+   intermediate of σ (tanh, self-projection, spline interval lookup and Horner steps). The
+   dropout mask is drawn exactly as `F.dropout` draws it on CPU (`_draw_keep`), so the
+   fused node's forward equals the plain path's bit for bit for the same seed.
    The plain path is used where the fused node cannot help or would get in the way: no
    grad, eval mode, under torch.compile (dynamo traces the plain ops without graph breaks),
    under autocast, with hooks on lora_B (analysis uses them), or `set_fused(False)`.

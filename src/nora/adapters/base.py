@@ -81,12 +81,16 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
         raise NotImplementedError
 
+    def dropout_rate(self) -> float:
+        """The dropout probability in effect now: the configured one in training, else 0."""
+        return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+
     def bottleneck(self, x: torch.Tensor, phi=None, params=()) -> torch.Tensor:
         """s · B · D(φ(A · x)), with D on the input or on the latent: (..., k) -> (..., d).
 
         The shared shape of lora, nora, nolora and aurora; `nora.fused` makes it fast.
         """
-        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        p = self.dropout_rate()
         if p > 0 and not self.latent_dropout:  # input dropout: this adapter's own x
             z, p = dropped_linear(x, self.lora_A, p), 0.0
         elif self.shared is not None and not torch.compiler.is_compiling():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from nora.activations import sinter
 from nora.adapters.base import Adapter, register
@@ -50,9 +49,8 @@ class LoRAN(Adapter):
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
-        if torch.is_grad_enabled():
-            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-            return dropped_linear(x, self.delta_weight().to(x.dtype), p)  # ΔW·D(x)
+        if torch.is_grad_enabled():  # ΔW·D(x)
+            return dropped_linear(x, self.delta_weight().to(x.dtype), self.dropout_rate())
         return F.linear(self.dropout(x), self._inference_delta(x.dtype))
 
     def extra_repr(self) -> str:

@@ -111,10 +111,11 @@ def pack(adapter: Adapter) -> tuple[Hashable, LayerWeights]:
         p = {
             "Ht": adapter.self_proj.weight.detach().t().contiguous(),  # (r, r)
             "P": interval_polynomials(C, adapter.local_basis),  # (r, n_int, K+1), once
+            "channel": torch.arange(adapter.r, device=A.device),  # row of P per latent
         }
     else:
         raise UnsupportedAdapterError(f"serving does not know the method {name!r}")
-    p = {k: v.to(dtype) for k, v in p.items()}
+    p = {k: v.to(dtype) if v.is_floating_point() else v for k, v in p.items()}
     return kind, LayerWeights(adapter.r, A, B.t().contiguous(), p=p)
 
 
@@ -129,11 +130,7 @@ def activate(kind: Hashable, z: torch.Tensor, p: dict[str, torch.Tensor]) -> tor
         return z * torch.sigmoid(p["beta"] * z)
     if tag == "aurora":
         mix = torch.tanh(torch.matmul(torch.tanh(z), p["Ht"]))
-        P = p["P"]  # (r, n_int, K+1), or (n, R, n_int, K+1) stacked
-        channel = torch.arange(P.shape[0] * P.shape[1] if P.dim() == 4 else P.shape[0])
-        if P.dim() == 4:  # z (n, L, R): adapter i's channel j is row i·R + j
-            channel, P = channel.view(P.shape[0], 1, P.shape[1]), P.flatten(0, 1)
-        spline = eval_interval_polynomials(z, P, kind[1], kind[2], channel.to(z.device))
+        spline = eval_interval_polynomials(z, p["P"], kind[1], kind[2], p["channel"])
         return mix + spline
     raise AssertionError(kind)
 
@@ -167,10 +164,13 @@ def stack(ws: list[LayerWeights]) -> Stack:
             p[key] = v0.new_zeros(n, R, R)
             for i, w in enumerate(ws):
                 p[key][i, : w.r, : w.r] = w.p[key]
-        elif key == "P":  # (r, n_int, K+1) -> (n, R, n_int, K+1); zero rows for the padding
-            p[key] = v0.new_zeros(n, R, *v0.shape[1:])
+        elif key == "P":  # (r, n_int, K+1) -> (n·R, n_int, K+1); zero rows for the padding
+            P = v0.new_zeros(n, R, *v0.shape[1:])
             for i, w in enumerate(ws):
-                p[key][i, : w.r] = w.p[key]
+                P[i, : w.r] = w.p[key]
+            p[key] = P.flatten(0, 1)
+        elif key == "channel":  # z (n, L, R): adapter i's latent j reads row i·R + j of P
+            p[key] = torch.arange(n * R, device=v0.device).view(n, 1, R)
         else:
             raise AssertionError(key)
     return Stack(A, B, p)
