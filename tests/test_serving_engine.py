@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 from conftest import tiny_llama
-from test_serving_forward import char_tokenizer, one_thread, save_random  # noqa: F401
+from test_serving_forward import char_tokenizer, make_dir, one_thread  # noqa: F401
 
 import nora
 from nora.serving import AdapterStore, Engine, MultiAdapterModel, SamplingParams
@@ -28,10 +28,7 @@ ADAPTERS = ["nora", "lora", None, "aurora", "loran", "nolora", "nora"]
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    for i, (name, cfg) in enumerate(SPECS.items()):
-        save_random(root / name, seed=i, **cfg)
-    return root
+    return make_dir(tmp_path_factory.mktemp("adapters"), SPECS)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import time
 
 import pytest
 from conftest import tiny_llama
-from test_serving_engine import hf_generate
-from test_serving_forward import char_tokenizer, one_thread, save_random  # noqa: F401
+from test_serving_engine import SPECS, hf_generate
+from test_serving_forward import char_tokenizer, make_dir, one_thread, save_random  # noqa: F401
 
 from nora.serving import (
     AdapterStore,
@@ -23,21 +23,12 @@ from nora.serving import (
     load_server,
 )
 
-SPECS = {
-    "nora": dict(method="nora", r=4),
-    "lora": dict(method="lora", r=2),
-    "aurora": dict(method="aurora", r=3),
-    "loran": dict(method="loran", r=2),
-    "nolora": dict(method="nolora", r=8),
-}
 BASE = "tiny-base"
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    for i, (name, cfg) in enumerate(SPECS.items()):
-        save_random(root / name, seed=i, **cfg)
+    root = make_dir(tmp_path_factory.mktemp("adapters"), SPECS)
     save_random(root / "wide", base=lambda: tiny_llama(hidden=48), method="nora", r=2)
     return root
 

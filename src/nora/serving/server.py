@@ -132,16 +132,20 @@ class API:
             if model not in self.engine.multi.adapters:
                 raise APIError(404, _unknown(model, self.known()), "not_found_error", "model")
             return model
+        if not self.store.is_resident(model):
+            await self._store_load(model, param="model")
+        return model
+
+    async def _store_load(self, name: str, param: str):
+        """Load `name` into the store off the event loop; store errors become API errors."""
         try:
-            if not self.store.is_resident(model):
-                await run_in_threadpool(self.store.load, model)
+            return await run_in_threadpool(self.store.load, name)
         except UnknownAdapterError:
-            raise APIError(404, _unknown(model, self.known()), "not_found_error", "model") from None
+            raise APIError(404, _unknown(name, self.known()), "not_found_error", param) from None
         except (AdapterNameError, CheckpointError) as e:
-            raise APIError(400, str(e), param="model") from None
+            raise APIError(400, str(e), param=param) from None
         except StoreFullError as e:
             raise APIError(503, str(e), "overloaded_error") from None
-        return model
 
     def _check_fields(self, body: dict[str, Any], kind: str) -> None:
         unknown = sorted(set(body) - _FIELDS[kind])
@@ -333,14 +337,7 @@ class API:
 
     async def load(self, request: HTTPRequest) -> Response:
         name = await self._name(request)
-        try:
-            info = await run_in_threadpool(self.store.load, name)
-        except UnknownAdapterError:
-            raise APIError(404, _unknown(name, self.known()), "not_found_error", "name") from None
-        except (AdapterNameError, CheckpointError) as e:
-            raise APIError(400, str(e), param="name") from None
-        except StoreFullError as e:
-            raise APIError(503, str(e), "overloaded_error") from None
+        info = await self._store_load(name, param="name")
         return JSONResponse({"loaded": True, **info.to_dict()})
 
     async def unload(self, request: HTTPRequest) -> Response:
