@@ -26,7 +26,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,66 +36,13 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 import nora
-from nora.config import AdapterConfig
+from nora.config import AdapterConfig, ConfigError, TrainConfig  # noqa: F401 (re-exported)
 from nora.evaluate import batch_nll, perplexity, supports_fast_nll
 from nora.prefix_cache import PrefixCache
 
 
 class TrainingError(RuntimeError):
     """Training cannot start or continue; the message says why and what was kept."""
-
-
-@dataclass
-class TrainConfig:
-    """One fine-tuning run. Everything that changes the result is here and saved as JSON."""
-
-    adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(method="nora", r=16))
-    model: str = "smollm2-135m"  # built-in default, a local folder, or a hub id
-    data: str = "math"  # a nora.data source name or a file path
-    data_path: str | None = None  # local file for slimorca / mathinstruct
-    n_train: int = 512
-    n_eval: int = 64
-    max_len: int = 256
-    max_steps: int = 100  # optimizer steps
-    batch_size: int = 8  # examples per micro-batch (per process)
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 autocast on GPU
-    eval_every: int = 0  # steps; 0 = only at the end
-    save_every: int = 0  # steps; 0 = only at the end
-    keep_checkpoints: int = 2
-    output_dir: str = "runs/nora"
-
-    # Fields that may differ between a run and its resumption (they do not change the result).
-    RESUMABLE_CHANGES = ("eval_every", "save_every", "keep_checkpoints", "output_dir")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["adapter"] = self.adapter.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainingError(f"unknown training config fields {unknown}")
-        d["adapter"] = AdapterConfig.from_dict(d.get("adapter", {}))
-        return cls(**d)
-
-    def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "max_len"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise TrainingError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise TrainingError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 # --- data order: a pure function of (seed, micro-batch index) --------------------------------
@@ -232,7 +178,10 @@ def train(
     from nora.data import batches, build_splits, collate
     from nora.models import load_base_model
 
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise TrainingError(str(e)) from None
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     last = latest_checkpoint(ckpt_dir) if resume and ckpt_dir.is_dir() else None
