@@ -183,13 +183,18 @@ def _names_or_regex(what: str, value: Any) -> list[str] | str:
     raise ConfigError(f"{what} must be a non-empty list of names or a regex string, got {value!r}")
 
 
+TRAIN_ADAPTER = {"method": "nora", "r": 16}  # what `nora train` trains unless told otherwise
+
+
 @dataclass
 class TrainConfig:
     """One fine-tuning run. Everything that changes the result is here and saved as JSON."""
 
     adapter: AdapterConfig = field(
-        default_factory=lambda: AdapterConfig(method="nora", r=16),
-        metadata={"help": "the adapter to train (an AdapterConfig)"},
+        default_factory=lambda: AdapterConfig(**TRAIN_ADAPTER),
+        # a partial `adapter:` mapping is laid over these, so leaving out the method still means
+        # NoRA at rank 16 wherever the config comes from (file, command line, sweep)
+        metadata={"help": "the adapter to train (an AdapterConfig)", "defaults": TRAIN_ADAPTER},
     )
     model: str = field(
         default="smollm2-135m", metadata={"help": "smollm2-135m, a local folder or a hub id"}
@@ -291,7 +296,13 @@ def from_mapping(cls: type[T], d: Mapping[str, Any], *, where: str = "") -> T:
             + f"; valid: {names}"
         )
     types_ = typing.get_type_hints(cls)
-    kw = {k: _convert(types_[k], v, _join(where, k)) for k, v in d.items()}
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name in d:
+            v = d[f.name]
+            if "defaults" in f.metadata and isinstance(v, Mapping):
+                v = {**f.metadata["defaults"], **v}
+            kw[f.name] = _convert(types_[f.name], v, _join(where, f.name))
     obj = cls(**kw)
     if callable(getattr(obj, "validate", None)):
         obj.validate()

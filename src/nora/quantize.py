@@ -1,0 +1,85 @@
+"""A 4-bit (NF4) or 8-bit (LLM.int8) base for QLoRA-style training, through bitsandbytes.
+
+    model, tok = load_base_model()
+    quantize_base(model, bits=4)              # every nn.Linear but the output head
+    nora.inject(model, AdapterConfig(...))    # adapters wrap the quantized layers unchanged
+
+`bitsandbytes.nn.Linear4bit` / `Linear8bitLt` are `nn.Linear` subclasses whose forward
+dequantizes on the fly, so nora's `AdapterLinear` wraps them like any Linear: h = W0q·x + Δ(x),
+the adapter in float32, the base frozen. bitsandbytes >= 0.50 runs this on x86 CPUs (AVX2).
+The adapter saved from such a model is the same PEFT-layout folder as always: it loads over
+the quantized base and over the full-precision one. Merging needs a dense W0 and is refused on
+a quantized layer (`nora.merge` says so before changing anything).
+The output head stays dense: it is tied to the input embeddings in most small models.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class QuantizationError(ValueError):
+    """The base cannot be quantized as asked; the message says why."""
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether `module` is a bitsandbytes quantized Linear (its weight is not a dense matrix)."""
+    return type(module).__module__.startswith("bitsandbytes") and isinstance(module, nn.Linear)
+
+
+def quantize_base(
+    model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_head",)
+) -> nn.Module:
+    """Replace every `nn.Linear` of `model` (but those named in `skip`) by its bitsandbytes
+    4-bit NF4 or 8-bit counterpart holding the same weights, in place; returns `model`."""
+    if bits not in (4, 8):
+        raise QuantizationError(f"bits must be 4 or 8, got {bits!r}")
+    if getattr(model, "_nora_state", None) is not None:
+        raise QuantizationError("quantize the base model before injecting adapters")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise QuantizationError(
+            "a 4/8-bit base needs bitsandbytes >= 0.50: pip install 'nora-adapters[quant]'"
+        ) from None
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not is_quantized(m) and name.rsplit(".", 1)[-1] not in skip
+    ]
+    if not targets:
+        raise QuantizationError("the model has no nn.Linear layers to quantize")
+    # build all first: a failure leaves the model as it was
+    built = [(name, _quantized(linear, bits, bnb)) for name, linear in targets]
+    for name, q in built:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    return model
+
+
+def _quantized(linear: nn.Linear, bits: int, bnb) -> nn.Linear:
+    w = linear.weight.data  # (out, in)
+    has_bias = linear.bias is not None
+    if bits == 4:
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=w.dtype,  # dequantized to the model's dtype for the matmul
+            quant_type="nf4",
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,  # int8 storage, frozen
+            threshold=6.0,  # LLM.int8: outlier features above this stay in 16/32 bit
+            device="meta",
+        )
+        q.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
+    if has_bias:
+        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q.to(w.device).train(linear.training)  # the move to a device quantizes the weight
