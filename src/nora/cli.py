@@ -270,10 +270,13 @@ def train_cmd(
     if print_config:
         typer.echo(_dump(cfg.to_dict(), "json" if json_ else "yaml"))
         return
+    from accelerate import PartialState
+
     from nora.train import train
 
     summary = train(cfg)
-    typer.echo(json.dumps(summary.to_dict(data=False), indent=2))
+    if PartialState().is_main_process:  # once, under `accelerate launch` too
+        typer.echo(json.dumps(summary.to_dict(data=False), indent=2))
 
 
 def _dump(d: dict, fmt: str) -> str:
@@ -447,3 +450,7 @@ def serve(
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `python -m nora.cli` (accelerate launch -m nora.cli); keep last
+    main()
