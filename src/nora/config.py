@@ -207,9 +207,15 @@ class TrainConfig:
         default=None, metadata={"help": "local file for slimorca / mathinstruct"}
     )
     n_train: int = field(default=512, metadata={"help": "training examples"})
-    n_eval: int = field(default=64, metadata={"help": "held-out examples for perplexity"})
+    n_eval: int = field(
+        default=64,
+        metadata={"help": "held-out examples for perplexity", "formerly": ("n_test",)},
+    )
     max_len: int = field(default=256, metadata={"help": "tokens per example (longer: cut)"})
-    max_steps: int = field(default=100, metadata={"help": "optimizer steps", "aliases": ("steps",)})
+    max_steps: int = field(
+        default=100,
+        metadata={"help": "optimizer steps", "aliases": ("steps",), "formerly": ("steps",)},
+    )
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
@@ -289,7 +295,7 @@ def from_mapping(cls: type[T], d: Mapping[str, Any], *, where: str = "") -> T:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in d if k not in names]
     if unknown:
-        hints = [f"{k!r}: did you mean {m[0]!r}?" for k in unknown if (m := nearest(k, names))]
+        hints = [f"{k!r}: did you mean {m[0]!r}?" for k in unknown if (m := nearest(k, cls))]
         raise ConfigError(
             f"unknown config fields {unknown}{' in ' + where if where else ''}"
             + (f" ({'; '.join(hints)})" if hints else "")
@@ -309,9 +315,12 @@ def from_mapping(cls: type[T], d: Mapping[str, Any], *, where: str = "") -> T:
     return obj
 
 
-def nearest(key: str, names: list[str]) -> list[str]:
-    """The valid names closest to a misspelt `key` (best first; empty if none is close)."""
-    return difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+def nearest(key: str, cls: type) -> list[str]:
+    """The field of `cls` meant by an unknown `key`: one it was formerly called (metadata
+    "formerly", e.g. n_test -> n_eval), else the closest spelling; empty if none is close."""
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    renamed = [f.name for f in fields if key in f.metadata.get("formerly", ())]
+    return renamed or difflib.get_close_matches(str(key), [f.name for f in fields], n=1, cutoff=0.6)
 
 
 def parse_text(tp: Any, text: str, name: str) -> Any:
