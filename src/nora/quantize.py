@@ -70,6 +70,11 @@ def _quantized(linear: nn.Linear, bits: int, bnb) -> nn.Linear:
             device="meta",
         )
         q.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
+        # bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel on the
+        # first eval-mode forward; that kernel has no backward, so training after an evaluation
+        # would stop gradients at every such layer (and it needs out_features % 32 == 0).
+        # nora evaluates between steps: keep the generic, differentiable kernel.
+        q.support_avx512bf16_for_cpu = False
     else:
         q = bnb.nn.Linear8bitLt(
             linear.in_features,
