@@ -48,6 +48,8 @@ def quantize_base(
         if isinstance(m, nn.Linear) and not is_quantized(m) and name.rsplit(".", 1)[-1] not in skip
     ]
     if not targets:
+        if any(is_quantized(m) for m in model.modules()):
+            return model  # quantized already (a model passed to `train` with load_in_4bit)
         raise QuantizationError("the model has no nn.Linear layers to quantize")
     # build all first: a failure leaves the model as it was
     built = [(name, _quantized(linear, bits, bnb)) for name, linear in targets]
