@@ -62,7 +62,7 @@ def one(base: str, args) -> dict:
             load_in_8bit=base == "8bit",
             output_dir=out,
         )
-        result = train(cfg, model=model, tokenizer=tok, progress=False)
+        result = train(cfg, model=model, tokenizer=tok, progress=args.progress)
     times = [
         b.elapsed_s - a.elapsed_s for a, b in zip(result.history, result.history[1:], strict=False)
     ]
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=80)
     ap.add_argument("--n-eval", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
     ap.add_argument("--base", choices=BASES, help="run one base in this process (internal)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()

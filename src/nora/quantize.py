@@ -15,6 +15,9 @@ The output head stays dense: it is tied to the input embeddings in most small mo
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
 
 
@@ -59,6 +62,30 @@ def quantize_base(
     return model
 
 
+@functools.cache
+def _linear8bit(bnb) -> type:
+    class Linear8bit(bnb.nn.Linear8bitLt):
+        """`Linear8bitLt` that evaluates as it trains. On CPU bitsandbytes trains through
+        weight-only int8 (dequantize W, float matmul) but evaluates through LLM.int8's
+        int8 x int8 product: a different function, and 3x slower here (576->1536 layer,
+        4x256 tokens, 2 cores). nora takes the training path in both modes, so the held-out
+        perplexity measures the function that was trained."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # the body of Linear8bitLt.forward (bitsandbytes 0.50), is_training forced on CPU
+            self.state.is_training = self.training or x.device.type == "cpu"
+            if self.weight.CB is not None:
+                self.init_8bit_state()
+            if self.bias is not None and self.bias.dtype != x.dtype:
+                self.bias.data = self.bias.data.to(x.dtype)
+            out = bnb.matmul(x, self.weight, bias=self.bias, state=self.state)
+            if not self.state.has_fp16_weights and self.state.CB is not None:
+                self.weight.data = self.state.CB
+            return out
+
+    return Linear8bit
+
+
 def _quantized(linear: nn.Linear, bits: int, bnb) -> nn.Linear:
     w = linear.weight.data  # (out, in)
     has_bias = linear.bias is not None
@@ -78,7 +105,7 @@ def _quantized(linear: nn.Linear, bits: int, bnb) -> nn.Linear:
         # nora evaluates between steps: keep the generic, differentiable kernel.
         q.support_avx512bf16_for_cpu = False
     else:
-        q = bnb.nn.Linear8bitLt(
+        q = _linear8bit(bnb)(
             linear.in_features,
             linear.out_features,
             bias=has_bias,
