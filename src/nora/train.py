@@ -271,12 +271,21 @@ def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     use_cuda = torch.cuda.is_available()
-    return Accelerator(
+    accel = Accelerator(
         cpu=not use_cuda,
         mixed_precision="bf16" if use_cuda and cfg.dtype is None else "no",
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(Path(cfg.output_dir) / "logs"),
     )
+    kind = accel.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Both shard parameters or optimizer state; nora's checkpoints read the adapter and
+        # AdamW state directly, which would save shards. Not supported (untested) yet.
+        raise TrainingError(
+            f"nora train runs under plain data parallelism (accelerate launch --multi_gpu), "
+            f"not {kind}: its checkpoints would hold parameter shards. See docs/training-stack.md"
+        )
+    return accel
 
 
 def _load(cfg: TrainConfig, accel, model, tokenizer, splits, prefix) -> tuple[nn.Module, _Data]:
