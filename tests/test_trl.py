@@ -115,3 +115,55 @@ def test_sft_trainer_trains_nora_with_completion_only_loss_and_nora_serves_it(tm
         [ids[0].tolist()], ["sft"], SamplingParams(max_tokens=6, ignore_eos=True)
     )
     assert req.output_ids == ref.tolist()
+
+
+@pytest.mark.slow
+def test_sft_trainer_on_the_embedded_default(tmp_path):
+    """The issue's setting: SmolLM2-135M-Instruct, a few SFT steps of NoRA on chat data."""
+    from nora.models import load_base_model
+
+    model, tok = load_base_model(dtype="float32", device="cpu")
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        max_length=128,
+        completion_only_loss=True,
+        seed=0,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=chat_dataset(),
+        processing_class=tok,
+        peft_config=NoraConfig(method="nora", r=8, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    trainer.save_model(str(tmp_path / "adapters" / "sft"))
+
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": QA[4][0]}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+    trained = trainer.model.eval()
+    fresh, _ = load_base_model(dtype="float32", device="cpu")
+    loaded = nora.load_adapter(fresh, tmp_path / "adapters" / "sft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0
+        )
+        ref = loaded.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    base, _ = load_base_model(dtype="float32", device="cpu")
+    store = AdapterStore(MultiAdapterModel(base), tmp_path / "adapters")
+    (req,) = Engine(store.multi, tok, store).generate(
+        [ids[0].tolist()], ["sft"], SamplingParams(max_tokens=5, ignore_eos=True)
+    )
+    assert req.output_ids == ref[0, ids.shape[1] :].tolist()

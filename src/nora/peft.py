@@ -51,6 +51,14 @@ if not hasattr(BaseTuner, "_remove_adapter_name_from_key"):
 # ----------------------------------------------------------------------------- the config
 
 
+class NoraPeftType(str):
+    """A peft_type name outside PEFT's enum; `.value` as on a PeftType member (PEFT reads it)."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
 class _NoraConfigBase(PeftConfig):
     """Methods of `NoraConfig`; its fields are AdapterConfig's, added below."""
 
@@ -73,7 +81,7 @@ class _NoraConfigBase(PeftConfig):
         )
         for k, v in cfg.to_dict().items():  # method defaults filled in, as nora saves them
             setattr(self, k, tuple(v) if k == "spline_range" else v)
-        self.peft_type = ptype
+        self.peft_type = NoraPeftType(ptype)
         _register(ptype)
 
     def to_nora(self) -> AdapterConfig:
