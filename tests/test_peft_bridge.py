@@ -174,3 +174,18 @@ def test_one_adapter_per_model():
     with pytest.raises(ValueError, match="one adapter per model"):
         model.add_adapter("second", NoraConfig(**SPECS["NORA"]))
     assert list(model.peft_config) == ["default"]
+
+
+def test_without_the_bridge_peft_refuses_a_nora_folder_instead_of_misreading_it(tmp_path):
+    # a fresh interpreter: importing nora.peft here has already registered the types
+    import subprocess
+    import sys
+
+    _peft("NORA").save_pretrained(tmp_path)
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from conftest import tiny_llama\n"
+        "from peft import PeftModel\n"
+        f"PeftModel.from_pretrained(tiny_llama(), {str(tmp_path)!r})\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "KeyError: 'NORA'" in res.stderr
