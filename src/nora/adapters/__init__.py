@@ -6,7 +6,9 @@ from nora.adapters.base import (
     Adapter,
     AdapterLinear,
     NotMergeableError,
+    Packed,
     ParallelAdapter,
+    Stack,
     register,
 )
 
@@ -15,6 +17,8 @@ __all__ = [
     "Adapter",
     "AdapterLinear",
     "NotMergeableError",
+    "Packed",
     "ParallelAdapter",
+    "Stack",
     "register",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nora.activations import ACTIVATIONS, make_activation
+from nora.activations import ACTIVATIONS, REGISTRY, make_activation
 from nora.adapters.base import Adapter, register
 
 
@@ -37,9 +37,15 @@ class NoLoRA(Adapter):
         if hasattr(self.act, "beta"):
             nn.init.ones_(self.act.beta)
 
-    def modulated(self, z: torch.Tensor) -> torch.Tensor:  # (..., r) -> (..., r)
-        return self.lora_v * self.act(z)  # v ⊙ f(z)
+    # σ(z) = v ⊙ f(z); the inherited forward gives B·(s·D(σ(A·x))).
+    sigma_rank_dims = {"v": 1, **REGISTRY["learnable"].rank_dims}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
-        # B·(s·D(v ⊙ f(A·x)))
-        return self.bottleneck(x, self.modulated, (self.lora_v, *self.act.parameters()))
+    def kind(self):
+        return (self.name, self.act.name)
+
+    def sigma_params(self):
+        return {"v": self.lora_v, **self.act.params()}
+
+    @classmethod
+    def sigma(cls, kind, z, p):  # (..., r) -> (..., r)
+        return p["v"] * REGISTRY[kind[1]].fn(z, p)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nora.activations import ACTIVATIONS, make_activation
+from nora.activations import ACTIVATIONS, REGISTRY, make_activation
 from nora.adapters.base import Adapter, register
 
 
@@ -37,7 +37,21 @@ class NoRA(Adapter):
         nn.init.kaiming_normal_(self.lora_A.weight, nonlinearity="relu")  # N(0, 2/k)
         self._init_B(init_weights)
 
+    sigma_rank_dims = REGISTRY["learnable"].rank_dims
+
+    def kind(self):
+        return (self.name, self.act.name)
+
+    def sigma_params(self):
+        return self.act.params()
+
+    @classmethod
+    def sigma(cls, kind, z, p):  # (..., r) -> (..., r): the activation's own function
+        return REGISTRY[kind[1]].fn(z, p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
-        # B·(s·D(σ(A·x))); s·B·h == B·(s·h). In training σ(z) is recomputed in backward.
-        phi = None if isinstance(self.act, nn.Identity) else self.act
+        # B·(s·D(σ(A·x))); s·B·h == B·(s·h). In training σ(z) is recomputed in backward. The
+        # activation module itself is φ (its forward is `sigma`), so the fused node
+        # recognises SiLU/ReLU/Tanh/GELU and uses ATen's backward kernels for them.
+        phi = None if self.act.name == "identity" else self.act
         return self.bottleneck(x, phi, tuple(self.act.parameters()))
