@@ -3,6 +3,7 @@
 from nora.adapters import aurora, lora, loran, nolora, nora  # noqa: F401  (registers them)
 from nora.adapters.base import (
     METHODS,
+    ActivationAdapter,
     Adapter,
     AdapterLinear,
     NotMergeableError,
@@ -14,6 +15,7 @@ from nora.adapters.base import (
 
 __all__ = [
     "METHODS",
+    "ActivationAdapter",
     "Adapter",
     "AdapterLinear",
     "NotMergeableError",

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from nora.activations import ACTIVATIONS, REGISTRY, make_activation
 from nora.fused import dropped_linear, expand
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class Adapter(nn.Module):
         Methods without parameters in σ that are not leaves (see `sigma_leaves`) need not
         override anything but `sigma`; in training σ is recomputed in backward.
         """
-        if type(self).sigma is Adapter.sigma:
+        if type(self).sigma.__func__ is Adapter.sigma.__func__:
             return self.bottleneck(x)  # linear: no φ node at all
         return self.bottleneck(x, self.phi, self.sigma_leaves())
 
@@ -230,6 +231,28 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}"
+
+
+class ActivationAdapter(Adapter):
+    """An adapter whose σ is one of `nora.activations` (`cfg.activation`), kept as `act`."""
+
+    activations = ACTIVATIONS
+    latent_dropout = True
+    sigma_rank_dims = {k: n for c in REGISTRY.values() for k, n in c.rank_dims.items()}
+
+    def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
+        super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
+        self.act = make_activation(cfg.activation, cfg.r, cfg, device=device, dtype=dtype)
+
+    def kind(self) -> Hashable:
+        return (self.name, self.act.name)
+
+    def sigma_params(self) -> dict[str, torch.Tensor]:
+        return self.act.params()
+
+    @classmethod
+    def sigma(cls, kind, z, p):  # (..., r) -> (..., r): the activation's own function
+        return REGISTRY[kind[1]].fn(z, p)
 
 
 class _Wrapper(nn.Module):

@@ -16,38 +16,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nora.activations import ACTIVATIONS, REGISTRY, make_activation
-from nora.adapters.base import Adapter, register
+from nora.adapters.base import ActivationAdapter, register
 
 
 @register
-class NoRA(Adapter):
+class NoRA(ActivationAdapter):  # σ = the configured activation (SiLU)
     name = "nora"
     default_scale = 1.0
     default_dropout = 0.1
     default_activation = "silu"
-    activations = ACTIVATIONS
-    latent_dropout = True
-
-    def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
-        super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
-        self.act = make_activation(cfg.activation, cfg.r, cfg, device=device, dtype=dtype)
 
     def reset_parameters(self, init_weights: bool = True) -> None:
         nn.init.kaiming_normal_(self.lora_A.weight, nonlinearity="relu")  # N(0, 2/k)
         self._init_B(init_weights)
-
-    sigma_rank_dims = REGISTRY["learnable"].rank_dims
-
-    def kind(self):
-        return (self.name, self.act.name)
-
-    def sigma_params(self):
-        return self.act.params()
-
-    @classmethod
-    def sigma(cls, kind, z, p):  # (..., r) -> (..., r): the activation's own function
-        return REGISTRY[kind[1]].fn(z, p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
         # B·(s·D(σ(A·x))); s·B·h == B·(s·h). In training σ(z) is recomputed in backward. The
