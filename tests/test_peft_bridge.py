@@ -34,7 +34,7 @@ def _logits(model, ids):
 
 
 def test_every_nora_peft_type_is_registered():
-    assert set(nora.peft.peft_types()) == set(SPECS)
+    assert set(SPECS) <= set(nora.peft.peft_types())
     for ptype, spec in SPECS.items():
         assert NoraConfig(**spec).peft_type == ptype
 
@@ -189,3 +189,21 @@ def test_without_the_bridge_peft_refuses_a_nora_folder_instead_of_misreading_it(
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "KeyError: 'NORA'" in res.stderr
+
+
+def test_a_method_defined_outside_nora_gets_the_bridge(tmp_path, ids):
+    from test_custom_method import TanhLoRA  # a sixth method, defined in a test
+
+    from nora.adapters import METHODS, register
+
+    register(TanhLoRA)
+    try:
+        assert TanhLoRA.peft_type in nora.peft.register_methods()
+        model = get_peft_model(tiny_llama(), NoraConfig(method=TanhLoRA.name, r=4))
+        randomize(model.get_base_model())
+        want = _logits(model, ids)
+        model.save_pretrained(tmp_path)
+        assert torch.equal(_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), want)
+        assert torch.equal(_logits(nora.load_adapter(tiny_llama(), tmp_path), ids), want)
+    finally:
+        METHODS.pop(TanhLoRA.name)

@@ -304,13 +304,31 @@ def _register(ptype: str) -> None:
 
 
 def peft_types() -> list[str]:
-    """The peft_type names nora writes for non-LoRA checkpoints (registered on import)."""
+    """The peft_type names nora writes for everything but plain weight-level LoRA."""
     from nora.adapters import METHODS
 
-    return sorted({m.upper() for m in METHODS if m != "lora"} | {"LORA_MODULE"})
+    return sorted({m.peft_type for m in METHODS.values()} - {"LORA"} | {"LORA_MODULE"})
 
 
-for _t in peft_types():
-    _register(_t)
+def register_methods() -> list[str]:
+    """Register every method in nora.adapters.METHODS with PEFT; returns their peft_types.
 
-__all__ = ["NoraConfig", "NoraTuner", "PeftAdapterLinear", "PeftParallelAdapter", "peft_types"]
+    Runs on import. Call it again after registering a method of your own, so that
+    PeftModel.from_pretrained finds its folders (a NoraConfig registers its own type anyway).
+    """
+    types = peft_types()
+    for t in types:
+        _register(t)
+    return types
+
+
+register_methods()
+
+__all__ = [
+    "NoraConfig",
+    "NoraTuner",
+    "PeftAdapterLinear",
+    "PeftParallelAdapter",
+    "peft_types",
+    "register_methods",
+]
