@@ -91,6 +91,11 @@ def test_weight_level_lora_config_points_to_peft_lora():
         NoraConfig(method="dora")
     with pytest.raises(nora.ConfigError, match="activation"):
         NoraConfig(method="nora", activation="softmax")
+    # the checks nora.load_adapter applies to a folder's config
+    with pytest.raises(nora.CheckpointError, match="newer than this nora"):
+        NoraConfig(method="nora", nora_format_version=99)
+    with pytest.raises(nora.CheckpointError, match="does not match method"):
+        NoraConfig(method="nora", peft_type="AURORA")
 
 
 def test_config_resolves_method_defaults_like_nora():
