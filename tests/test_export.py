@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import nora
 from nora.cli import app
-from nora.export import ExportError, lora_to_gguf, merge_to_folder, permute_rows
+from nora.export import ExportError, _umask, lora_to_gguf, merge_to_folder, permute_rows
 
 NON_LINEAR = {
     "nora": dict(method="nora", r=4),
@@ -47,6 +47,8 @@ def test_merged_folder_is_a_plain_model_with_the_adapters_outputs(spec, tmp_path
     tok = make_tokenizer()
     out = merge_to_folder(adapter, tmp_path / "merged", tiny_llama(), tok)
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's private 0700
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~_umask() for f in out.iterdir())
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged, ids), _logits(adapted, ids), rtol=1e-5, atol=1e-5)
@@ -91,6 +93,7 @@ def test_gguf_lora_follows_llama_cpp_conventions(tmp_path):
     adapted, adapter = saved(tmp_path, **spec)
     base = tiny_llama()  # 4 heads, 2 kv heads, head_dim 8
     out = lora_to_gguf(adapter, tmp_path / "lora.gguf", base.config)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
     reader = gguf.GGUFReader(out)
     kv = _fields(reader)
     assert kv["general.type"] == "adapter" and kv["general.architecture"] == "llama"

@@ -45,6 +45,12 @@ def _unmerged_hint(cfg: AdapterConfig) -> str:
     )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_mergeable(cfg: AdapterConfig) -> None:
     """Raise ExportError unless the adapter folds exactly into the base weights."""
     if cfg.placement != "weight" or not METHODS[cfg.method].mergeable:
@@ -70,10 +76,13 @@ def merge_to_folder(
     unload(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model folder is not
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():  # some writers (safetensors) create private files too
+            os.chmod(f, 0o666 & ~_umask())
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
@@ -145,6 +154,7 @@ def lora_to_gguf(adapter_dir: str | os.PathLike, out_file: str | os.PathLike, ba
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
     try:
         w = gguf.GGUFWriter(tmp, name)
         w.add_type(gguf.GGUFType.ADAPTER)
