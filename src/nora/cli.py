@@ -9,6 +9,7 @@ nora report results/sweep        markdown report with figures from a sweep folde
 nora serve --adapters adapters/  OpenAI-compatible server, many adapters over one base
 nora params --method nora --r 64 --target-modules q_proj,v_proj
 nora inspect runs/x/adapter      what an adapter folder holds
+nora export runs/x/adapter out/  merged HF model (lora, loran) or --gguf (lora, llama.cpp)
 nora methods                     the registered methods and their defaults
 
 The options of `train` and `params` are generated from the fields of `AdapterConfig` and
