@@ -370,7 +370,9 @@ def _setup(cfg, model, tokenizer, resume, splits, prefix) -> _Run:
         _restore(run, last)
     if accel.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        tmp = run.out / f".train_config.json.{os.getpid()}"  # other processes may be reading it
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        os.replace(tmp, run.out / "train_config.json")
         if run.step == 0 and (run.out / "metrics.jsonl").exists():
             (run.out / "metrics.jsonl").unlink()
     with data.context():
