@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/qlora.py                # writes benchmarks/results/qlora.{json,md}
     .venv/bin/python benchmarks/qlora.py --steps 2 --n-train 8 --n-eval 8   # a smoke run
 
-Each base runs in its own process (memory peaks do not mix). Memory: the process's resident
+Each base runs in its own process (memory peaks do not mix), the three at the same time (on a
+shared machine they see the same contention; times are comparable with each other only). Memory: the process's resident
 set after loading (and quantizing) the base, and its peak during `train` (VmHWM, reset by
 writing 5 to /proc/self/clear_refs once the base is loaded). Time per step: median of the
 steps after the first. A benchmark, not a test: it asserts nothing.
@@ -79,10 +80,10 @@ def one(base: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--n-train", type=int, default=80)
-    ap.add_argument("--n-eval", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-eval", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
     ap.add_argument("--base", choices=BASES, help="run one base in this process (internal)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -90,11 +91,21 @@ def main() -> None:
     if args.base:
         print(json.dumps(one(args.base, args)))
         return
+    # the three run at once: on a shared machine they then see the same contention
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--base", base, *sys.argv[1:]],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for base in BASES
+    ]
     rows = []
-    for base in BASES:
-        cmd = [sys.executable, __file__, "--base", base, *sys.argv[1:]]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for proc in procs:
+        stdout, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"{proc.args} failed ({proc.returncode})")
+        rows.append(json.loads(stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
