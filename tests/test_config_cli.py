@@ -111,6 +111,8 @@ def test_every_field_set_on_the_command_line_reaches_the_config():
     assert {k: d[k] for k in TRAIN} == {k: v for k, (_, v) in TRAIN.items()}
     code, out = run("train", "--load-in-8bit", "--print-config", "--json")
     assert code == 0 and json.loads(out)["load_in_8bit"] is True
+    code, out = run("train", "--config", "/dev/null", "--dtype", "none", "--print-config")
+    assert code == 0 and yaml.safe_load(out)["dtype"] is None  # 'none' unsets an optional field
 
 
 def test_a_printed_config_reads_back_and_options_override_the_file(tmp_path):

@@ -67,7 +67,7 @@ def _linear8bit(bnb) -> type:
     class Linear8bit(bnb.nn.Linear8bitLt):
         """`Linear8bitLt` that evaluates as it trains. On CPU bitsandbytes trains through
         weight-only int8 (dequantize W, float matmul) but evaluates through LLM.int8's
-        int8 x int8 product: a different function, and 3x slower here (576->1536 layer,
+        int8 x int8 product: a different function, and 2.5x slower here (576->1536 layer,
         4x256 tokens, 2 cores). nora takes the training path in both modes, so the held-out
         perplexity measures the function that was trained."""
 
