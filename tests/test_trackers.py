@@ -61,3 +61,14 @@ def test_tensorboard_holds_the_training_scalars_spectral_summary_and_loss_curve(
     assert mean == pytest.approx(sum(ranks) / len(ranks), rel=1e-5)
     assert "loss_curve" in acc.Tags()["images"]
     assert acc.Images("loss_curve")[0].step == 4
+
+
+def test_a_tracker_that_is_not_installed_is_a_clear_error(tmp_path):
+    from accelerate.utils import is_mlflow_available
+
+    if is_mlflow_available():
+        pytest.skip("mlflow is installed here")
+    args = ["train", "--report-to", "mlflow", "--output-dir", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "needs the mlflow package" in result.output
+    assert not (tmp_path / "run").exists()

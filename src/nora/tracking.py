@@ -13,6 +13,14 @@ import json
 from typing import Any
 
 
+def available(name: str) -> bool:
+    """Whether the tracker's package is installed (accelerate would skip it with a warning)."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    check = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    return bool(check.get(name, is_mlflow_available)())
+
+
 def flat_config(cfg) -> dict[str, Any]:
     """The run's config as flat scalars (TensorBoard's hparams take no lists or nesting)."""
     d = cfg.to_dict()

@@ -270,6 +270,12 @@ def _check_output(cfg: TrainConfig, resume: bool) -> Path | None:
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
+    if cfg.report_to != "none" and not tracking.available(cfg.report_to):
+        raise TrainingError(
+            f"--report-to {cfg.report_to} needs the {cfg.report_to} package "
+            f"(pip install {cfg.report_to}); nothing was trained"
+        )
+
     use_cuda = torch.cuda.is_available()
     accel = Accelerator(
         cpu=not use_cuda,
