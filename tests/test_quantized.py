@@ -90,10 +90,21 @@ def test_train_on_an_8bit_base_resumes_and_reloads_exactly(model_dir, tmp_path):
     torch.testing.assert_close(logits(again), logits(model.eval()))
 
 
-def test_merge_on_a_quantized_layer_is_refused_before_any_change(model_dir):
-    model = nora.inject(load(model_dir, 4), AdapterConfig(method="lora", r=2, init_weights=False))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantizing_twice_changes_nothing(model_dir, bits):
+    q = load(model_dir, bits)
+    before = logits(q)
+    assert all(is_quantized(m) for n, m in q.named_modules() if n.endswith("_proj"))
+    torch.testing.assert_close(logits(quantize_base(q, bits)), before)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_on_a_quantized_layer_is_refused_before_any_change(model_dir, bits):
+    model = nora.inject(
+        load(model_dir, bits), AdapterConfig(method="lora", r=2, init_weights=False)
+    )
     before = logits(model)
-    with pytest.raises(nora.NotMergeableError, match="quantized Linear4bit.*dense weight"):
+    with pytest.raises(nora.NotMergeableError, match="quantized Linear.*dense weight"):
         nora.merge(model)
     assert not any(w.merged for w in nora.adapter_modules(model).values())
     torch.testing.assert_close(logits(model), before)

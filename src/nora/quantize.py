@@ -16,6 +16,7 @@ The output head stays dense: it is tied to the input embeddings in most small mo
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ class QuantizationError(ValueError):
 
 def is_quantized(module: nn.Module) -> bool:
     """Whether `module` is a bitsandbytes quantized Linear (its weight is not a dense matrix)."""
-    return type(module).__module__.startswith("bitsandbytes") and isinstance(module, nn.Linear)
+    bnb = sys.modules.get("bitsandbytes")  # such a module exists only once bnb is imported
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def quantize_base(
