@@ -3,13 +3,13 @@ config checks, and perplexity checked against a hand computation."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -92,33 +92,46 @@ def test_training_lowers_heldout_perplexity(tmp_path):
 
 
 WORKER = textwrap.dedent("""
-    import sys, time
+    import sys, threading
     sys.path.insert(0, {tests!r})
-    import nora
     from test_train import setup
     from nora.train import train
     from pathlib import Path
+
+    def pause_at_6(step, m):
+        if step == 6:  # after step 6's checkpoint: say so, then wait to be killed
+            print("step 6", flush=True)
+            threading.Event().wait()
+
     cfg, model, tok = setup(Path({tmp!r}))
-    train(cfg, model=model, tokenizer=tok, progress=False,
-          on_step=lambda step, m: time.sleep(0.3))  # slow enough to be killed mid-run
+    train(cfg, model=model, tokenizer=tok, progress=False, on_step=pause_at_6)
 """)
+
+
+def resumed_run(tmp_path, **kw):
+    """Run again in the same folder; returns its config, summary and the steps it ran."""
+    cfg, model, tok = setup(tmp_path, **kw)
+    ran: list[int] = []
+    summary = train(
+        cfg, model=model, tokenizer=tok, progress=False, on_step=lambda s, _: ran.append(s)
+    )
+    return cfg, summary, ran
 
 
 def test_sigkill_then_resume_ends_with_the_same_weights(reference, tmp_path):
     _, _, ref_weights = reference
     code = WORKER.format(tests=str(TESTS), tmp=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=TESTS.parent)
-    ckpts = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 120
-    while not (ckpts / "step-000006").exists():
-        assert proc.poll() is None, "worker ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=TESTS.parent, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline() == "step 6\n", "worker ended before it could be killed"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert not (tmp_path / "run" / "adapter").exists()  # it really died mid-run
-    cfg, model, tok = setup(tmp_path)
-    summary = train(cfg, model=model, tokenizer=tok, progress=False)
+    cfg, summary, ran = resumed_run(tmp_path)
+    assert ran == list(range(7, 13))  # it started after the checkpoint, not from step 0
     assert summary["steps"] == 12
     assert_same_weights(final_weights(cfg.output_dir), ref_weights)
 
@@ -134,8 +147,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(reference, tmp_path):
     with pytest.raises(TrainingError, match="interrupted at step 5; checkpoint saved"):
         train(cfg, model=model, tokenizer=tok, progress=False, on_step=interrupt)
     assert (Path(cfg.output_dir) / "checkpoints" / "step-000005").is_dir()
-    cfg, model, tok = setup(tmp_path, save_every=0)
-    train(cfg, model=model, tokenizer=tok, progress=False)
+    cfg, _, ran = resumed_run(tmp_path, save_every=0)
+    assert ran == list(range(6, 13))  # it started after the checkpoint, not from step 0
+    recs = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").open()]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))  # each step once
     assert_same_weights(final_weights(cfg.output_dir), ref_weights)
 
 
