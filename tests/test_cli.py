@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import pytest
@@ -145,6 +146,7 @@ def served(model_dir, adapters):
                 break
         else:
             raise AssertionError(f"nora serve exited with {proc.wait()} before serving")
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
         yield m.group(1)
     finally:
         proc.terminate()
