@@ -446,12 +446,12 @@ class Engine:
                 raise
             logits = self._decode_alone(ids, pos, mask, L, e)
         self.stats["steps"] += 1
+        if self.on_step is not None:  # before any request of this step can finish
+            self.on_step(B)
         for r in self.rows:
             r.n_cached += 1
         toks = self._sample(self.rows, logits)
         self._keep_rows([r for r, t in zip(self.rows, toks, strict=True) if not self._push(r, t)])
-        if self.on_step is not None:
-            self.on_step(B)
 
     def _forward_rows(self, ids, pos, mask, cache, rows) -> torch.Tensor:
         out = self.multi(

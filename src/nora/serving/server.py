@@ -52,7 +52,7 @@ from nora.serving.engine import Delta, Engine, OverloadedError, Request, Samplin
 from nora.serving.metrics import CONTENT_TYPE, Metrics
 from nora.serving.multi import UnknownAdapterError
 from nora.serving.store import AdapterBusyError, AdapterNameError, StoreFullError, check_name
-from nora.serving.tenants import OPEN, Keys, Tenant, bearer, is_loopback, load_keys
+from nora.serving.tenants import OPEN, Keys, Tenant, bearer, exposure_warning, load_keys
 
 log = logging.getLogger("nora.serve")
 
@@ -861,10 +861,8 @@ def serve(
     retry_after, dtype, device. The CLI's `nora serve` calls this.
     """
     keys = load_keys(api_keys)
-    if keys is None and not is_loopback(host):
-        log.warning(
-            "no API keys are configured and the server listens on %s: anyone who reaches "
-            "it may use and load every adapter; set --api-keys or $NORA_API_KEYS", host
-        )  # fmt: skip
+    warning = exposure_warning(keys, host)
+    if warning:
+        log.warning(warning)
     app, engine = load_server(base, adapters_dir, keys=keys, **opts)
     run(app, engine, host, port, log_level, grace)

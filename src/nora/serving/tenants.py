@@ -194,3 +194,13 @@ def bearer(headers) -> str | None:
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def exposure_warning(keys: Keys | None, host: str) -> str | None:
+    """The warning for a server without keys bound beyond loopback (None: nothing to say)."""
+    if keys is not None or is_loopback(host):
+        return None
+    return (
+        f"no API keys are configured and the server listens on {host}: anyone who reaches it "
+        "may use, load and unload every adapter; set --api-keys or $NORA_API_KEYS"
+    )
