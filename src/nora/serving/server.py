@@ -237,7 +237,7 @@ class API:
         n = body.get("n")
         n = 1 if n is None else n
         if type(n) is not int or not 1 <= n <= self.max_n:
-            raise APIError(400, f"n must be an integer in [1, {self.max_n}], got {n!r}", "n")
+            raise APIError(400, f"n must be an integer in [1, {self.max_n}], got {n!r}", param="n")
         best_of = body.get("best_of")
         if best_of is not None and best_of != n:
             raise APIError(400, f"best_of={best_of!r} is not supported (only best_of = n)",
@@ -318,7 +318,9 @@ class API:
                 ids = self.engine.encode(prompt)
             else:
                 raise APIError(
-                    400, "'prompt' must be a string or a list of token ids (one prompt)", "prompt"
+                    400,
+                    "'prompt' must be a string or a list of token ids (one prompt)",
+                    param="prompt",
                 )
         else:
             ids = self.engine.encode(self._chat_text(body.get("messages")))
@@ -341,17 +343,19 @@ class API:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
                 raise APIError(
-                    400, f"messages[{i}] needs a role of system, user or assistant", "messages"
+                    400,
+                    f"messages[{i}] needs a role of system, user or assistant",
+                    param="messages",
                 )
             content = m.get("content")
             if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
                 if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                     raise APIError(
-                        400, f"messages[{i}]: only text content is supported", "messages"
+                        400, f"messages[{i}]: only text content is supported", param="messages"
                     )
                 content = "".join(str(p.get("text", "")) for p in content)
             if not isinstance(content, str):
-                raise APIError(400, f"messages[{i}].content must be a string", "messages")
+                raise APIError(400, f"messages[{i}].content must be a string", param="messages")
             clean.append({"role": m["role"], "content": content})
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "the base model has no chat template; use /v1/completions")
