@@ -213,6 +213,8 @@ class API:
         except UnknownAdapterError:
             raise self._missing(name, tenant, param) from None
         except (AdapterNameError, CheckpointError) as e:
+            if not (self.store.root / name).exists():  # deleted while it was being read
+                raise self._missing(name, tenant, param) from None
             raise APIError(400, str(e), param=param) from None
         except StoreFullError as e:
             raise APIError(503, str(e), "overloaded_error", retry_after=self.retry_after) from None
