@@ -26,6 +26,7 @@ from test_serving_forward import char_tokenizer, make_dir, one_thread  # noqa: F
 from test_serving_tenants import BASE, Client, greedy, paced, serving, wait_for
 
 from nora.checkpoint import WEIGHTS_NAME
+from nora.serving import SamplingParams
 
 SRC = Path(__file__).parents[1] / "src"
 
@@ -269,3 +270,23 @@ def test_sigterm_during_a_stream_drains_it_and_exits_0(adapters, tok, tmp_path):
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     with pytest.raises(OSError):  # and it no longer listens
         socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_sampling_that_raises_fails_only_its_request(adapters, tok):
+    # Guarded per request after the batched forward: here the logit shaping of one request
+    # (the one with a presence penalty) raises; its batch mates decode on, unchanged.
+    with serving(adapters, tok, start=False) as srv:
+        engine, shape = srv.engine, srv.engine._shape
+
+        def broken(r, z):
+            if r.params.presence_penalty == 0.5:
+                raise ValueError("injected sampling fault")
+            return shape(r, z)
+
+        engine._shape = broken
+        bad = engine.submit("hey", "nolora", SamplingParams(max_tokens=8, presence_penalty=0.5))
+        good = engine.submit("hello", "nora", SamplingParams(max_tokens=12, ignore_eos=True))
+        engine.run_until_idle()
+        assert bad.finish_reason == "error" and "injected sampling fault" in bad.error
+        assert good.text == ref(adapters, tok, "hello", "nora", 12)
+        assert engine.store.pins("nolora") == 0 and engine.running == 0

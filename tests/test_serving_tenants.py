@@ -438,3 +438,32 @@ def test_metrics(root, tok):
         assert m[("nora_adapter_evictions_total", ())] == 1
         assert m[("nora_queue_length", ())] == 0 and m[("nora_running_requests", ())] == 0
         assert m[("nora_tokens_per_second", ())] > 0
+
+
+def test_the_x_api_key_header_and_the_token_bucket(server):
+    assert Client(server).call("GET", "/v1/models")[0] == 401
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    conn.request("GET", "/v1/models", headers={"x-api-key": BETA})
+    resp = conn.getresponse()
+    assert resp.status == 200 and [m["id"] for m in json.loads(resp.read())["data"]] == [
+        "aurora",
+        "loran",
+    ]
+    conn.close()
+    keys = Keys.parse({"keys": [{"key": ACME, "rate": 2.0}, {"key": BETA, "rate": 0.5}]}, "t")
+    fast, slow = keys.lookup(ACME), keys.lookup(BETA)
+    assert (fast.burst, slow.burst) == (2.0, 1.0)  # default burst: max(1, rate)
+    assert fast.take() == 0.0 and fast.take() == 0.0 and fast.take() > 0  # a burst of 2
+    assert slow.take() == 0.0 and 1.9 < slow.take() <= 2.0  # then one per 2 s
+
+
+def test_nora_serve_refuses_a_bad_key_file_before_loading_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from nora.cli import app
+
+    bad = tmp_path / "keys.json"
+    bad.write_text(json.dumps({"keys": [{"key": ACME}, {"key": ACME}]}))
+    result = CliRunner().invoke(app, ["serve", "--api-keys", str(bad), "--adapters", str(tmp_path)])
+    assert result.exit_code == 2 and "the same key appears twice" in result.output
+    assert ACME not in result.output

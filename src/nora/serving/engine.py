@@ -348,7 +348,10 @@ class Engine:
         with self._cv:
             for r in [r for r in self.waiting if r._cancel or late(r)]:
                 self.waiting.remove(r)
-                self._finish(r, "cancelled") if r._cancel else self._timeout(r)
+                if r._cancel:
+                    self._finish(r, "cancelled")
+                else:
+                    self._timeout(r)
         resident = {i.uid for i in self.multi.adapters.values()} | {BASE_UID}
         keep = []
         for r in self.rows:
