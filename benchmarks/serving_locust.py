@@ -8,6 +8,7 @@ with their answers run alone. Each simulated user is a client of no fixed tenant
 request picks adapter i with probability ∝ (i + 1)^-α and sends it with its owner's key,
 streamed or not (`stream_share`), sampled (temperature 0.7, a seed) -- or, with probability
 `probe_share` (0.2), one of the greedy probes, whose text must equal the answer it got alone.
+Refused with 429 / 503, a user waits the `Retry-After` seconds before its next request.
 
 Recorded per request: the outcome (an error's kind: "HTTP 429", "HTTP 503", "HTTP 500 ...",
 "greedy mismatch", "stream error: ...", a connection error), and for streams the time to
@@ -67,7 +68,7 @@ class Tenants(HttpUser):
         headers = {"Authorization": f"Bearer {key}"}
         if stream:
             body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        t0 = time.perf_counter()
+        t0, retry = time.perf_counter(), None
         with self.client.post("/v1/completions", json=body, headers=headers, name=name,
                               stream=stream, catch_response=True, timeout=600) as resp:  # fmt: skip
             if resp.status_code != 200:
@@ -78,6 +79,7 @@ class Tenants(HttpUser):
                     pass
                 outcome = f"HTTP {resp.status_code} {err}"
                 resp.failure(outcome)
+                retry = resp.headers.get("Retry-After")
             else:
                 text, outcome = self._read(resp, stream, t0)
                 if outcome == "ok" and expected is not None and text != expected:
@@ -87,6 +89,8 @@ class Tenants(HttpUser):
                 else:
                     resp.failure(outcome)
         SAMPLES["outcomes"].append((time.time(), name, outcome))
+        if resp.status_code in (429, 503) and retry:  # a polite client waits as told
+            time.sleep(min(float(retry), 60.0))
 
     def _read(self, resp, stream: bool, t0: float) -> tuple[str, str]:
         if not stream:

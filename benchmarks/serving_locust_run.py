@@ -221,8 +221,9 @@ def main() -> None:
     unexpected = {o: c for o, c in outcomes.items() if o != "ok" and not o.startswith(SHED)}
     ok = outcomes["ok"]
     probe_ok = sum(c for (n, o), c in by_kind.items() if n.startswith("probe") and o == "ok")
-    probe_total = sum(c for (n, _), c in by_kind.items() if n.startswith("probe"))
-    base = [r for t, r in rss if t >= args.warmup * elapsed]
+    probe_bad = sum(c for (n, o), c in by_kind.items() if o == "greedy mismatch")
+    # memory: the samples under load after the warm-up share of the run
+    base = [r for t, r in rss if args.warmup * args.duration <= t <= args.duration]
     ref_rss = base[0] if base else float("nan")
     locust_stats = list(csv.DictReader(open(work / "locust_stats.csv")))
     gen = m1["nora_generated_tokens_total"] - m0["nora_generated_tokens_total"]
@@ -240,7 +241,8 @@ def main() -> None:
         "outcomes": dict(outcomes),
         "outcomes_by_request_kind": {f"{n}: {o}": c for (n, o), c in sorted(by_kind.items())},
         "unexpected_errors": unexpected,
-        "probes_equal_alone": [probe_ok, probe_total],
+        "probes_equal_alone": [probe_ok, probe_ok + probe_bad],
+        "shed_share": round(1 - ok / max(1, sum(outcomes.values())), 3),
         "ttft_s": {
             "n": len(samples["ttft"]),
             "p50": percentile(samples["ttft"], 50),
@@ -253,11 +255,12 @@ def main() -> None:
         },  # fmt: skip
         "rss_mb": rss,
         "rss_after_warmup_mb": ref_rss,
-        "rss_end_mb": rss[-1][1] if rss else None,
-        "rss_max_after_warmup_mb": max(base) if base else None,
-        "rss_change_after_warmup_pct": round(100 * (rss[-1][1] - ref_rss) / ref_rss, 2)
-        if base
-        else None,
+        "rss_end_of_load_mb": base[-1] if base else None,
+        "rss_min_max_after_warmup_mb": [min(base), max(base)] if base else None,
+        "rss_change_after_warmup_pct": round(100 * (base[-1] - ref_rss) / ref_rss, 2),
+        "rss_max_deviation_after_warmup_pct": round(
+            100 * max(abs(v - ref_rss) for v in base) / ref_rss, 2
+        ),
         "server": {
             "exit_code_after_sigterm": exit_code,
             "adapter_loads": m1["nora_adapter_loads_total"] - m0["nora_adapter_loads_total"],
@@ -309,7 +312,8 @@ def report(r: dict) -> str:
         f"<= {c['max_batch']}, waiting queue <= {c['max_waiting']}. Locust, headless: "
         f"{c['users']} users for {r['elapsed_s']:.0f} s, power-law popularity (alpha = "
         f"{c['alpha']}), half of the requests streamed, 20 % greedy probes compared with the "
-        "same request run alone; 16-48 new tokens, prompts of 12-48 words.",
+        "same request run alone; 16-48 new tokens, prompts of 12-48 words; a user waits 0.5-2 s "
+        "between requests, and the Retry-After seconds after a 429 / 503.",
         "",
         "| metric | value |",
         "|---|---:|",
@@ -318,9 +322,11 @@ def report(r: dict) -> str:
         f"| generated tokens / s | {r['generated_tokens_per_s']} |",
         f"| TTFT p50 / p99 (streamed, client side) | {ms(r['ttft_s']['p50'])} / {ms(r['ttft_s']['p99'])} ms (n = {r['ttft_s']['n']}) |",
         f"| per-token latency p50 / p99 | {ms(r['tpot_s']['p50'])} / {ms(r['tpot_s']['p99'])} ms (n = {r['tpot_s']['n']}) |",
-        f"| greedy probes equal to the request alone | {r['probes_equal_alone'][0]} / {r['probes_equal_alone'][1]} |",
+        f"| greedy probes answered: equal to the request alone | {r['probes_equal_alone'][0]} / {r['probes_equal_alone'][1]} |",
+        f"| refused on purpose (429 + 503) | {100 * r['shed_share']:.1f} % of requests |",
         f"| **unexpected errors** | **{sum(r['unexpected_errors'].values())}** {r['unexpected_errors'] or ''} |",
-        f"| RSS after warm-up -> end (max) | {r['rss_after_warmup_mb']:.0f} -> {r['rss_end_mb']:.0f} MB ({r['rss_change_after_warmup_pct']:+.1f} %; max {r['rss_max_after_warmup_mb']:.0f}) |",
+        f"| RSS under load after warm-up: first -> last (min, max) | {r['rss_after_warmup_mb']:.0f} -> {r['rss_end_of_load_mb']:.0f} MB ({r['rss_change_after_warmup_pct']:+.1f} %; {r['rss_min_max_after_warmup_mb'][0]:.0f}, {r['rss_min_max_after_warmup_mb'][1]:.0f}) |",
+        f"| RSS largest deviation from the first sample after warm-up | {r['rss_max_deviation_after_warmup_pct']:.1f} % |",
         f"| adapter loads / evictions (server) | {r['server']['adapter_loads']:.0f} / {r['server']['evictions']:.0f} |",
         f"| mean batch occupancy (server) | {r['server']['batch_occupancy_mean']:.2f} |",
         f"| exit status after SIGTERM | {r['server']['exit_code_after_sigterm']} |",
