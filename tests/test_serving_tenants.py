@@ -336,6 +336,13 @@ def test_a_full_queue_is_503_with_retry_after(root, tok):
         assert headers["retry-after"] == "1"
         status, _, out = c.post("/v1/completions", {**body, "n": 2})  # n rows count too
         assert status == 503
+        # With completions lately, Retry-After is the queue ahead over their rate: here 2
+        # requests finished in the last 5 s (0.4/s) and 1 waits, so (1 + 1) / 0.4 = 5 s.
+        srv.server.api.metrics._recent.append((time.monotonic() - 5, 0, 0))
+        srv.engine.stats["finished"] += 2
+        status, headers, _ = c.post("/v1/completions", body)
+        assert status == 503 and headers["retry-after"] in ("5", "6")
+        srv.server.api.metrics._recent.clear()
         srv.engine.start()
         t.join(30)
         assert first["r"][0] == 200 and c.post("/v1/completions", body)[0] == 200

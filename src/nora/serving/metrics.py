@@ -58,7 +58,8 @@ class Metrics:
             buckets=_OCC,
             registry=self.registry,
         )
-        self._recent: deque[tuple[float, int]] = deque()  # (time, generated tokens so far)
+        # (time, generated tokens so far, finished requests so far), one per decode step
+        self._recent: deque[tuple[float, int, int]] = deque()
         self._lock = threading.Lock()
         self.registry.register(_State(self))
         engine.on_step = self.on_step
@@ -68,19 +69,27 @@ class Metrics:
         self.occupancy.observe(rows / self.engine.max_batch)
         now = time.monotonic()
         with self._lock:
-            self._recent.append((now, self.engine.stats["generated_tokens"]))
+            stats = self.engine.stats
+            self._recent.append((now, stats["generated_tokens"], stats["finished"]))
             while self._recent and now - self._recent[0][0] > self.window:
                 self._recent.popleft()
 
-    def tokens_per_second(self) -> float:
+    def _rate(self, key: str, i: int) -> float:
         with self._lock:
             if not self._recent:
                 return 0.0
             now = time.monotonic()
-            t0, n0 = self._recent[0]
+            t0, n0 = self._recent[0][0], self._recent[0][i]
             if now - t0 > self.window:  # idle since: no recent steps
                 return 0.0
-            return (self.engine.stats["generated_tokens"] - n0) / max(now - t0, 1e-3)
+            return (self.engine.stats[key] - n0) / max(now - t0, 1e-3)
+
+    def tokens_per_second(self) -> float:
+        return self._rate("generated_tokens", 1)
+
+    def finished_per_second(self) -> float:
+        """Requests leaving the engine per second over the window (0: none lately)."""
+        return self._rate("finished", 2)
 
     def request(self, status: int, adapter: str, reqs=()) -> None:
         """One finished HTTP request (and the engine requests behind it, if any)."""

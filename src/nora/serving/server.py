@@ -17,7 +17,8 @@ key; 403 for loading / unloading without the right; 404 for an unknown model (wi
 names this key may use) -- and for another tenant's adapter, word for word; 409 for
 unloading an adapter in use; 413 for an oversize body; 429 past a key's rate limit and 503
 when the waiting queue is full, no adapter slot is free or the server is draining (both
-with `Retry-After`); 500 for a generation that failed (that request only); 504 past the
+with `Retry-After`; for a full queue, the time the queue ahead takes to drain at the recent
+completion rate); 500 for a generation that failed (that request only); 504 past the
 per-request time limit. A client that disconnects cancels its request, which frees its row.
 
 With keys (tenants.py), every endpoint but /health needs `Authorization: Bearer <key>`.
@@ -142,6 +143,14 @@ class API:
                         request.url.path, host)  # fmt: skip
             raise _unauthorized()
         return tenant
+
+    def backoff(self) -> float:
+        """Retry-After for a full queue: the requests ahead over the recent completion rate
+        (at least `retry_after`, at most 60 s), so that clients back off as much as needed."""
+        rate = self.metrics.finished_per_second()
+        if rate <= 0:
+            return self.retry_after
+        return min(60.0, max(self.retry_after, (len(self.engine.waiting) + 1) / rate))
 
     def admit(self, tenant: Tenant, n: int = 1) -> None:
         """Draining and per-key rate limits, before any work is done for a request."""
@@ -400,7 +409,7 @@ class API:
             raise APIError(400, str(e)) from None
         except OverloadedError as e:
             _cancel(reqs)
-            raise APIError(503, str(e), "overloaded_error", retry_after=self.retry_after) from None
+            raise APIError(503, str(e), "overloaded_error", retry_after=self.backoff()) from None
         request.state.reqs = reqs
         meta = _Meta(kind, body["model"], body.get("stream_options"), self.engine.tok)
         if stream:
