@@ -71,7 +71,10 @@ class Tenants(HttpUser):
         t0, retry = time.perf_counter(), None
         with self.client.post("/v1/completions", json=body, headers=headers, name=name,
                               stream=stream, catch_response=True, timeout=600) as resp:  # fmt: skip
-            if resp.status_code != 200:
+            if resp.status_code == 0:  # no response at all: say what the client saw
+                outcome = f"connection error: {type(resp.error).__name__}: {str(resp.error)[:80]}"
+                resp.failure(outcome)
+            elif resp.status_code != 200:
                 err = "?"
                 try:
                     err = resp.json()["error"]["type"]
@@ -81,7 +84,10 @@ class Tenants(HttpUser):
                 resp.failure(outcome)
                 retry = resp.headers.get("Retry-After")
             else:
-                text, outcome = self._read(resp, stream, t0)
+                try:
+                    text, outcome = self._read(resp, stream, t0)
+                except Exception as e:  # the connection broke mid-answer
+                    text, outcome = "", f"broken answer: {type(e).__name__}: {str(e)[:80]}"
                 if outcome == "ok" and expected is not None and text != expected:
                     outcome = "greedy mismatch"
                 if outcome == "ok":

@@ -839,16 +839,19 @@ def run(
     log_level: str = "info",
     grace: float = 30.0,
     sock: socket.socket | None = None,
+    keep_alive: float = 75.0,
 ) -> None:
     """Start the engine, serve `app` until SIGTERM / SIGINT, drain, stop the engine.
 
     On SIGTERM the server stops accepting, in-flight requests (streams included) get up to
     `grace` seconds to finish, what is left is cancelled, and this returns normally.
+    Idle connections are kept `keep_alive` seconds, longer than the longest Retry-After
+    (60 s): a client that waits as told does not come back to a connection being closed.
     """
     engine.start()
     cfg = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="off",
-        timeout_graceful_shutdown=grace,
+        timeout_graceful_shutdown=grace, timeout_keep_alive=keep_alive,
     )  # fmt: skip
     try:
         DrainingServer(cfg, app.state.api).run(sockets=[sock] if sock is not None else None)
