@@ -242,7 +242,7 @@ def test_names_with_path_parts_are_refused(server, name):
         ({"model": BASE, "prompt": "a" * 100, "max_tokens": 300}, 400, "context length"),
         ({"model": BASE, "prompt": "a", "temperature": -1}, 400, "temperature"),
         ({"model": BASE, "prompt": "a", "top_p": 0}, 400, "top_p"),
-        ({"model": BASE, "prompt": "a", "n": 2}, 400, "n=2 is not supported"),
+        ({"model": BASE, "prompt": "a", "n": 99}, 400, "n must be an integer in [1, 16]"),
         ({"model": BASE, "prompt": "a", "frobnicate": 1}, 400, "unsupported fields: frobnicate"),
         ({"model": BASE, "prompt": 5}, 400, "'prompt' must be"),
         ({"model": BASE, "prompt": ""}, 400, "empty"),
