@@ -440,13 +440,43 @@ def serve(
     port: int = 8000,
     max_resident: Annotated[int, typer.Option(help="adapters kept loaded at once (LRU)")] = 16,
     max_batch: Annotated[int, typer.Option(help="requests decoded together")] = 16,
+    api_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON key file: tenants, their adapters and rights (default: $NORA_API_KEYS, "
+            "$NORA_API_KEY; none: no auth, loopback only)"
+        ),
+    ] = None,
+    max_waiting: Annotated[
+        int, typer.Option(help="queued requests before new ones get 503 + Retry-After")
+    ] = 1024,
+    request_timeout: Annotated[
+        float | None, typer.Option(help="seconds a request may take (then 504)")
+    ] = None,
+    grace: Annotated[
+        float, typer.Option(help="seconds to drain in-flight requests on SIGTERM")
+    ] = 30.0,
 ) -> None:
     """OpenAI-compatible server: many unmerged adapters over one base model, batched together."""
     from nora.serving import serve as run_server
+    from nora.serving.tenants import KeyConfigError
 
-    run_server(
-        base, str(adapters), host=host, port=port, max_resident=max_resident, max_batch=max_batch
-    )
+    try:
+        run_server(
+            base,
+            str(adapters),
+            host=host,
+            port=port,
+            max_resident=max_resident,
+            max_batch=max_batch,
+            api_keys=api_keys,
+            max_waiting=max_waiting,
+            request_timeout=request_timeout,
+            grace=grace,
+        )
+    except KeyConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("export")
