@@ -113,8 +113,11 @@ def run_vllm(args, folders: dict, short: list, long: list) -> dict:
         toks = sum(len(q["prompt"]) if label[1] == "prefill" else q["max_tokens"] for q in reqs)
         times.setdefault(label, []).append(toks / r["seconds"])
     res = {f"{v} {k}": statistics.median(xs) for (v, k), xs in times.items()}
-    return {"tokens_per_s": res, "all": {f"{v} {k}": xs for (v, k), xs in times.items()},
-            "wall_s": time.perf_counter() - t0}
+    return {
+        "tokens_per_s": res,
+        "all": {f"{v} {k}": xs for (v, k), xs in times.items()},
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def run_nora(args, root: Path, short: list) -> dict:
@@ -132,7 +135,9 @@ def run_nora(args, root: Path, short: list) -> dict:
             engine.generate(short, VARIANTS[v], params)  # warm: adapters resident
             t0 = time.perf_counter()
             engine.generate(short, VARIANTS[v], params)
-            res.setdefault(f"{v} decode", []).append(N * args.decode_tokens / (time.perf_counter() - t0))
+            res.setdefault(f"{v} decode", []).append(
+                N * args.decode_tokens / (time.perf_counter() - t0)
+            )
     return {"tokens_per_s": {k: statistics.median(v) for k, v in res.items()}, "all": res}
 
 
@@ -176,9 +181,13 @@ def main() -> None:
     tok = load_base_model(DEFAULT_MODEL)[1]
     g = torch.Generator().manual_seed(0)
     vocab = range(100, 20000)
-    short = [[vocab[int(i)] for i in torch.randint(0, len(vocab), (8,), generator=g)] for _ in range(N)]
-    long = [[vocab[int(i)] for i in torch.randint(0, len(vocab), (args.prefill_len,), generator=g)]
-            for _ in range(N)]
+    short = [
+        [vocab[int(i)] for i in torch.randint(0, len(vocab), (8,), generator=g)] for _ in range(N)
+    ]
+    long = [
+        [vocab[int(i)] for i in torch.randint(0, len(vocab), (args.prefill_len,), generator=g)]
+        for _ in range(N)
+    ]
     del tok
     machine = {**machine_info(), "loadavg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,8 +197,14 @@ def main() -> None:
     version = subprocess.run(
         [str(VPY), "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True
     ).stdout.strip()
-    res = {"machine": machine, "args": vars(args) | {"out": str(args.out)}, "vllm_version": version,
-           "vllm": vres, "nora": nres, "loadavg_end": os.getloadavg()}
+    res = {
+        "machine": machine,
+        "args": vars(args) | {"out": str(args.out)},
+        "vllm_version": version,
+        "vllm": vres,
+        "nora": nres,
+        "loadavg_end": os.getloadavg(),
+    }
     v = vres["tokens_per_s"]
     res["target_16nora_vs_16lora_decode_cost"] = v["16 LoRA decode"] / v["16 NoRA decode"]
     res["target_16nora_vs_16lora_prefill_cost"] = v["16 LoRA prefill"] / v["16 NoRA prefill"]

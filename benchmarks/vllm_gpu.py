@@ -59,9 +59,10 @@ def save_random(path: Path, seed: int, **cfg) -> str:
 
 
 def main() -> None:
-    import nora
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
+
+    import nora
 
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides
     tmp = Path(tempfile.mkdtemp())
@@ -82,8 +83,15 @@ def main() -> None:
         ids = torch.tensor([prompt], device="cuda")
         out = m.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
         refs[n] = out[0, len(prompt) :].tolist()
-    common = dict(model=str(tmp / "base"), enable_lora=True, max_lora_rank=16,
-                  max_model_len=512, skip_tokenizer_init=True, seed=0, gpu_memory_utilization=0.5)
+    common = dict(
+        model=str(tmp / "base"),
+        enable_lora=True,
+        max_lora_rank=16,
+        max_model_len=512,
+        skip_tokenizer_init=True,
+        seed=0,
+        gpu_memory_utilization=0.5,
+    )
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, detokenize=False)
     ids = {n: i + 1 for i, n in enumerate(specs)}
 
@@ -93,8 +101,12 @@ def main() -> None:
     # 1. correctness, eager, float32
     llm = LLM(dtype="float32", enforce_eager=True, max_loras=4, **common)
     names = [None, *specs]
-    outs = llm.generate([{"prompt_token_ids": prompt}] * len(names), [sp] * len(names),
-                        lora_request=[req(n) for n in names], use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": prompt}] * len(names),
+        [sp] * len(names),
+        lora_request=[req(n) for n in names],
+        use_tqdm=False,
+    )
     ok = True
     for n, o in zip(names, outs, strict=True):
         eq = list(o.outputs[0].token_ids) == refs[n]
@@ -104,13 +116,21 @@ def main() -> None:
     # 3. throughput, eager, bf16, 64 distinct adapters per batch
     rows = {}
     B = 64
-    many = {f"{m}{i}": save_random(tmp / f"{m}{i}", 100 + i, method=m, r=16) for m in ("lora", "nora") for i in range(B)}
+    many = {
+        f"{m}{i}": save_random(tmp / f"{m}{i}", 100 + i, method=m, r=16)
+        for m in ("lora", "nora")
+        for i in range(B)
+    }
     mids = {n: i + 1 for i, n in enumerate(many)}
     llm = LLM(dtype="bfloat16", enforce_eager=True, max_loras=B, **common)
     sp64 = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True, detokenize=False)
     for rnd in range(3):
-        for v in (["base", "lora", "nora"] if rnd % 2 == 0 else ["nora", "lora", "base"]):
-            lr = [None] * B if v == "base" else [LoRARequest(f"{v}{i}", mids[f"{v}{i}"], many[f"{v}{i}"]) for i in range(B)]
+        for v in ["base", "lora", "nora"] if rnd % 2 == 0 else ["nora", "lora", "base"]:
+            lr = (
+                [None] * B
+                if v == "base"
+                else [LoRARequest(f"{v}{i}", mids[f"{v}{i}"], many[f"{v}{i}"]) for i in range(B)]
+            )
             p = [{"prompt_token_ids": prompt}] * B
             llm.generate(p, [sp64] * B, lora_request=lr, use_tqdm=False)  # warm: adapters loaded
             t0 = time.perf_counter()
@@ -119,11 +139,15 @@ def main() -> None:
     del llm
     for v, xs in rows.items():
         print(f"throughput decode {v}: {sorted(xs)[1]:.0f} tok/s (median of 3)")
-    print(f"throughput 64 NoRA cost vs 64 LoRA: {sorted(rows['lora'])[1] / sorted(rows['nora'])[1]:.3f}x")
+    print(
+        f"throughput 64 NoRA cost vs 64 LoRA: {sorted(rows['lora'])[1] / sorted(rows['nora'])[1]:.3f}x"
+    )
     # 2. CUDA graphs: a non-linear adapter after capture is refused
     llm = LLM(dtype="bfloat16", max_loras=4, **common)
     try:
-        llm.generate([{"prompt_token_ids": prompt}], [sp], lora_request=[req("nora")], use_tqdm=False)
+        llm.generate(
+            [{"prompt_token_ids": prompt}], [sp], lora_request=[req("nora")], use_tqdm=False
+        )
         print("cuda graphs: refused False (served: check equality by hand)")
     except Exception as e:
         print(f"cuda graphs: refused {'--enforce-eager' in str(e)}: {str(e)[:300]}")

@@ -24,7 +24,6 @@ import torch
 from conftest import tiny_llama
 
 import nora
-from nora.adapters import METHODS
 from nora.models import DEFAULT_MODEL, cache_root, load_base_model
 from nora.vllm.layers import SlotSigma
 from nora.vllm.loading import AdapterRefused, pack_folder
@@ -107,7 +106,7 @@ def test_refusals_name_the_problem(tmp_path):
     cfg = json.loads((tmp_path / "bad" / "adapter_config.json").read_text())
     (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "VERA"}))
     cases = {
-        "loran": "nora.merge",
+        "loran": "nora export",
         "module": "nora serve",
         "big": "rank 32 is greater than max_lora_rank 16",
         "bad": "'VERA'",
@@ -201,7 +200,8 @@ def smol(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm-smol")
     load_base_model(DEFAULT_MODEL)  # builds the fp32 cache folder vLLM loads
     folders = {
-        n: save_random(tmp / n, smollm, i, **cfg) for i, (n, cfg) in enumerate(SMOL_SPECS.items())
+        n: save_random(tmp / n, smollm, i, std=0.15, **cfg)
+        for i, (n, cfg) in enumerate(SMOL_SPECS.items())
     }
     tok = load_base_model(DEFAULT_MODEL)[1]
     texts = ["The capital of France is", "def fib(n):", "Once upon a time", "2 + 2 ="]
@@ -212,6 +212,11 @@ def smol(tmp_path_factory):
         for i, a in enumerate(names)
     ]
     refs = [hf_greedy(smollm, folders.get(r["adapter"]), r["prompt"], 8) for r in reqs]
+    # not vacuous: every adapter changes the greedy text of its prompt
+    plain = {tuple(p): hf_greedy(smollm, None, p, 8) for p in prompts}
+    assert all(
+        f != plain[tuple(r["prompt"])] for r, f in zip(reqs, refs, strict=True) if r["adapter"]
+    )
     return tmp, folders, reqs, refs
 
 
@@ -229,7 +234,7 @@ def bad_folders(tmp: Path) -> dict[str, Path]:
 
 
 BAD_SAYS = {
-    "loran": "nora.merge",
+    "loran": "nora export",
     "rank": "rank 32 is greater than max_lora_rank 16",
     "shape": "does not fit this base model",
     "peft": "'VERA'",
@@ -239,11 +244,12 @@ BAD_SAYS = {
 def test_vllm_mixed_batch_equals_hf_and_each_alone_and_refuses_bad(smol):
     tmp, folders, reqs, refs = smol
     bad = bad_folders(tmp)
-    # the adapters change the text (the comparison is not vacuous) and differ from each other
-    assert len({tuple(r) for r in refs[:8]}) == 8
     spec = {
         "model": str(cache_root() / "smollm2-135m-instruct"),
-        "adapters": {**{n: str(f) for n, f in folders.items()}, **{n: str(f) for n, f in bad.items()}},
+        "adapters": {
+            **{n: str(f) for n, f in folders.items()},
+            **{n: str(f) for n, f in bad.items()},
+        },
         "max_lora_rank": MAX_RANK,
         "max_loras": 8,
         "runs": [

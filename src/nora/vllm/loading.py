@@ -53,9 +53,8 @@ def pack_folder(path: str | Path, max_rank: int) -> tuple[int, dict[str, Packed]
     if not cls.shrinks:
         raise AdapterRefused(
             f"{path}: {cfg.method!r} is non-linear in weight space (a dense ΔW with no low-rank "
-            "split), so vLLM cannot serve it unmerged. It merges exactly: load it with "
-            "nora.load_adapter, call nora.merge(model), save_pretrained the merged model and "
-            "serve that folder"
+            "split), so vLLM cannot serve it unmerged. It merges exactly: `nora export "
+            f"{path} <out> --model <base>` writes the merged model folder; serve that"
         )
     if cfg.placement != "weight":
         raise AdapterRefused(
