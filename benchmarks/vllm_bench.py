@@ -97,13 +97,16 @@ def run_vllm(args, folders: dict, short: list, long: list) -> dict:
         "HF_HUB_OFFLINE": "1",
     }
     t0 = time.perf_counter()
+    out = Path(f.name + ".out")
     p = subprocess.run(
-        [str(VPY), "-m", "nora.vllm.offline", f.name], capture_output=True, text=True, env=env
+        [str(VPY), "-m", "nora.vllm.offline", f.name, str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
-    out = [line for line in p.stdout.splitlines() if line.startswith('{"runs"')]
-    if p.returncode != 0 or not out:
+    if p.returncode != 0 or not out.exists():
         sys.exit(p.stdout[-3000:] + p.stderr[-3000:])
-    got = json.loads(out[-1])["runs"]
+    got = json.loads(out.read_text())["runs"]
     times: dict = {}
     for label, r, reqs in zip(labels, got, runs, strict=True):
         if label is None:

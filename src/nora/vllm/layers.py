@@ -23,14 +23,16 @@ as opaque and reads the live slot state.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Hashable
 
 import torch
 
 from nora.adapters import METHODS
-from nora.adapters.base import Packed
+from nora.adapters.base import Adapter, Packed
 
-_LAYERS: dict[str, object] = {}  # op name key -> layer (the custom op finds its layer here)
+# layer name -> layer: the custom op finds its layer here (weak: engines come and go)
+_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _CAPTURED = False  # a CUDA graph was captured with the σ op in it: kinds are frozen since
 
 
@@ -60,9 +62,7 @@ class SlotSigma:
     def set(self, slot: int, packs: list[Packed | None]) -> None:
         """Slot `slot` now holds these packs (one per slice; None: linear or absent)."""
         for i, pk in enumerate(packs):
-            if pk is not None and not pk.p and type(pk.kind) is tuple and pk.kind[0] == "lora":
-                pk = None  # identity σ: nothing to do
-            self.packs[i][slot] = pk
+            self.packs[i][slot] = None if pk is None or is_linear(pk) else pk
             self._rebuild(i)
 
     def _rebuild(self, i: int) -> None:
@@ -70,12 +70,6 @@ class SlotSigma:
         for s, pk in enumerate(self.packs[i]):
             if pk is not None:
                 kinds.setdefault(pk.kind, []).append(s)
-        if kinds and _CAPTURED:
-            raise GraphCapturedError(
-                "vLLM captured CUDA graphs before this non-linear adapter was loaded, so its "
-                "activation is not in them: serve nora's NoRA/NoLoRA/AuroRA adapters with "
-                "--enforce-eager"
-            )
         kind_id = torch.zeros(self.slots, dtype=torch.long)  # 0: identity (LoRA / no adapter)
         groups = []
         for j, (kind, slots) in enumerate(kinds.items()):
@@ -107,6 +101,21 @@ class SlotSigma:
         z.copy_(out)
 
 
+def is_linear(pk: Packed) -> bool:
+    """σ is the identity (LoRA, or a method that keeps Adapter.sigma): nothing to apply."""
+    return METHODS[pk.kind[0]].sigma.__func__ is Adapter.sigma.__func__
+
+
+def check_not_captured() -> None:
+    """Refuse non-linear adapters once CUDA graphs were captured without their σ."""
+    if _CAPTURED:
+        raise GraphCapturedError(
+            "vLLM captured CUDA graphs before this non-linear adapter was loaded, so its "
+            "activation is not in them: serve nora's NoRA/NoLoRA/AuroRA adapters with "
+            "--enforce-eager"
+        )
+
+
 def _tiny(pk: Packed) -> Packed:
     """The pack with dummy A/B: `stack` reads them only for shapes; σ's tensors are kept."""
     return dataclasses.replace(pk, A=torch.zeros(1, pk.r), B=torch.zeros(pk.r, 1), W=None)
@@ -124,16 +133,18 @@ def _zero_pack(like: Packed, cls, R: int) -> Packed:
 # ----------------------------------------------------------------------------- the custom op
 
 
-def _sigma_op(z: torch.Tensor, layer: str, slice_idx: int) -> None:
+def _sigma_op(z: torch.Tensor, layer: str) -> None:
+    """z (slices, N, R) in place: σ of each token's adapter, slice by slice."""
     global _CAPTURED
     lay = _LAYERS[layer]
     if z.is_cuda and torch.cuda.is_current_stream_capturing():
         _CAPTURED = True
-    slot = _token_slots(lay.punica_wrapper, z.shape[0])
-    lay.nora_sigma.apply_(slice_idx, z, slot)
+    slot = _token_slots(lay.punica_wrapper, z.shape[1])
+    for i in range(z.shape[0]):
+        lay.nora_sigma.apply_(i, z[i], slot)
 
 
-def _sigma_fake(z: torch.Tensor, layer: str, slice_idx: int) -> None:
+def _sigma_fake(z: torch.Tensor, layer: str) -> None:
     return None
 
 
@@ -190,8 +201,7 @@ def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.
         from vllm.distributed import tensor_model_parallel_all_reduce
 
         z = tensor_model_parallel_all_reduce(z)
-    for i in range(z.shape[0]):
-        torch.ops.vllm.nora_sigma_(z[i], self.nora_name, i)
+    torch.ops.vllm.nora_sigma_(z, self.nora_name)
     if not self.nora_reduce or self.tp_rank == 0:  # static: the rank, not the batch
         self.punica_wrapper.add_expand(
             output, z, self.lora_b_stacked, self.output_slices, add_inputs=True
@@ -202,10 +212,12 @@ def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.
 def _activate_adapter(activate):
     def activate_adapter(self, lora_id: int) -> bool:
         """vLLM's activation (A, B into the slot), then σ's tensors into the same slot."""
+        packs = getattr(self._registered_adapters.get(lora_id), "nora", {})
+        if any(not is_linear(pk) for pk in packs.values()):
+            check_not_captured()  # before vLLM fills the slot: never served without σ
         if not activate(self, lora_id):
             return False
         slot = self.lora_index_to_id.index(lora_id)
-        packs = getattr(self._registered_adapters[lora_id], "nora", {})
         for name, module in self.modules.items():
             state = getattr(module, "nora_sigma", None)
             if state is not None:

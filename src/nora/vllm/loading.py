@@ -114,12 +114,14 @@ def base_shapes(manager) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def check_fit(path, shapes: dict[str, tuple[int, int]], got: dict[str, tuple[int, int]]) -> None:
-    """Refuse modules the base has no LoRA layer for, or whose (in, out) differ from it."""
+def check_fit(path, shapes: dict, got: dict, strict: bool = True) -> None:
+    """Refuse modules whose (in, out) differ from the base's, and (strict) modules the base has
+    no LoRA linear for; `got`: {module path: (in, out)}."""
     problems = []
     for name, (k, d) in sorted(got.items()):
         if name not in shapes:
-            problems.append(f"{name} is not a LoRA-capable linear layer of this model")
+            if strict:  # plain LoRA: vLLM's own rules for other layers (embeddings, …)
+                problems.append(f"{name} is not a LoRA-capable linear layer of this model")
         elif shapes[name] != (k, d):
             problems.append(
                 f"{name}: the base layer is {shapes[name][0]}->{shapes[name][1]}, "
@@ -155,7 +157,7 @@ def _wrap_load(load):
                 for n, w in lora.loras.items()
                 if not w.is_packed and w.lora_a is not None
             }
-            check_fit(path, base_shapes(manager), got)
+            check_fit(path, base_shapes(manager), got, strict=False)
             return lora
         return _load_nora(self, lora_request, path)
 
@@ -168,6 +170,8 @@ def _load_nora(self, lora_request, path: str):
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.lora.utils import parse_fine_tuned_lora_name
 
+    from nora.vllm.layers import check_not_captured, is_linear
+
     lc = self.lora_config
     if lc.fully_sharded_loras:
         raise AdapterRefused(
@@ -177,6 +181,8 @@ def _load_nora(self, lora_request, path: str):
     if envs.VLLM_LORA_ENABLE_DUAL_STREAM:
         raise AdapterRefused(f"{path}: unset VLLM_LORA_ENABLE_DUAL_STREAM to serve nora adapters")
     r, packs = pack_folder(path, lc.max_lora_rank)
+    if any(not is_linear(pk) for pk in packs.values()):
+        check_not_captured()
     manager = self._adapter_manager
     model = manager.model
     mapper = getattr(model, "hf_to_vllm_mapper", None)

@@ -1,6 +1,6 @@
 """Run a batch of greedy requests through vLLM's offline `LLM` with nora's plugin active.
 
-    python -m nora.vllm.offline spec.json          # prints one JSON object on the last line
+    python -m nora.vllm.offline spec.json out.json
 
 Used by the tests and benchmarks, which run in nora's own environment and call this in the
 vLLM environment (.venv-vllm) as a subprocess. The spec:
@@ -9,8 +9,10 @@ vLLM environment (.venv-vllm) as a subprocess. The spec:
      "tp": 1, "dtype": "float32", "max_model_len": 512, "skip_tokenizer_init": false,
      "runs": [[{"prompt": [token ids], "adapter": name or null, "max_tokens": n}, ...], ...]}
 
-Each run is one `LLM.generate` call (all its requests batched together); a run that fails
-(e.g. an adapter refused) reports its error and the next run goes on with the same engine.
+Each run is one `LLM.generate` call (all its requests batched together). Its adapters are
+loaded first with `llm.llm_engine.add_lora`: a refused adapter is then an exception for this
+run (reported, and the next run goes on with the same engine), whereas a LoRA failing to load
+inside `generate` stops vLLM's engine (vLLM's behaviour for any adapter).
 Output: {"runs": [{"tokens": [[ids] per request], "seconds": s} or {"error": message}]}.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def run(spec: dict) -> dict:
@@ -53,12 +56,14 @@ def run(spec: dict) -> dict:
             else None
             for r in reqs
         ]
-        t0 = time.perf_counter()
-        try:
-            outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-        except Exception as e:  # the refusal message, as a user of LLM.generate sees it
+        try:  # load first: a refusal here is an error for the caller, not for the engine
+            for req in {r.lora_name: r for r in loras if r is not None}.values():
+                llm.llm_engine.add_lora(req)
+        except Exception as e:
             results.append({"error": f"{type(e).__name__}: {e}"})
             continue
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
         results.append(
             {
                 "tokens": [list(o.outputs[0].token_ids) for o in outs],
@@ -69,8 +74,9 @@ def run(spec: dict) -> dict:
 
 
 def main() -> None:
-    spec = json.loads(open(sys.argv[1]).read())
-    print(json.dumps(run(spec)))
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    # a file, not stdout: vLLM's processes write their logs to the same stdout
+    Path(sys.argv[2]).write_text(json.dumps(run(spec)))
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required
