@@ -27,6 +27,7 @@ from conftest import tiny_llama
 
 import nora
 from nora.models import DEFAULT_MODEL, cache_root, load_base_model
+from nora.vllm import layers
 from nora.vllm.layers import SlotSigma
 from nora.vllm.loading import AdapterRefused, pack_folder
 
@@ -175,6 +176,19 @@ def test_slot_sigma_per_token_equals_each_adapters_own_sigma(tmp_path):
     state.apply_(0, out, slot)
     t = int((slot == 0).nonzero()[0])
     torch.testing.assert_close(out[t, :6], adapters[1].phi(z[t, :6]), rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_graph_guard_refuses_non_linear_adapters_only(tmp_path, monkeypatch):
+    # CUDA graphs captured before a NoRA adapter arrives would replay without its σ
+    packs = {}
+    for m in ("lora", "nora"):
+        model = nora.load_adapter(tiny_llama(), save_random(tmp_path / m, tiny_llama, 0, method=m))
+        packs[m] = next(iter(nora.adapter_modules(model).values())).adapter.pack()
+    assert layers.is_linear(packs["lora"]) and not layers.is_linear(packs["nora"])
+    layers.check_not_captured()  # nothing captured: no error
+    monkeypatch.setattr(layers, "_CAPTURED", True)
+    with pytest.raises(layers.GraphCapturedError, match="--enforce-eager"):
+        layers.check_not_captured()
 
 
 # ----------------------------------------------------------------------------- real vLLM
