@@ -171,17 +171,21 @@ def timed(fn, reps: int = 30) -> float:
 
 
 def check_timing(root: Path) -> None:
-    from conftest import randomize, tiny_llama
+    from conftest import randomize
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    base = tiny_llama(hidden=1024, layers=4, vocab=4096, intermediate_size=2816)
-    base = base.to(DEV, torch.bfloat16)
+    def base_model():  # a 4-layer, 1024-wide Llama: big enough that a step is not launch-bound
+        torch.manual_seed(0)
+        shape = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4)
+        c = LlamaConfig(vocab_size=4096, num_attention_heads=8, num_key_value_heads=8, **shape)
+        return LlamaForCausalLM(c).eval()
+
+    base = base_model().to(DEV, torch.bfloat16)
     multi = MultiAdapterModel(base)
     for method in ("lora", "nora"):
         for i in range(16):
-            m = nora.inject(
-                tiny_llama(hidden=1024, layers=4, vocab=4096, intermediate_size=2816),
-                nora.AdapterConfig(method=method, r=16, init_weights=False),
-            )
+            cfg = nora.AdapterConfig(method=method, r=16, init_weights=False)
+            m = nora.inject(base_model(), cfg)
             randomize(m, i)
             nora.save_adapter(m, root / f"{method}{i}")
             multi.add(f"{method}{i}", root / f"{method}{i}")

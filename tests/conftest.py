@@ -142,3 +142,52 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         for w in nora.adapter_modules(model).values():
             for p in w.adapter.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+# --- skips CI may not take ------------------------------------------------------------------
+# Packages CI installs (scripts/setup.sh test). Under CI (env CI=true), a test that skips
+# because one of these cannot be imported FAILS: a broken install must not pass as green.
+# Tests that need one of them skip with a reason naming it (pytest.importorskip does).
+REQUIRED_IN_CI = ("triton", "vllm", "trl", "bitsandbytes")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _missing_required(reason: str) -> str | None:
+    """The required package a skip reason blames, if that package cannot be imported here."""
+    import importlib.util
+    import re
+
+    for pkg in REQUIRED_IN_CI:
+        if re.search(rf"\b{pkg}\b", reason, re.I) and (
+            f"could not import '{pkg}'" in reason or importlib.util.find_spec(pkg) is None
+        ):
+            return pkg
+    return None
+
+
+def _fail_required_skip(report) -> None:
+    if not (_in_ci() and report.skipped) or not isinstance(report.longrepr, tuple):
+        return
+    reason = str(report.longrepr[2])
+    pkg = _missing_required(reason)
+    if pkg is not None:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped in CI, but CI must install {pkg!r} (REQUIRED_IN_CI in tests/conftest.py): "
+            f"{reason}"
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_required_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield  # a module-level importorskip skips the whole file at collection
+    _fail_required_skip(outcome.get_result())

@@ -306,3 +306,15 @@ def test_loran_reuses_its_update_at_inference_until_weights_change():
         torch.testing.assert_close(ad(x), x @ ad.delta_weight().T, rtol=1e-5, atol=1e-6)
         assert ad._cache[1] is not cached
     torch.testing.assert_close(ad(x), x @ ad.delta_weight().T, rtol=1e-5, atol=1e-6)  # grad path
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_adapter_built_on_a_device_keeps_every_tensor_there(method):
+    # inject builds adapters on the base weight's device: a buffer left on the CPU breaks
+    # every CUDA model (AuroRA's spline basis once did)
+    cfg = nora.AdapterConfig(method=method, r=4)
+    a = nora.METHODS[method](16, 8, cfg, device="meta")
+    tensors = dict(a.named_parameters()) | dict(a.named_buffers())
+    assert tensors and all(t.device.type == "meta" for t in tensors.values()), {
+        n: t.device for n, t in tensors.items()
+    }

@@ -1,10 +1,20 @@
-"""CLI smoke tests: every subcommand on a tiny local model folder; user errors exit 2, no traceback."""
+"""CLI tests: every subcommand on a tiny local model folder (demo on a tiny stand-in for the
+embedded default, serve in a subprocess); user errors exit 2, no traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.request
 
 import pytest
+import yaml
 from conftest import make_tokenizer, tiny_llama
 from typer.testing import CliRunner
 
@@ -89,6 +99,62 @@ def test_train_eval_inspect_end_to_end(model_dir, tmp_path):
         run_dir,
     )
     assert code == 0 and "resuming from" in out
+    # analyze: the printed numbers are the ones written to analysis.json
+    code, out = run(
+        "analyze",
+        run_dir / "adapter",
+        *common,
+        "--n-eval",
+        4,
+        "--max-tokens",
+        64,
+        "--out",
+        tmp_path / "an",
+    )
+    assert code == 0, out
+    agg = json.loads((tmp_path / "an" / "analysis.json").read_text())["aggregate"]
+    for view in ("latent", "output", "weight"):
+        er, auc = agg[view]["effective_rank"]["mean"], agg[view]["auc90"]["mean"]
+        assert f"{view:<7} effective rank {er:8.2f}   AUC-90 {auc:7.1f} of r=4" in out
+    # serve: a real server process answers with the trained adapter
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    shutil.copytree(run_dir / "adapter", adapters / "mine")
+    with served(model_dir, adapters) as url:
+        body = {"model": "mine", "prompt": "x1 = 0.5", "max_tokens": 3, "temperature": 0}
+        req = urllib.request.Request(
+            f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+    assert answer["model"] == "mine" and answer["usage"]["prompt_tokens"] > 0
+    assert answer["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+@contextlib.contextmanager
+def served(model_dir, adapters):
+    """`nora serve` in a subprocess on a free port; yields its URL once uvicorn says it runs."""
+    code = "from nora.cli import main; main()"
+    args = ["serve", "--base", str(model_dir), "--adapters", str(adapters), "--port", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True, env=os.environ
+    )
+    try:
+        for line in proc.stderr:  # blocks until the next log line: no polling
+            m = re.search(r"running on (http://\S+)", line, re.I)
+            if m:
+                break
+        else:
+            raise AssertionError(f"nora serve exited with {proc.wait()} before serving")
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+        yield m.group(1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize(
@@ -112,3 +178,41 @@ def test_user_errors_are_one_line(args, msg, model_dir):
 def test_train_with_unknown_dataset(model_dir, tmp_path):
     code, out = run("train", "--model", model_dir, "--data", "nope", "--output-dir", tmp_path)
     assert code == 2 and "nope" in out and "Traceback" not in out
+
+
+def test_sweep_then_report(model_dir, tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model_dir),
+                "datasets": ["logistic-map"],
+                "top_layers": 1,
+                "train": {"steps": 2, "batch_size": 4, "n_train": 8, "n_test": 4, "max_len": 300},
+                "variants": {"nora": {"method": "nora"}},
+                "ranks": [2],
+                "seeds": [0],
+            }
+        )
+    )
+    code, out = run("sweep", spec, "--out", tmp_path / "sw")
+    assert code == 0, out
+    result = json.loads((tmp_path / "sw/runs/logistic-map/nora/r2/s0/result.json").read_text())
+    code, out = run("report", tmp_path / "sw")
+    assert code == 0 and f"written: {tmp_path / 'sw' / 'report.md'}" in out
+    assert f"| nora | {result['ppl']:.3f} (n=1) |" in (tmp_path / "sw" / "report.md").read_text()
+
+
+def test_demo_quick_on_a_stand_in_default(tmp_path, monkeypatch):
+    """`nora demo` has no --model: it runs the embedded default, whose converted copy lives in
+    $NORA_CACHE. A tiny model saved there (as the conversion would) stands in for it."""
+    from nora.models import _CACHE_NAME, save_cache
+
+    tok = make_tokenizer()
+    save_cache(tiny_llama(vocab=len(tok), hidden=64), tok, tmp_path / "cache" / _CACHE_NAME)
+    monkeypatch.setenv("NORA_CACHE", str(tmp_path / "cache"))
+    code, out = run("demo", "--quick", "--r", 2, "--out-dir", tmp_path / "demo")
+    assert code == 0, out
+    rows = json.loads((tmp_path / "demo" / "demo_results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["base", "lora r2", "nora r2"]
+    assert f"{rows[2]['ppl']:.3f}" in out  # the table was printed

@@ -4,10 +4,12 @@ failing run, and the report builds with its figures and tables."""
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import yaml
 from conftest import make_tokenizer, tiny_llama
+from transformers import AutoModelForCausalLM
 
 from nora.experiments import SweepConfig, SweepError, probe_logistic, run_sweep
 from nora.report import build_report
@@ -73,8 +75,29 @@ def test_sweep_resume_and_report(tmp_path, model_dir):
     r = json.loads(results[0].read_text())
     assert {"ppl", "analysis", "lr", "trainable_params"} <= set(r)
     chosen = json.loads((out / "lr" / "chosen-logistic-map.json").read_text())["lr"]
-    assert set(chosen) == {"lora", "nora"} and all(v in (1e-3, 1e-2) for v in chosen.values())
-    assert r["lr"] == chosen[r["variant"]]
+    lr_runs = [
+        json.loads(f.read_text()) for f in sorted(out.glob("lr/logistic-map/*/lr*/result.json"))
+    ]
+    assert len(lr_runs) == 2 * 2  # variants x learning rates
+    for variant in ("lora", "nora"):  # the argmin of validation perplexity, per variant
+        scores = {x["lr"]: x["ppl"] for x in lr_runs if x["variant"] == variant}
+        assert scores.keys() == {1e-3, 1e-2} and chosen[variant] == min(scores, key=scores.get)
+    assert all(x["split"] == "validation" for x in lr_runs)
+    assert all(
+        json.loads(f.read_text())["lr"] == chosen[json.loads(f.read_text())["variant"]]
+        for f in results
+    )
+    # each run was scored on the split it names: re-score its saved adapter on both splits
+    val, test = held_out_splits(model_dir)
+    for run_dir, split in [
+        (out / "lr/logistic-map/nora/lr0.01", "validation"),
+        (results[0].parent, "test"),
+    ]:
+        saved = json.loads((run_dir / "result.json").read_text())
+        assert saved["split"] == split
+        on_val, on_test = (heldout_ppl(model_dir, run_dir / "adapter", s) for s in (val, test))
+        assert saved["ppl"] == pytest.approx(on_val if split == "validation" else on_test, rel=1e-6)
+        assert on_val != pytest.approx(on_test, rel=1e-4)  # the splits tell apart
     assert len(list(out.glob("probe/*/s*/result.json"))) == 4
     assert (out / "efficiency" / "result.json").is_file()
     # a second call skips everything that finished
@@ -83,6 +106,7 @@ def test_sweep_resume_and_report(tmp_path, model_dir):
     assert not any(line.startswith("done") for line in logs)
     report = build_report(out)
     text = report.read_text()
+    assert_tables_match_results(text, out)
     for needle in (
         "## logistic-map",
         "NoRA vs LoRA",
@@ -103,6 +127,60 @@ def test_sweep_resume_and_report(tmp_path, model_dir):
         "cumulative_energy_logistic-map.png",
     ):
         assert (out / "figures" / png).stat().st_size > 1000
+
+
+def held_out_splits(model_dir):
+    """The sweep's validation and test examples, rebuilt as `sweep_file` defines them."""
+    from nora.data import build_splits
+
+    tok = make_tokenizer()
+    _, held, _ = build_splits(tok, "logistic-map", 12, 4 + 4, 300, seed=0)
+    return held[:4], held[4:]
+
+
+def heldout_ppl(model_dir, adapter_dir, split) -> float:
+    import nora
+    from nora.data import batches
+    from nora.evaluate import perplexity
+
+    tok = make_tokenizer()
+    model = nora.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
+    return perplexity(model, batches(split, tok.pad_token_id, 4)).ppl
+
+
+def table(text: str, caption: str) -> dict[str, list[str]]:
+    """The markdown table after the line starting with `caption`: first cell -> other cells."""
+    lines = text[text.index(caption) :].splitlines()[2:]  # caption, blank line, then the table
+    rows = {}
+    for line in lines[2:]:  # after the header and |---|
+        if not line.startswith("|"):
+            break
+        first, *cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[first] = cells
+    return rows
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def assert_tables_match_results(text: str, out) -> None:
+    """The report's numbers are the result files' numbers (mean ± std over the seeds)."""
+    runs = [json.loads(f.read_text()) for f in out.glob("runs/logistic-map/*/r*/s*/result.json")]
+    ppl = table(text, "Test perplexity, mean ± std over seeds")
+    base = json.loads((out / "runs/logistic-map/base/result.json").read_text())["ppl"]
+    assert ppl["base model"][0] == f"{base:.3f}"
+    for variant in ("lora", "nora"):
+        expected = [
+            mean_std([x["ppl"] for x in runs if x["variant"] == variant and x["r"] == r])
+            for r in (2, 4)
+        ]
+        assert ppl[variant] == expected, variant
+    lr_rows = [line for line in text.splitlines() if line.count("|") == 4 and "| lr" not in line]
+    lr_table = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in lr_rows}
+    for f in out.glob("lr/logistic-map/*/lr*/result.json"):
+        x = json.loads(f.read_text())
+        assert lr_table[(x["variant"], f"{x['lr']:g}")].split("|")[3].strip() == f"{x['ppl']:.3f}"
 
 
 def test_a_failing_run_is_reported_not_fatal(tmp_path, model_dir):

@@ -271,8 +271,14 @@ def test_gpt2_conv1d_is_refused_clearly_but_module_level_works(ids):
 
 
 def test_unload_or_merge_without_adapter():
-    with pytest.raises(nora.InjectionError, match="no nora adapter"):
-        nora.unload(tiny_llama())
+    for fn in (nora.unload, nora.merge):
+        model = tiny_llama()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(nora.InjectionError, match="no nora adapter"):
+            fn(model)
+        after = model.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], before[k]) for k in before)  # nothing changed
 
 
 def test_config_must_be_an_adapter_config():
@@ -321,6 +327,23 @@ def test_deepcopy_and_state_dict_of_injected_model(ids):
     randomize(model)
     clone = copy.deepcopy(model)
     assert torch.equal(logits(clone, ids), logits(model, ids))
+    sd, sd_clone = model.state_dict(), clone.state_dict()
+    assert sd.keys() == sd_clone.keys()
+    n_base, n_adapter = len(tiny_llama().state_dict()), len(nora.adapter_state_dict(model))
+    assert len(sd) == n_base + n_adapter  # the adapters' tensors are in state_dict
+    assert all(torch.equal(sd[k], sd_clone[k]) for k in sd)
+    ptrs = {t.data_ptr() for t in sd.values()}
+    assert not ptrs & {t.data_ptr() for t in sd_clone.values()}  # nothing shared
+    # the copy is independent: changing its adapters leaves the original's output alone
+    before = logits(model, ids)
+    randomize(clone, seed=1)
+    assert torch.equal(logits(model, ids), before)
+    assert not torch.allclose(logits(clone, ids), before)
+    # and its state_dict restores the original into a fresh injected model
+    fresh = tiny_llama(seed=5)
+    nora.inject(fresh, nora.AdapterConfig(method="nolora", r=4))
+    fresh.load_state_dict(sd)
+    assert torch.equal(logits(fresh, ids), before)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

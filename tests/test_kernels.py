@@ -64,3 +64,24 @@ def test_unknown_activation_is_refused():
         segmented_delta(
             torch.randn(2, 40), torch.zeros(2, 24), torch.zeros(2, dtype=torch.long), A, B, "swish"
         )
+
+
+@needs_triton
+@pytest.mark.parametrize("precision", kernels.PRECISIONS)
+def test_every_pinned_precision_compiles_and_matches(precision):
+    # On CPU the interpreter computes in float32 whatever the precision: this checks that each
+    # is accepted by tl.dot; benchmarks/kernel_gpu.py checks on a GPU that they differ.
+    ads, (A, B) = make()
+    g = torch.Generator().manual_seed(2)
+    x, idx = torch.randn(9, 40, generator=g), torch.tensor([0, 1, 2, -1, 0, 1, 2, 2, 0])
+    ref = segmented_delta_reference(x, torch.zeros(9, 24), idx, A, B, "gelu")
+    got = segmented_delta(x, torch.zeros(9, 24), idx, A, B, "gelu", precision=precision)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_unknown_precision_is_refused():
+    _, (A, B) = make()
+    x, idx = torch.randn(2, 40), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        segmented_delta(x, torch.zeros(2, 24), idx, A, B, "silu", precision="fp8")

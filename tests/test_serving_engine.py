@@ -250,10 +250,19 @@ def test_sampler_draws_from_the_filtered_distribution(top_k, top_p, expected):
 
 
 def test_sampler_nucleus_beyond_the_top_1024_is_exact():
-    logits = torch.zeros(5000)  # flat: the nucleus at p = 0.5 holds 2500 tokens
+    # Strictly decreasing logits: token i is the i-th most likely, so the nucleus at p = 0.5 is
+    # the prefix 0..n-1, here ~2200 tokens: beyond the top 1024 the sampler looks at first.
+    logits = -1e-4 * torch.arange(5000, dtype=torch.float32)
+    probs = torch.softmax(logits.double(), -1)
+    n = int((probs.cumsum(-1) - probs < 0.5).sum())  # smallest prefix holding >= 0.5
+    assert 1024 < n < 2500
     gen = torch.Generator().manual_seed(0)
-    draws = {_draw(logits, SamplingParams(temperature=1.0, top_p=0.5), gen) for _ in range(3000)}
-    assert len(draws) > 1024 and len(draws) < 2600
+    draws = [_draw(logits, SamplingParams(temperature=1.0, top_p=0.5), gen) for _ in range(4000)]
+    assert max(draws) < n + 2  # nothing outside the nucleus (+1: float32 rounding at its edge)
+    assert max(draws) > n - 50 and len(set(draws)) > 1024  # its tail beyond 1024 is reached
+    # and within it, the draws follow softmax: the first half is a bit likelier than the second
+    half = float(probs[: n // 2].sum() / probs[:n].sum())
+    assert sum(d < n // 2 for d in draws) / len(draws) == pytest.approx(half, abs=0.03)
 
 
 def test_a_full_waiting_queue_refuses_new_requests(root, tok):

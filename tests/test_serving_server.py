@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import socket
 import threading
-import time
 
 import pytest
 from conftest import tiny_llama
@@ -51,20 +49,78 @@ def server(root, tok):
     engine.stop()
 
 
-@contextlib.contextmanager
-def slow_steps(engine, seconds=0.01):
-    """Make each decode step take a while, so requests overlap and streams last."""
-    decode = engine._decode
+TIMEOUT = 60  # seconds: only a hang reaches it; every wait below is on an event
 
-    def slow():
-        time.sleep(seconds)
-        decode()
 
-    engine._decode = slow
-    try:
-        yield
-    finally:
-        engine._decode = decode
+class StepGate:
+    """Holds the engine's background steps until the test lets them run, and tells the test
+    when requests arrive and when they are cancelled: tests wait on these events instead of
+    sleeping, so a busy machine cannot reorder what they check.
+
+    The gate sits outside `Engine.step`, so a held engine holds no lock (the HTTP side can
+    still load/unload adapters).
+    """
+
+    def __init__(self, engine):
+        self.engine, self.cv = engine, threading.Condition()
+        self.permits, self.done, self.open = 0, 0, False
+        self.submitted: list = []
+        self.cancelled = threading.Event()
+
+    def __enter__(self) -> StepGate:
+        real_step, real_submit = self.engine.step, self.engine.submit
+
+        def step():
+            with self.cv:
+                assert self.cv.wait_for(lambda: self.open or self.permits > 0, TIMEOUT)
+                self.permits -= not self.open
+            try:
+                return real_step()
+            finally:
+                with self.cv:
+                    self.done += 1
+                    self.cv.notify_all()
+
+        def submit(*args, **kw):
+            req = real_submit(*args, **kw)
+            real_cancel = req.cancel
+
+            def cancel():
+                real_cancel()
+                self.cancelled.set()
+
+            req.cancel = cancel
+            with self.cv:
+                self.submitted.append(req)
+                self.cv.notify_all()
+            return req
+
+        self.engine.step, self.engine.submit = step, submit
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.engine.step, self.engine.submit  # back to the class's methods
+        with self.cv:
+            self.open = True
+            self.cv.notify_all()
+
+    def wait_submitted(self, n: int) -> list:
+        with self.cv:
+            assert self.cv.wait_for(lambda: len(self.submitted) >= n, TIMEOUT)
+            return self.submitted[:n]
+
+    def run(self, n: int = 1) -> None:
+        """Let n more steps run and wait until they have (the engine must have work)."""
+        with self.cv:
+            target = self.done + n
+            self.permits += n
+            self.cv.notify_all()
+            assert self.cv.wait_for(lambda: self.done >= target, TIMEOUT)
+
+    def release(self) -> None:
+        with self.cv:
+            self.open = True
+            self.cv.notify_all()
 
 
 def call(srv, method, path, body=None, raw: bytes | None = None):
@@ -186,7 +242,7 @@ def test_names_with_path_parts_are_refused(server, name):
         ({"model": BASE, "prompt": "a" * 100, "max_tokens": 300}, 400, "context length"),
         ({"model": BASE, "prompt": "a", "temperature": -1}, 400, "temperature"),
         ({"model": BASE, "prompt": "a", "top_p": 0}, 400, "top_p"),
-        ({"model": BASE, "prompt": "a", "n": 2}, 400, "n=2 is not supported"),
+        ({"model": BASE, "prompt": "a", "n": 99}, 400, "n must be an integer in [1, 16]"),
         ({"model": BASE, "prompt": "a", "frobnicate": 1}, 400, "unsupported fields: frobnicate"),
         ({"model": BASE, "prompt": 5}, 400, "'prompt' must be"),
         ({"model": BASE, "prompt": ""}, 400, "empty"),
@@ -238,6 +294,7 @@ def test_load_and_unload_endpoints(server):
 
 def test_concurrent_clients_are_batched_across_adapters(server, root, tok):
     server.engine.stats["max_running"] = 0
+    prefills = server.engine.stats["prefills"]
     jobs = [("hello", "nora"), ("abc", "lora"), ("xyz", None), ("fox", "aurora"), ("q", "nolora")]
     results: dict[int, dict] = {}
     barrier = threading.Barrier(len(jobs))
@@ -247,13 +304,16 @@ def test_concurrent_clients_are_batched_across_adapters(server, root, tok):
         body = greedy(model=adapter or BASE, prompt=prompt, max_tokens=10)
         results[i] = call(server, "POST", "/v1/completions", body)
 
-    with slow_steps(server.engine):
+    with StepGate(server.engine) as gate:
         threads = [threading.Thread(target=client, args=(i, *j)) for i, j in enumerate(jobs)]
         for t in threads:
             t.start()
+        gate.wait_submitted(len(jobs))  # all queued before the first step: one batch
+        gate.release()
         for t in threads:
-            t.join(30)
-    assert server.engine.stats["max_running"] >= 3
+            t.join(TIMEOUT)
+    assert server.engine.stats["max_running"] == len(jobs)
+    assert server.engine.stats["prefills"] == prefills + 1  # all five in one batch
     for i, (prompt, adapter) in enumerate(jobs):
         status, body = results[i]
         ref = hf_generate(root, tok, prompt, adapter, 10, do_sample=False)
@@ -264,23 +324,24 @@ def test_concurrent_clients_are_batched_across_adapters(server, root, tok):
 
 def test_client_disconnect_mid_stream_frees_its_slot(server):
     engine, store = server.engine, server.engine.store
-    with slow_steps(engine):
-        sock = socket.create_connection((server.host, server.port), timeout=10)
+    with StepGate(engine) as gate:
+        sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
         body = json.dumps(greedy(model="nora", prompt="go", max_tokens=250, stream=True)).encode()
         head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         sock.sendall(head.encode() + body)
+        (req,) = gate.wait_submitted(1)
+        while not req.text:  # step until some text has been streamed
+            gate.run(1)
         got = b""
-        while got.count(b"data: ") < 3:
+        while b"data: " not in got:  # the client has it
             got += sock.recv(4096)
-        assert engine.running == 1 and store.pins("nora") == 1
-        (req,) = engine.rows
+        assert engine.running == 1 and store.pins("nora") == 1 and engine.rows == [req]
         status, resp = call(server, "POST", "/v1/adapters/unload", {"name": "nora"})
         assert status == 409 and "in use" in resp["error"]["message"]
         sock.close()
-        t0 = time.monotonic()
-        while (engine.running or store.pins("nora")) and time.monotonic() - t0 < 5:
-            time.sleep(0.02)
-    assert engine.running == 0 and store.pins("nora") == 0
+        assert gate.cancelled.wait(TIMEOUT)  # the server saw the client leave
+        gate.run(1)  # the next step frees the row
+        assert engine.running == 0 and store.pins("nora") == 0
     assert req.finish_reason == "cancelled" and len(req.output_ids) < 250
     status, _ = call(server, "GET", "/health")
     assert status == 200
@@ -288,20 +349,18 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
 
 def test_client_disconnect_while_waiting_for_a_full_answer(server):
     engine = server.engine
-    with slow_steps(engine):
-        sock = socket.create_connection((server.host, server.port), timeout=10)
+    with StepGate(engine) as gate:
+        sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
         body = json.dumps(greedy(model="lora", prompt="go", max_tokens=250)).encode()
         head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
         sock.sendall(head.encode() + body)
-        t0 = time.monotonic()
-        while not engine.running and time.monotonic() - t0 < 5:
-            time.sleep(0.01)
-        assert engine.running == 1
-        (req,) = engine.rows
+        (req,) = gate.wait_submitted(1)
+        gate.run(1)  # admitted and prefilled: it holds a row
+        assert engine.running == 1 and engine.rows == [req]
         sock.close()
-        while engine.running and time.monotonic() - t0 < 5:
-            time.sleep(0.02)
-    assert engine.running == 0 and engine.store.pins("lora") == 0
+        assert gate.cancelled.wait(TIMEOUT)  # the server saw the client leave
+        gate.run(1)
+        assert engine.running == 0 and engine.store.pins("lora") == 0
     assert req.finish_reason == "cancelled" and len(req.output_ids) < 250
 
 

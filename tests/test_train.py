@@ -1,15 +1,16 @@
 """The training loop and evaluation: exact resume after SIGKILL and Ctrl-C, NaN stop,
-config checks, and perplexity checked against a hand computation."""
+config checks, perplexity checked against a hand computation, and batched greedy accuracy
+against one-prompt-at-a-time decoding."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,9 @@ from conftest import make_tokenizer, tiny_llama
 from safetensors.torch import load_file
 
 import nora
-from nora.data import build_splits, collate
-from nora.evaluate import batch_nll, perplexity, supports_fast_nll
+from nora.data import Example, build_splits, collate, extract_final_answer
+from nora.data.tokenization import prompt_ids
+from nora.evaluate import accuracy, batch_nll, generate, perplexity, supports_fast_nll
 from nora.train import TrainConfig, TrainingError, micro_batch_indices, train
 
 TESTS = Path(__file__).parent
@@ -92,33 +94,46 @@ def test_training_lowers_heldout_perplexity(tmp_path):
 
 
 WORKER = textwrap.dedent("""
-    import sys, time
+    import sys, threading
     sys.path.insert(0, {tests!r})
-    import nora
     from test_train import setup
     from nora.train import train
     from pathlib import Path
+
+    def pause_at_6(step, m):
+        if step == 6:  # after step 6's checkpoint: say so, then wait to be killed
+            print("step 6", flush=True)
+            threading.Event().wait()
+
     cfg, model, tok = setup(Path({tmp!r}))
-    train(cfg, model=model, tokenizer=tok, progress=False,
-          on_step=lambda step, m: time.sleep(0.3))  # slow enough to be killed mid-run
+    train(cfg, model=model, tokenizer=tok, progress=False, on_step=pause_at_6)
 """)
+
+
+def resumed_run(tmp_path, **kw):
+    """Run again in the same folder; returns its config, summary and the steps it ran."""
+    cfg, model, tok = setup(tmp_path, **kw)
+    ran: list[int] = []
+    summary = train(
+        cfg, model=model, tokenizer=tok, progress=False, on_step=lambda s, _: ran.append(s)
+    )
+    return cfg, summary, ran
 
 
 def test_sigkill_then_resume_ends_with_the_same_weights(reference, tmp_path):
     _, _, ref_weights = reference
     code = WORKER.format(tests=str(TESTS), tmp=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=TESTS.parent)
-    ckpts = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 120
-    while not (ckpts / "step-000006").exists():
-        assert proc.poll() is None, "worker ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=TESTS.parent, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline() == "step 6\n", "worker ended before it could be killed"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert not (tmp_path / "run" / "adapter").exists()  # it really died mid-run
-    cfg, model, tok = setup(tmp_path)
-    summary = train(cfg, model=model, tokenizer=tok, progress=False)
+    cfg, summary, ran = resumed_run(tmp_path)
+    assert ran == list(range(7, 13))  # it started after the checkpoint, not from step 0
     assert summary["steps"] == 12
     assert_same_weights(final_weights(cfg.output_dir), ref_weights)
 
@@ -134,8 +149,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(reference, tmp_path):
     with pytest.raises(TrainingError, match="interrupted at step 5; checkpoint saved"):
         train(cfg, model=model, tokenizer=tok, progress=False, on_step=interrupt)
     assert (Path(cfg.output_dir) / "checkpoints" / "step-000005").is_dir()
-    cfg, model, tok = setup(tmp_path, save_every=0)
-    train(cfg, model=model, tokenizer=tok, progress=False)
+    cfg, _, ran = resumed_run(tmp_path, save_every=0)
+    assert ran == list(range(6, 13))  # it started after the checkpoint, not from step 0
+    recs = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").open()]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))  # each step once
     assert_same_weights(final_weights(cfg.output_dir), ref_weights)
 
 
@@ -236,3 +253,49 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkey
     ckpts = Path(cfg.output_dir) / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002"]  # no half-written folder
     assert (ckpts / "step-000002" / "training_state.json").is_file()
+
+
+# --- accuracy -------------------------------------------------------------------------------
+
+
+def greedy_by_hand(model, ids: list[int], n: int, eos: int) -> list[int]:
+    """Greedy decoding one full forward per token: no batch, no padding, no KV cache."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([out])).logits[0, -1].argmax())
+            if t == eos:
+                break
+            out.append(t)
+    return out[len(ids) :]
+
+
+def test_batched_greedy_generation_and_scores_line_up(tmp_path):
+    tok = make_tokenizer()
+    # larger initial weights than the default 0.02: the answers then depend on the prompt
+    model = tiny_llama(vocab=len(tok), hidden=64, initializer_range=0.2)
+    questions = [
+        "a",
+        "Calculate 5 - 3 - 6.",
+        "The answer is",
+        "x1 = 0.7500\nx2 = 0.5625\nIterate the logistic map.",
+        "How many legs are there in total?",
+    ]
+    examples = [Example([{"role": "user", "content": q}], response="") for q in questions]
+    prompts = [prompt_ids(tok, ex.messages) for ex in examples]
+    assert len({len(p) for p in prompts}) == len(prompts)  # every batch is left-padded
+    eos = model.generation_config.eos_token_id
+    hand = [greedy_by_hand(model, p, 6, eos) for p in prompts]
+    texts = [tok.decode(h, skip_special_tokens=True) for h in hand]
+    assert all(texts) and len(set(texts)) == len(texts)  # non-empty and told apart
+    # batches of 3: one full and one ragged batch, both left-padded
+    assert generate(model, tok, prompts, max_new_tokens=6, batch_size=3) == texts
+    # gold answers: right for examples 0, 2, 4, wrong for 1, 3: the scores must say so, in order
+    for i, (ex, text) in enumerate(zip(examples, texts, strict=True)):
+        ex.answer = extract_final_answer(text) if i % 2 == 0 else "no such answer"
+    res = accuracy(model, tok, examples, 6, batch_size=3, samples_path=tmp_path / "s.jsonl")
+    samples = [json.loads(line) for line in (tmp_path / "s.jsonl").open()]
+    assert [s["prompt"] for s in samples] == questions
+    assert [s["completion"] for s in samples] == texts
+    assert [s["score"] for s in samples] == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert res == {"accuracy": 3 / 5, "n": 5}

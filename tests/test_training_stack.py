@@ -76,6 +76,10 @@ def test_autocast_bfloat16(method):
     ids = batch()
     with torch.no_grad():
         ref = model(ids).logits
+        with nora.disable_adapters(model):
+            base = model(ids).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                base_err = (model(ids).logits.float() - base).abs().max()
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids, labels=ids)
@@ -84,7 +88,11 @@ def test_autocast_bfloat16(method):
     assert all(
         g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads
     )
-    assert (out.logits.float() - ref).abs().max() < 0.1
+    # What bf16 explains: the base model's own bf16 error plus one bf16 rounding (2^-8
+    # relative) of the adapter's contribution, with 2x slack. The contribution is ~0.5, so a
+    # 2% error in the adapter's output (0.01) fails this; the error measured is ~0.4 of it.
+    contribution = (ref - base).abs().max()
+    assert (out.logits.float() - ref).abs().max() < 2 * (base_err + 2**-8 * contribution)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

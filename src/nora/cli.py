@@ -1,22 +1,38 @@
 """`nora` command line: each subcommand is a thin call into the library.
 
 nora demo                        LoRA vs NoRA on the embedded default (the main job)
-nora train --method nora --r 16  fine-tune an adapter (resumable)
+nora train --method nora --r 16  fine-tune an adapter (resumable; --config file.yaml)
 nora eval --adapter runs/x/adapter --accuracy 32
-nora params --method nora --r 64 --targets q_proj,v_proj
+nora analyze runs/x/adapter      spectra and effective rank of a trained adapter
+nora sweep paper-mini            methods x ranks x seeds (resumable)
+nora report results/sweep        markdown report with figures from a sweep folder
+nora serve --adapters adapters/  OpenAI-compatible server, many adapters over one base
+nora params --method nora --r 64 --target-modules q_proj,v_proj
 nora inspect runs/x/adapter      what an adapter folder holds
+nora export runs/x/adapter out/  merged HF model (lora, loran) or --gguf (lora, llama.cpp)
 nora methods                     the registered methods and their defaults
+
+The options of `train` and `params` are generated from the fields of `AdapterConfig` and
+`TrainConfig` (nora.config): one option per field, named after it (`max_steps` is
+`--max-steps`), with the field's help text and default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect as pyinspect
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+# bitsandbytes' CPU backend logs a warning on import when the optional `kernels` package (which
+# fetches kernels from the hub at run time) is missing; nora never uses it, so keep it quiet.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 app = typer.Typer(
     add_completion=False,
@@ -47,57 +63,136 @@ def _split(s: str | None) -> list[str] | None:
     return [x.strip() for x in s.split(",") if x.strip()] if s else None
 
 
-def _layers(s: str | None) -> list[int] | None:
-    """'20-29' or '20,21,22' -> list of ints."""
-    if not s:
-        return None
-    out: list[int] = []
-    for part in s.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            out += list(range(int(lo), int(hi) + 1))
+Rank = Annotated[int, typer.Option("--r", help="rank")]
+
+
+# --- options derived from the config dataclasses ---------------------------------------------
+
+
+def _field_options(cls: type, panel: str, defaults: dict[str, Any]) -> list[pyinspect.Parameter]:
+    """One keyword option per field of `cls`: `--field-name` (plus the field's `aliases`),
+    its help text and default from the dataclass. Every option defaults to None ("not given"),
+    so a value from --config is only overridden by options actually typed."""
+    from nora.config import field_types
+
+    types_ = field_types(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = types_[f.name]
+        if dataclasses.is_dataclass(tp):
+            continue  # nested configs (TrainConfig.adapter) get their own group
+        dashed = f.name.replace("_", "-")
+        default = defaults.get(f.name)
+        help_ = f.metadata.get("help", "") + (
+            f"  (default: {default})" if default not in (None, False) else ""
+        )
+        aliases = [f"--{a}" for a in f.metadata.get("aliases", ())]
+        if tp is bool:
+            decls, ann = [f"--{dashed}/--no-{dashed}"], bool | None
         else:
-            out.append(int(part))
+            decls, ann = [f"--{dashed}", *aliases], str | None
+        option = typer.Option(
+            *decls,
+            help=help_,
+            show_default=False,
+            rich_help_panel=panel,
+            metavar=_metavar(tp),
+        )
+        out.append(
+            pyinspect.Parameter(
+                f.name,
+                pyinspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[ann, option],
+            )
+        )
     return out
 
 
-def _adapter_config(
-    method, r, alpha, scale, rslora, dropout, activation, targets, layers, placement
-):
-    from nora import AdapterConfig
+def _metavar(tp: Any) -> str | None:
+    """INT, FLOAT, TEXT, A,B (a comma list), LO,HI (a pair); None for flags."""
+    import typing
 
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if tp is bool:
+        return None
+    if typing.get_origin(tp) is tuple:
+        return "LO,HI"
+    if typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in args):
+        return "A,B|REGEX" if str in args else "A,B|A-B"
+    base = args[0] if args else tp
+    return {int: "INT", float: "FLOAT"}.get(base, "TEXT")
+
+
+def _with_config_options(*groups: tuple[type, str, dict[str, Any]]):
+    """Decorator: give the command one option per config field of each (class, panel,
+    shown defaults) group; the command gets `given={cls: {field: parsed value}}` holding only
+    the options that were typed."""
+    from nora.config import field_types, parse_text
+
+    def deco(fn):
+        own = pyinspect.signature(fn, eval_str=True).parameters.values()
+        extra, owner, short = [], {}, {}
+        for cls, panel, defaults in groups:
+            for p in _field_options(cls, panel, defaults):
+                extra.append(p)
+                owner[p.name] = cls
+                info = p.annotation.__metadata__[0]  # in Annotated, the 1st name sits in .default
+                short[p.name] = min([info.default, *info.param_decls], key=len)
+
+        @functools.wraps(fn)
+        def wrapper(**kw):
+            given: dict[type, dict[str, Any]] = {cls: {} for cls, _, _ in groups}
+            for name, cls in owner.items():
+                v = kw.pop(name)
+                if isinstance(v, str):  # errors name the option's shortest spelling
+                    v = parse_text(field_types(cls)[name], v, short[name])
+                if v is not None:
+                    given[cls][name] = v
+            return fn(given=given, **kw)
+
+        wrapper.__signature__ = pyinspect.Signature([p for p in own if p.name != "given"] + extra)
+        wrapper.__annotations__ = {}
+        return wrapper
+
+    return deco
+
+
+def _adapter_groups():
+    from nora.config import TRAIN_ADAPTER, AdapterConfig
+
+    shown = {f.name: f.default for f in dataclasses.fields(AdapterConfig)} | TRAIN_ADAPTER
+    return (AdapterConfig, "Adapter (AdapterConfig)", shown)
+
+
+def _train_groups():
+    from nora.config import TrainConfig
+
+    shown = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "adapter"}
+    return (TrainConfig, "Training (TrainConfig)", shown)
+
+
+def resolve_train_config(file: Path | None, given: dict[type, dict[str, Any]]):
+    """TrainConfig from the defaults, then `file` (YAML or JSON, the layout of
+    train_config.json: training fields plus an `adapter:` mapping), then the typed options."""
+    import yaml
+
+    from nora.config import AdapterConfig, ConfigError, TrainConfig, from_mapping
+
+    d: dict[str, Any] = {}
+    if file is not None:
+        try:
+            d = yaml.safe_load(Path(file).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file} is not valid YAML/JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{file} must hold a mapping of config fields")
+    adapter = {**(d.get("adapter") or {}), **given.get(AdapterConfig, {})}
+    d = {**d, **given.get(TrainConfig, {}), "adapter": adapter}
     try:
-        layer_list = _layers(layers)
-    except ValueError:
-        raise ValueError(f"--layers must look like '20-29' or '1,3,5', got {layers!r}") from None
-    return AdapterConfig(
-        method=method,
-        r=r,
-        alpha=alpha,
-        scale=scale,
-        rslora=rslora,
-        dropout=dropout,
-        activation=activation,
-        target_modules=_split(targets),
-        layers_to_transform=layer_list,
-        placement=placement,
-    )
-
-
-Method = Annotated[str, typer.Option(help="lora | nora | nolora | aurora | loran")]
-Rank = Annotated[int, typer.Option("--r", help="rank")]
-Alpha = Annotated[float | None, typer.Option(help="scale = alpha/r (method default if unset)")]
-Scale = Annotated[float | None, typer.Option(help="fixed scale s (overrides alpha)")]
-RsLora = Annotated[bool, typer.Option(help="scale = alpha/sqrt(r)")]
-Dropout = Annotated[float | None, typer.Option(help="dropout p (method default if unset)")]
-Activation = Annotated[
-    str | None, typer.Option(help="identity|relu|silu|gelu|tanh|sinter|learnable")
-]
-Targets = Annotated[
-    str | None, typer.Option(help="comma-separated module names, e.g. q_proj,v_proj")
-]
-Layers = Annotated[str | None, typer.Option(help="layer indices to adapt, e.g. 22-29")]
-Placement = Annotated[str, typer.Option(help="weight | module")]
+        return from_mapping(TrainConfig, d)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}" if file is not None else str(e)) from None
 
 
 @app.command()
@@ -116,30 +211,21 @@ def methods() -> None:
 
 @app.command()
 @_user_errors
+@_with_config_options(_adapter_groups())
 def params(
     model: Annotated[
         str, typer.Option(help="smollm2-135m, a local folder or a hub id")
     ] = "smollm2-135m",
-    method: Method = "nora",
-    r: Rank = 16,
-    alpha: Alpha = None,
-    scale: Scale = None,
-    rslora: RsLora = False,
-    dropout: Dropout = None,
-    activation: Activation = None,
-    targets: Targets = None,
-    layers: Layers = None,
-    placement: Placement = "weight",
+    given: dict | None = None,
 ) -> None:
     """Trainable-parameter table of an adapter on a model (built on the meta device: no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import nora
+    from nora.config import TRAIN_ADAPTER, AdapterConfig, from_mapping
 
-    cfg = _adapter_config(
-        method, r, alpha, scale, rslora, dropout, activation, targets, layers, placement
-    )
+    cfg = from_mapping(AdapterConfig, {**TRAIN_ADAPTER, **given[AdapterConfig]})
     if model == "smollm2-135m":
         from nora.models import load_base_model
 
@@ -166,82 +252,40 @@ def inspect(adapter_dir: Path) -> None:
 
 @app.command("train")
 @_user_errors
+@_with_config_options(_adapter_groups(), _train_groups())
 def train_cmd(
-    method: Method = "nora",
-    r: Rank = 16,
-    alpha: Alpha = None,
-    scale: Scale = None,
-    rslora: RsLora = False,
-    dropout: Dropout = None,
-    activation: Activation = None,
-    targets: Targets = None,
-    layers: Layers = None,
-    placement: Placement = "weight",
-    model: Annotated[
-        str, typer.Option(help="smollm2-135m, a local folder or a hub id")
-    ] = "smollm2-135m",
-    data: Annotated[
-        str,
-        typer.Option(help="math | reasoning-mix | logistic-map | slimorca | mathinstruct | a file"),
-    ] = "math",
-    data_path: Annotated[
-        str | None, typer.Option(help="local file for slimorca/mathinstruct")
-    ] = None,
-    n_train: int = 512,
-    n_eval: int = 64,
-    max_len: int = 256,
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 100,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: float = 5e-4,
-    weight_decay: float = 0.0,
-    warmup_ratio: float = 0.05,
-    max_grad_norm: float = 1.0,
-    seed: int = 0,
-    dtype: Annotated[
-        str | None, typer.Option(help="float32 | bfloat16 | float16 (auto if unset)")
-    ] = None,
-    eval_every: int = 0,
-    save_every: int = 0,
-    output_dir: Annotated[
-        str, typer.Option(help="run folder; rerun the same command to resume")
-    ] = "runs/nora",
     config: Annotated[
-        Path | None, typer.Option(help="a train_config.json to run instead of the options")
+        Path | None,
+        typer.Option(
+            help="YAML/JSON config (the layout of train_config.json); options override it"
+        ),
     ] = None,
+    print_config: Annotated[
+        bool, typer.Option(help="print the resolved config (YAML; --config reads it) and exit")
+    ] = False,
+    json_: Annotated[bool, typer.Option("--json", help="with --print-config: as JSON")] = False,
+    given: dict | None = None,
 ) -> None:
     """Fine-tune an adapter. Rerunning the same command resumes from the last checkpoint."""
-    from nora.train import TrainConfig, train
+    cfg = resolve_train_config(config, given)
+    if print_config:
+        typer.echo(_dump(cfg.to_dict(), "json" if json_ else "yaml"))
+        return
+    from accelerate import PartialState
 
-    if config is not None:
-        cfg = TrainConfig.from_dict(json.loads(config.read_text()))
-    else:
-        adapter = _adapter_config(
-            method, r, alpha, scale, rslora, dropout, activation, targets, layers, placement
-        )
-        cfg = TrainConfig(
-            adapter=adapter,
-            model=model,
-            data=data,
-            data_path=data_path,
-            n_train=n_train,
-            n_eval=n_eval,
-            max_len=max_len,
-            max_steps=steps,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_ratio=warmup_ratio,
-            max_grad_norm=max_grad_norm,
-            seed=seed,
-            dtype=dtype,
-            eval_every=eval_every,
-            save_every=save_every,
-            output_dir=output_dir,
-        )
+    from nora.train import train
+
     summary = train(cfg)
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
+    if PartialState().is_main_process:  # once, under `accelerate launch` too
+        typer.echo(json.dumps(summary.to_dict(data=False), indent=2))
+
+
+def _dump(d: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(d, indent=2)
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False).rstrip()
 
 
 @app.command("eval")
@@ -396,13 +440,43 @@ def serve(
     port: int = 8000,
     max_resident: Annotated[int, typer.Option(help="adapters kept loaded at once (LRU)")] = 16,
     max_batch: Annotated[int, typer.Option(help="requests decoded together")] = 16,
+    api_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON key file: tenants, their adapters and rights (default: $NORA_API_KEYS, "
+            "$NORA_API_KEY; none: no auth, loopback only)"
+        ),
+    ] = None,
+    max_waiting: Annotated[
+        int, typer.Option(help="queued requests before new ones get 503 + Retry-After")
+    ] = 1024,
+    request_timeout: Annotated[
+        float | None, typer.Option(help="seconds a request may take (then 504)")
+    ] = None,
+    grace: Annotated[
+        float, typer.Option(help="seconds to drain in-flight requests on SIGTERM")
+    ] = 30.0,
 ) -> None:
     """OpenAI-compatible server: many unmerged adapters over one base model, batched together."""
     from nora.serving import serve as run_server
+    from nora.serving.tenants import KeyConfigError
 
-    run_server(
-        base, str(adapters), host=host, port=port, max_resident=max_resident, max_batch=max_batch
-    )
+    try:
+        run_server(
+            base,
+            str(adapters),
+            host=host,
+            port=port,
+            max_resident=max_resident,
+            max_batch=max_batch,
+            api_keys=api_keys,
+            max_waiting=max_waiting,
+            request_timeout=request_timeout,
+            grace=grace,
+        )
+    except KeyConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("export")
@@ -425,3 +499,7 @@ def export_cmd(
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `python -m nora.cli` (accelerate launch -m nora.cli); keep last
+    main()

@@ -20,6 +20,7 @@ from torch import nn
 from nora.adapters import METHODS, AdapterLinear, NotMergeableError, ParallelAdapter
 from nora.adapters.base import _Wrapper
 from nora.config import AdapterConfig
+from nora.quantize import is_quantized
 
 DEFAULT_LAYERS_PATTERN = "layers|h|blocks|block|layer"
 
@@ -211,6 +212,12 @@ def merge(model: nn.Module, approximate_merge: bool = False) -> nn.Module:
     for name, w in wrappers.items():  # check all before changing any
         if w.merged:
             raise NotMergeableError(f"{name} is already merged")
+        if is_quantized(w.base_layer):
+            raise NotMergeableError(
+                f"{name} wraps a quantized {type(w.base_layer).__name__} (bitsandbytes): "
+                "merging needs a dense weight; load the adapter over the full-precision base "
+                "and merge there"
+            )
         try:
             w.check_mergeable(approximate_merge)
         except NotMergeableError as e:

@@ -12,6 +12,13 @@ Mixed ranks are zero-padded to one R (a power of two ≥ 16, as `tl.dot` wants);
 columns of B are zero, so whatever the activation gives there is multiplied away.
 `segmented_delta` runs the Triton kernel (on GPU, or on CPU under `TRITON_INTERPRET=1`) and
 `segmented_delta_reference` is the plain PyTorch loop it must equal.
+
+Precision: `tl.dot` on float32 defaults to TF32 on NVIDIA GPUs (inputs rounded to a 10-bit
+mantissa, ~5e-4 relative), which float32 callers do not expect. So it is pinned: "ieee"
+(true float32 products) whenever x, A or B is float32; "tf32" when all three are 16-bit,
+which is exact for their products (bf16 and fp16 mantissas fit in TF32's) and rounds the
+float32 latent well below the 16-bit output's own rounding. `precision=` overrides.
+(The CPU interpreter always computes in float32; only a GPU run tells the two apart.)
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = {"identity": 0, "silu": 1, "relu": 2, "tanh": 3, "gelu": 4}
+PRECISIONS = ("ieee", "tf32", "tf32x3")  # tl.dot's input_precision on NVIDIA GPUs
 
 try:  # Triton is optional: the reference path covers every machine
     import triton
@@ -114,6 +122,7 @@ if triton is not None:
         BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         tile = tl.program_id(0)
         adapter = tl.load(tile_adapter_ptr + tile)
@@ -137,7 +146,7 @@ if triton is not None:
                 mask=mask_k[:, None],
                 other=0.0,
             )  # Aᵀ tile (BLOCK_K, R)
-            latent += tl.dot(xt.to(tl.float32), at.to(tl.float32))
+            latent += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision=PRECISION)
         if ACT == 1:
             latent = latent * tl.sigmoid(latent)
         elif ACT == 2:
@@ -155,7 +164,7 @@ if triton is not None:
                 mask=mask_d[None, :],
                 other=0.0,
             )  # (s·B)ᵀ tile (R, BLOCK_D)
-            out = tl.dot(latent, bt.to(tl.float32))
+            out = tl.dot(latent, bt.to(tl.float32), input_precision=PRECISION)
             ptrs = y_ptr + offs_t[:, None] * D + offs_d[None, :]
             mask = mask_t[:, None] & mask_d[None, :]
             prev = tl.load(ptrs, mask=mask, other=0.0)
@@ -171,15 +180,23 @@ def segmented_delta(
     activation: str,
     block_t: int = 16,
     meta=None,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """The Triton path of `segmented_delta_reference` (same arguments); returns y.
 
     `meta` = `tiles(adapter_idx, block_t)` may be passed in when several layers share a step.
+    `precision` of the dots: "ieee", "tf32" or "tf32x3"; by default "ieee", or "tf32" when x, A
+    and B are all 16-bit (see the module docstring).
     """
     if triton is None:
         raise RuntimeError("Triton is not installed: use segmented_delta_reference")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} has no kernel; use one of {list(ACTIVATIONS)}")
+    if precision is None:
+        sixteen_bit = all(t.dtype in (torch.bfloat16, torch.float16) for t in (x, A, B))
+        precision = "tf32" if sixteen_bit else "ieee"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     order, t_adapter, t_start, t_end = meta if meta is not None else tiles(adapter_idx, block_t)
     if len(t_adapter) == 0:
         return y
@@ -201,6 +218,7 @@ def segmented_delta(
         BLOCK_T=block_t,
         BLOCK_K=64,
         BLOCK_D=64,
+        PRECISION=precision,
     )
     y[order] = ys
     return y

@@ -10,10 +10,19 @@ start of the next step. A run killed at any point and resumed from its last chec
 with the same adapter weights as an uninterrupted run. Checkpoints are safetensors + JSON
 (no pickle) written into a temporary folder and renamed into place.
 
+Several processes (`accelerate launch --num_processes 2 -m nora.cli train ...`): each process
+takes its slice of every global micro-batch (`batch_size` examples each) and the loss is the
+token-weighted mean over the whole global batch, so N processes with batch_size b train the
+same adapter as one process with batch_size N·b. Only the main process writes files.
+
 Output folder:
     train_config.json  metrics.jsonl  summary.json
     checkpoints/step-000040/  (adapter + training_state.{safetensors,json})
     adapter/           the final adapter (PEFT layout)
+    logs/              tracker files (--report-to tensorboard)
+
+The code reads top-down: `_setup` (model, data, optimizer, resume) -> `_train_step` (one
+optimizer step) / `_evaluate` / `_checkpoint` -> `train` (the loop) -> `TrainResult`.
 """
 
 from __future__ import annotations
@@ -37,66 +46,14 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 import nora
-from nora.config import AdapterConfig
+from nora import tracking
+from nora.config import AdapterConfig, ConfigError, TrainConfig  # noqa: F401 (re-exported)
 from nora.evaluate import batch_nll, perplexity, supports_fast_nll
 from nora.prefix_cache import PrefixCache
 
 
 class TrainingError(RuntimeError):
     """Training cannot start or continue; the message says why and what was kept."""
-
-
-@dataclass
-class TrainConfig:
-    """One fine-tuning run. Everything that changes the result is here and saved as JSON."""
-
-    adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(method="nora", r=16))
-    model: str = "smollm2-135m"  # built-in default, a local folder, or a hub id
-    data: str = "math"  # a nora.data source name or a file path
-    data_path: str | None = None  # local file for slimorca / mathinstruct
-    n_train: int = 512
-    n_eval: int = 64
-    max_len: int = 256
-    max_steps: int = 100  # optimizer steps
-    batch_size: int = 8  # examples per micro-batch (per process)
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 autocast on GPU
-    eval_every: int = 0  # steps; 0 = only at the end
-    save_every: int = 0  # steps; 0 = only at the end
-    keep_checkpoints: int = 2
-    output_dir: str = "runs/nora"
-
-    # Fields that may differ between a run and its resumption (they do not change the result).
-    RESUMABLE_CHANGES = ("eval_every", "save_every", "keep_checkpoints", "output_dir")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["adapter"] = self.adapter.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainingError(f"unknown training config fields {unknown}")
-        d["adapter"] = AdapterConfig.from_dict(d.get("adapter", {}))
-        return cls(**d)
-
-    def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "max_len"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise TrainingError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise TrainingError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 # --- data order: a pure function of (seed, micro-batch index) --------------------------------
@@ -122,7 +79,12 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], rank: int = 0) -> None:
+    """Restore this process's generators; process `rank` > 0 finds its own under 'rank{i}.'."""
+    mine = {
+        k.removeprefix(f"rank{rank}."): v for k, v in state.items() if k.startswith(f"rank{rank}.")
+    }
+    state = mine or {k: v for k, v in state.items() if not k.startswith("rank")}
     torch.set_rng_state(state["torch"])
     cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():
@@ -183,73 +145,168 @@ def load_training_state(ckpt: Path, optimizer, scheduler) -> tuple[int, dict[str
     return meta["step"], rng
 
 
-# --- the loop ----------------------------------------------------------------------------------
+# --- results ---------------------------------------------------------------------------------
 
 
-def _log(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+@dataclass
+class StepLog:
+    """One optimizer step, as written to metrics.jsonl (tokens summed over all processes)."""
+
+    step: int
+    loss: float  # token-weighted mean NLL over the global batch
+    lr: float
+    grad_norm: float
+    tokens: int  # input tokens (attention_mask == 1)
+    supervised_tokens: int
+    tok_per_s: float  # input tokens per second since the (re)start
+    elapsed_s: float
 
 
-def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
-    f = out / "train_config.json"
-    if not f.is_file():
-        return
-    old = json.loads(f.read_text())
-    new = cfg.to_dict()
-    diff = sorted(
-        k
-        for k in set(old) | set(new)
-        if k not in cfg.RESUMABLE_CHANGES and old.get(k) != new.get(k)
-    )
-    if diff:
-        raise TrainingError(
-            f"{out} holds a run with a different config (differs in {diff}); "
-            "use another --output-dir, or the same settings to resume"
+@dataclass
+class EvalLog:
+    step: int
+    eval_loss: float
+    eval_ppl: float
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns and writes to summary.json."""
+
+    method: str
+    r: int
+    steps: int
+    trainable_params: int
+    eval_ppl: float
+    eval_loss: float
+    eval_tokens: int
+    train_time_s: float
+    tok_per_s: float | None  # input tokens per second
+    supervised_tok_per_s: float | None
+    final_train_loss: float | None
+    data: Any = None  # nora.data.DataStats of the splits, when `train` built them
+    history: list[StepLog] = field(default_factory=list, repr=False)
+
+    def to_dict(self, data: bool = True) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "history"}
+        d["data"] = dataclasses.asdict(self.data) if data and self.data is not None else None
+        if not data:
+            del d["data"]
+        return d
+
+    def __getitem__(self, key: str) -> Any:
+        # Callers written for the former summary dict (summary["eval_ppl"]) keep working;
+        # new code reads attributes.
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    train: list[dict]
+    eval: list[dict]
+    stats: Any  # DataStats, or None when the caller passed the splits
+    pad_id: int
+    collate: Callable  # (examples, pad_id) -> batch dict
+    context: Callable  # () -> context manager around every forward (the prefix cache's)
+
+
+@dataclass
+class _Run:
+    """Everything a run holds between steps."""
+
+    cfg: TrainConfig
+    accel: Any  # accelerate.Accelerator
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped under several processes)
+    raw: nn.Module  # the model itself: adapters, saving, evaluation
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[nn.Parameter]
+    data: _Data
+    out: Path
+    fast: bool = False  # head-only NLL (one process only: it bypasses DDP's gradient sync)
+    step: int = 0
+    rng: dict[str, torch.Tensor] | None = None  # generators' state at the last step boundary
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def world(self) -> int:
+        return self.accel.num_processes
+
+
+def _check_output(cfg: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from, after checking `output_dir` may be (re)used."""
+    out = Path(cfg.output_dir)
+    if (out / "train_config.json").is_file():
+        if not resume:
+            raise TrainingError(f"{out} already holds a run; pass resume or use another output_dir")
+        old = json.loads((out / "train_config.json").read_text())
+        try:  # older runs lack newer fields: compare with their defaults filled in
+            old = TrainConfig.from_dict(old).to_dict()
+        except ConfigError:
+            pass
+        new = cfg.to_dict()
+        diff = sorted(
+            k
+            for k in set(old) | set(new)
+            if k not in cfg.RESUMABLE_CHANGES and old.get(k) != new.get(k)
         )
+        if diff:
+            raise TrainingError(
+                f"{out} holds a run with a different config (differs in {diff}); "
+                "use another --output-dir, or the same settings to resume"
+            )
+    ckpt_dir = out / "checkpoints"
+    return latest_checkpoint(ckpt_dir) if resume and ckpt_dir.is_dir() else None
 
 
-def train(
-    cfg: TrainConfig,
-    model: nn.Module | None = None,
-    tokenizer=None,
-    progress: bool = True,
-    resume: bool = True,
-    on_step: Callable[[int, nn.Module], None] | None = None,
-    splits: tuple[list[dict], list[dict]] | None = None,
-    prefix: PrefixCache | None = None,
-) -> dict[str, Any]:
-    """Fine-tune an adapter per `cfg`; resumes from `cfg.output_dir` when it holds checkpoints.
-
-    `model`/`tokenizer` may be passed in (tests, notebooks); otherwise `cfg.model` is loaded.
-    `on_step(step, model)` runs after every optimizer step (and its checkpoint, if any).
-    `splits=(train, eval)` overrides the data `cfg` names (a sweep builds them once), and
-    `prefix`, a `PrefixCache` holding those examples, skips the frozen lower layers.
-    Returns the summary also written to summary.json.
-    """
+def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
-    from nora.data import batches, build_splits, collate
-    from nora.models import load_base_model
-
-    cfg.validate()
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    last = latest_checkpoint(ckpt_dir) if resume and ckpt_dir.is_dir() else None
-    if (out / "train_config.json").is_file():
-        _check_resume_config(out, cfg)
-    if not resume and (out / "train_config.json").is_file():
-        raise TrainingError(f"{out} already holds a run; pass resume or use another output_dir")
+    if cfg.report_to != "none" and not tracking.available(cfg.report_to):
+        raise TrainingError(
+            f"--report-to {cfg.report_to} needs the {cfg.report_to} package "
+            f"(pip install {cfg.report_to}); nothing was trained"
+        )
 
     use_cuda = torch.cuda.is_available()
     accel = Accelerator(
-        cpu=not use_cuda, mixed_precision="bf16" if use_cuda and cfg.dtype is None else "no"
+        cpu=not use_cuda,
+        mixed_precision="bf16" if use_cuda and cfg.dtype is None else "no",
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(Path(cfg.output_dir) / "logs"),
     )
-    torch.manual_seed(cfg.seed)
+    kind = accel.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Both shard parameters or optimizer state; nora's checkpoints read the adapter and
+        # AdamW state directly, which would save shards. Not supported (untested) yet.
+        raise TrainingError(
+            f"nora train runs under plain data parallelism (accelerate launch --multi_gpu), "
+            f"not {kind}: its checkpoints would hold parameter shards. See docs/training-stack.md"
+        )
+    return accel
+
+
+def _load(cfg: TrainConfig, accel, model, tokenizer, splits, prefix) -> tuple[nn.Module, _Data]:
+    """The base model (quantized if asked) and the data, checked against each other."""
+    from nora.data import build_splits, collate
+    from nora.models import load_base_model
+
     if model is None:
         model, tokenizer = load_base_model(cfg.model, dtype=cfg.dtype, device=str(accel.device))
     if tokenizer is None:
         raise TrainingError("pass the tokenizer together with the model")
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        from nora.quantize import quantize_base
+
+        quantize_base(model, bits=4 if cfg.load_in_4bit else 8)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -266,19 +323,36 @@ def train(
             f"the prefix cache skips layers below {prefix.first}, but layers "
             f"{layers or 'all'} are adapted"
         )
-    batch_of = prefix.collate if prefix is not None else collate
-    ctx = prefix.top_only if prefix is not None else contextlib.nullcontext
-    world = accel.num_processes
-    if len(train_set) < cfg.batch_size * world:
+    if len(train_set) < cfg.batch_size * accel.num_processes:
         raise TrainingError(
             f"only {len(train_set)} training examples for a global micro-batch "
-            f"of {cfg.batch_size * world}"
+            f"of {cfg.batch_size * accel.num_processes}"
         )
+    data = _Data(
+        train_set,
+        eval_set,
+        stats,
+        pad_id,
+        prefix.collate if prefix is not None else collate,
+        prefix.top_only if prefix is not None else contextlib.nullcontext,
+    )
+    return model, data
 
+
+def _setup(cfg, model, tokenizer, resume, splits, prefix) -> _Run:
+    """Load, inject, build the optimizer, restore the last checkpoint if there is one."""
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise TrainingError(str(e)) from None
+    last = _check_output(cfg, resume)
+    accel = _accelerator(cfg)
+    torch.manual_seed(cfg.seed)
+    model, data = _load(cfg, accel, model, tokenizer, splits, prefix)
     torch.manual_seed(cfg.seed)  # adapter init depends only on the seed
     if getattr(model, "_nora_state", None) is None:
         nora.inject(model, cfg.adapter)
-    if use_cuda:  # master weights in fp32 under bf16 autocast
+    if torch.cuda.is_available():  # master weights in fp32 under bf16 autocast
         for w in nora.adapter_modules(model).values():
             w.adapter.float()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -286,140 +360,245 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps
     )
-    model, optimizer = accel.prepare(model, optimizer)
-    raw = accel.unwrap_model(model)
-
-    step, rng = 0, None
+    prepared, optimizer = accel.prepare(model, optimizer)
+    run = _Run(
+        cfg,
+        accel,
+        prepared,
+        accel.unwrap_model(prepared),
+        optimizer,
+        scheduler,
+        params,
+        data,
+        Path(cfg.output_dir),
+    )
     if last is not None:
-        weights = nora.checkpoint.read_weights(last)
-        with torch.no_grad():
-            for name, w in nora.adapter_modules(raw).items():
-                for k, p in w.adapter.state_dict().items():
-                    p.copy_(weights[f"{name}.{k}"])
-        step, rng = load_training_state(last, optimizer, scheduler)
-        accel.print(f"resuming from {last} (step {step})")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    metrics = out / "metrics.jsonl"
-    if step == 0 and metrics.exists():
-        metrics.unlink()
+        _restore(run, last)
+    if accel.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        tmp = run.out / f".train_config.json.{os.getpid()}"  # other processes may be reading it
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        os.replace(tmp, run.out / "train_config.json")
+        if run.step == 0 and (run.out / "metrics.jsonl").exists():
+            (run.out / "metrics.jsonl").unlink()
+    with data.context():
+        run.fast = run.world == 1 and supports_fast_nll(run.raw, _micro_batch(run, 0))
+    if run.rng is not None:
+        _set_rng_state(run.rng, accel.process_index)
+    if accel.is_main_process and cfg.report_to != "none":
+        accel.init_trackers("nora", config=tracking.flat_config(cfg))
+    accel.wait_for_everyone()
+    return run
 
-    def micro_batch(m: int) -> dict[str, torch.Tensor]:
-        idx = micro_batch_indices(len(train_set), cfg.batch_size * world, cfg.seed, m)
-        mine = idx[
-            accel.process_index * cfg.batch_size : (accel.process_index + 1) * cfg.batch_size
-        ]
-        batch = batch_of([train_set[i] for i in mine], pad_id)
-        return {k: v.to(accel.device) for k, v in batch.items()}
 
-    def eval_batches():
-        return batches(eval_set, pad_id, cfg.batch_size, batch_of)
+def _restore(run: _Run, ckpt: Path) -> None:
+    weights = nora.checkpoint.read_weights(ckpt)
+    with torch.no_grad():
+        for name, w in nora.adapter_modules(run.raw).items():
+            for k, p in w.adapter.state_dict().items():
+                p.copy_(weights[f"{name}.{k}"])
+    run.step, run.rng = load_training_state(ckpt, run.optimizer, run.scheduler)
+    run.accel.print(f"resuming from {ckpt} (step {run.step})")
 
-    # The head-only loss calls the backbone directly, which would bypass DDP's gradient sync.
-    with ctx():
-        fast = world == 1 and supports_fast_nll(raw, micro_batch(0))
-    if rng is not None:
-        _set_rng_state(rng)
-    model.train()
+
+# --- one step, evaluation, checkpoints -------------------------------------------------------
+
+
+def _micro_batch(run: _Run, m: int) -> dict[str, torch.Tensor]:
+    """This process's share of global micro-batch `m`."""
+    b, rank = run.cfg.batch_size, run.accel.process_index
+    idx = micro_batch_indices(len(run.data.train), b * run.world, run.cfg.seed, m)
+    batch = run.data.collate(
+        [run.data.train[i] for i in idx[rank * b : (rank + 1) * b]], run.data.pad_id
+    )
+    return {k: v.to(run.accel.device) for k, v in batch.items()}
+
+
+def _global_sum(run: _Run, *values: float) -> list[float]:
+    """Sum scalars over the processes (as they are with one)."""
+    if run.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=run.accel.device)
+    return run.accel.reduce(t, reduction="sum").tolist()
+
+
+def _train_step(run: _Run) -> tuple[float, float, int, int]:
+    """One optimizer step over `grad_accum` micro-batches -> (loss, grad norm, input tokens,
+    supervised tokens), the loss token-weighted over the global batch."""
+    cfg, accel = run.cfg, run.accel
+    micro = [_micro_batch(run, run.step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
+    n_tok, n_in = _global_sum(
+        run,
+        sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+        sum(int(b["attention_mask"].sum()) for b in micro),  # all input tokens
+    )
+    loss_sum = 0.0
+    for j, b in enumerate(micro):
+        # DDP averages gradients over processes: × world makes that the global token mean.
+        sync = accel.no_sync(run.model) if j < len(micro) - 1 else contextlib.nullcontext()
+        with sync, accel.autocast(), run.data.context():
+            nll, _ = batch_nll(run.raw if run.fast else run.model, b, fast=run.fast)
+            accel.backward(nll * run.world / max(n_tok, 1))
+        loss_sum += float(nll.detach())
+    (loss_sum,) = _global_sum(run, loss_sum)
+    loss = loss_sum / max(n_tok, 1)
+    if not math.isfinite(loss):
+        kept = latest_checkpoint(run.ckpt_dir) if run.ckpt_dir.is_dir() else None
+        raise TrainingError(
+            f"loss is {loss} at step {run.step + 1}; stopping. "
+            + (f"Last good checkpoint: {kept}" if kept else "No checkpoint was written yet")
+            + " (lower the learning rate or check the data)"
+        )
+    grad_norm = accel.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss, float(grad_norm), int(n_in), int(n_tok)
+
+
+def _evaluate(run: _Run):
+    """Held-out perplexity (every process computes the same; the main one logs it)."""
+    from nora.data import batches
+
+    ev = perplexity(
+        run.raw,
+        batches(run.data.eval, run.data.pad_id, run.cfg.batch_size, run.data.collate),
+        fast=run.fast,
+        context=run.data.context,
+    )
+    run.model.train()
+    rec = EvalLog(run.step, ev.nll, ev.ppl)
+    if run.accel.is_main_process:
+        _log(run.out / "metrics.jsonl", dataclasses.asdict(rec))
+    tracking.log(run.accel, {"eval/loss": ev.nll, "eval/ppl": ev.ppl}, run.step)
+    return ev
+
+
+def _checkpoint(run: _Run, gather: bool = True) -> Path | None:
+    """Write checkpoint `run.step` (main process), keep the newest `keep_checkpoints`.
+    Every process must call it (the generators' states are gathered) unless `gather=False`."""
+    rng = run.rng
+    if gather and run.world > 1:
+        from accelerate.utils import gather_object
+
+        states = gather_object([run.rng])  # one per process, in rank order
+        rng = dict(states[0])
+        for i, st in enumerate(states[1:], 1):
+            rng.update({f"rank{i}.{k}": v for k, v in st.items()})
+    path = None
+    if run.accel.is_main_process:
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = save_checkpoint(run.ckpt_dir, run.raw, run.optimizer, run.scheduler, run.step, rng)
+        for old in sorted(run.ckpt_dir.glob("step-*"))[: -run.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    if gather:
+        run.accel.wait_for_everyone()
+    return path
+
+
+def _log(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    progress: bool = True,
+    resume: bool = True,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+    splits: tuple[list[dict], list[dict]] | None = None,
+    prefix: PrefixCache | None = None,
+) -> TrainResult:
+    """Fine-tune an adapter per `cfg`; resumes from `cfg.output_dir` when it holds checkpoints.
+
+    `model`/`tokenizer` may be passed in (tests, notebooks); otherwise `cfg.model` is loaded.
+    `on_step(step, model)` runs after every optimizer step (and its checkpoint, if any).
+    `splits=(train, eval)` overrides the data `cfg` names (a sweep builds them once), and
+    `prefix`, a `PrefixCache` holding those examples, skips the frozen lower layers.
+    Returns the `TrainResult` also written to summary.json.
+    """
+    run = _setup(cfg, model, tokenizer, resume, splits, prefix)
+    main = run.accel.is_main_process
+    run.model.train()
     bar = tqdm(
         total=cfg.max_steps,
-        initial=step,
+        initial=run.step,
         desc=f"train {cfg.adapter.method}",
-        disable=not (progress and accel.is_main_process),
+        disable=not (progress and main),
         dynamic_ncols=True,
     )
-    t0, tokens_seen, supervised_seen, history = time.perf_counter(), 0, 0, []
+    t0, tokens, supervised, history = time.perf_counter(), 0, 0, []
     try:
-        while step < cfg.max_steps:
-            rng = _rng_state()  # a checkpoint taken during this step restarts it from here
-            micro = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
-            n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            n_in = sum(int(b["attention_mask"].sum()) for b in micro)  # all input tokens
-            loss_sum = 0.0
-            for b in micro:  # token-weighted over the whole accumulated batch
-                with accel.autocast(), ctx():
-                    nll, _ = batch_nll(model if not fast else raw, b, fast=fast)
-                loss = nll / max(n_tok, 1)
-                accel.backward(loss)
-                loss_sum += float(nll.detach())
-            loss_value = loss_sum / max(n_tok, 1)
-            if not math.isfinite(loss_value):
-                kept = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
-                raise TrainingError(
-                    f"loss is {loss_value} at step {step + 1}; stopping. "
-                    + (f"Last good checkpoint: {kept}" if kept else "No checkpoint was written yet")
-                    + " (lower the learning rate or check the data)"
-                )
-            grad_norm = accel.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            rng = _rng_state()  # from here on, a checkpoint restarts at the next step
-            tokens_seen += n_in
-            supervised_seen += n_tok
+        while run.step < cfg.max_steps:
+            run.rng = _rng_state()  # a checkpoint taken during this step restarts it from here
+            loss, grad_norm, n_in, n_tok = _train_step(run)
+            run.rng = _rng_state()  # from here on, a checkpoint restarts at the next step
+            tokens, supervised = tokens + n_in, supervised + n_tok
             elapsed = time.perf_counter() - t0
-            rec = {
-                "step": step,
-                "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens": n_in,
-                "supervised_tokens": n_tok,
-                "tok_per_s": tokens_seen / elapsed,  # input tokens processed per second
-                "elapsed_s": elapsed,
-            }
+            rec = StepLog(
+                run.step,
+                loss,
+                run.scheduler.get_last_lr()[0],
+                grad_norm,
+                n_in,
+                n_tok,
+                tokens / elapsed,
+                elapsed,
+            )
             history.append(rec)
-            if accel.is_main_process:
-                _log(metrics, rec)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tok_per_s']:.0f}")
+            if main:
+                _log(run.out / "metrics.jsonl", dataclasses.asdict(rec))
+            tracking.log_step(run.accel, rec)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec.tok_per_s:.0f}")
             bar.update(1)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                ev = perplexity(raw, eval_batches(), fast=fast, context=ctx)
-                model.train()
-                if accel.is_main_process:
-                    _log(metrics, {"step": step, "eval_loss": ev.nll, "eval_ppl": ev.ppl})
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                _save(accel, ckpt_dir, raw, optimizer, scheduler, step, rng, cfg)
+            last = run.step == cfg.max_steps
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and not last:
+                _evaluate(run)
+            if cfg.save_every and run.step % cfg.save_every == 0 and not last:
+                _checkpoint(run)
             if on_step is not None:
-                on_step(step, raw)
+                on_step(run.step, run.raw)
     except KeyboardInterrupt:
         bar.close()
-        path = _save(accel, ckpt_dir, raw, optimizer, scheduler, step, rng, cfg)
+        path = _checkpoint(run, gather=False)  # no collective calls while being interrupted
         raise TrainingError(
-            f"interrupted at step {step}; checkpoint saved to {path}; "
+            f"interrupted at step {run.step}; checkpoint saved to {path}; "
             "run the same command again to resume"
         ) from None
     bar.close()
-    train_time = time.perf_counter() - t0
-    ev = perplexity(raw, eval_batches(), fast=fast, context=ctx)
-    _save(accel, ckpt_dir, raw, optimizer, scheduler, step, rng, cfg)
-    summary = {
-        "method": cfg.adapter.method,
-        "r": cfg.adapter.r,
-        "steps": step,
-        "trainable_params": nora.count_parameters(raw).trainable,
-        "eval_ppl": ev.ppl,
-        "eval_loss": ev.nll,
-        "eval_tokens": ev.tokens,
-        "train_time_s": train_time,
-        "tok_per_s": tokens_seen / train_time if tokens_seen else None,  # input tokens
-        "supervised_tok_per_s": supervised_seen / train_time if supervised_seen else None,
-        "final_train_loss": history[-1]["loss"] if history else None,
-        "data": dataclasses.asdict(stats) if stats is not None else None,
-    }
-    if accel.is_main_process:
-        nora.save_adapter(raw, out / "adapter")
-        _log(metrics, {"step": step, "eval_loss": ev.nll, "eval_ppl": ev.ppl})
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return _finish(run, time.perf_counter() - t0, tokens, supervised, history)
 
 
-def _save(accel, ckpt_dir: Path, model, optimizer, scheduler, step: int, rng, cfg) -> Path | None:
-    if not accel.is_main_process:
-        return None
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = save_checkpoint(ckpt_dir, model, optimizer, scheduler, step, rng)
-    for old in sorted(ckpt_dir.glob("step-*"))[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
+def _finish(run: _Run, train_time: float, tokens: int, supervised: int, history) -> TrainResult:
+    """Final evaluation, checkpoint, adapter, summary.json and the trackers' closing logs."""
+    ev = _evaluate(run)
+    _checkpoint(run)
+    cfg = run.cfg
+    result = TrainResult(
+        method=cfg.adapter.method,
+        r=cfg.adapter.r,
+        steps=run.step,
+        trainable_params=nora.count_parameters(run.raw).trainable,
+        eval_ppl=ev.ppl,
+        eval_loss=ev.nll,
+        eval_tokens=ev.tokens,
+        train_time_s=train_time,
+        tok_per_s=tokens / train_time if tokens else None,
+        supervised_tok_per_s=supervised / train_time if supervised else None,
+        final_train_loss=history[-1].loss if history else None,
+        data=run.data.stats,
+        history=history,
+    )
+    if run.accel.is_main_process:
+        nora.save_adapter(run.raw, run.out / "adapter")
+        (run.out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+    if cfg.report_to != "none":
+        tracking.finish(run, history)
+    run.accel.wait_for_everyone()
+    return result

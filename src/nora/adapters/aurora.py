@@ -131,7 +131,8 @@ class AuroRA(Adapter):
         knots = lo + h * torch.arange(-K, G + K + 1, dtype=torch.float32)
         self.register_buffer("knots", knots.to(device), persistent=False)
         self.order, self.spline_lo, self.spline_h = K, lo - K * h, h  # knots[0], spacing
-        self.register_buffer("local_basis", local_basis_polynomials(K).float(), persistent=False)
+        M = local_basis_polynomials(K).to(device, torch.float32)
+        self.register_buffer("local_basis", M, persistent=False)
         self.self_proj = nn.Linear(r, r, bias=False, device=device, dtype=dtype)  # H
         self.spline_weight = nn.Parameter(torch.empty(r, G + K, device=device, dtype=dtype))
         self.spline_scale = nn.Parameter(torch.ones(r, device=device, dtype=dtype))  # w_s

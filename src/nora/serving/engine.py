@@ -19,7 +19,15 @@ left padding; positions are per row. Each `step()`:
    token, a stop string, max_tokens or the context length); leading columns that are padding
    in every remaining row are trimmed, so the cache never outgrows the longest live request.
 Greedy (temperature 0) or sampled (temperature, top-k, top-p; a per-request seeded
-generator, so a seed gives the same tokens whatever the batch).
+generator, so a seed gives the same tokens whatever the batch). Before either, OpenAI's
+presence / frequency penalties (over the tokens generated so far) and a logit bias; on
+request, each token's log-probability and the top alternatives under the model's own
+distribution (before penalties and temperature, as vLLM reports them).
+
+Faults stay local: a prefill or decode forward that raises is retried row by row (the
+batch's cache is first cut back to its length before the step), so only the requests that
+fail alone end with finish_reason "error"; sampling and detokenising are guarded per request
+too. A request past its deadline ends with "timeout".
 """
 
 from __future__ import annotations
@@ -61,6 +69,11 @@ class SamplingParams:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI: logit -= presence * (count > 0) + frequency * count
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # None: off; k: the sampled token's logprob + the top k
+    timeout: float | None = None  # seconds from submission; then finish_reason "timeout"
 
     def check(self) -> SamplingParams:
         def is_int(v):
@@ -85,7 +98,26 @@ class SamplingParams:
             raise ValueError("stop must be a non-empty string or a list of at most 16 of them")
         if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be a list of token ids")
+        for k in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, k)
+            if not is_num(v) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{k} must be a number in [-2, 2], got {v!r}")
+        if not isinstance(self.logit_bias, dict) or not all(
+            is_int(t) and t >= 0 and is_num(b) and -100 <= b <= 100
+            for t, b in self.logit_bias.items()
+        ):
+            raise ValueError("logit_bias must map token ids to numbers in [-100, 100]")
+        if self.logprobs is not None and (
+            not is_int(self.logprobs) or not 0 <= self.logprobs <= 20
+        ):
+            raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.timeout is not None and (not is_num(self.timeout) or self.timeout <= 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
         return self
+
+    @property
+    def shapes_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass
@@ -94,7 +126,8 @@ class Delta:
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | "timeout"
+    logprobs: list[tuple] = field(default_factory=list)  # Request.logprobs entries since the last
 
 
 _ids = itertools.count()
@@ -115,6 +148,9 @@ class Request:
     t_first: float | None = None  # first token sampled
     t_done: float | None = None
     token_times: list[float] = field(default_factory=list)
+    # (token id, logprob, [(id, logprob) of the top k]) per output token, when asked for
+    logprobs: list[tuple] = field(default_factory=list)
+    deadline: float | None = None
     # engine state
     uid: int = BASE_UID
     n_cached: int = 0  # tokens of this request in the KV cache (= next position)
@@ -123,6 +159,8 @@ class Request:
     _prefix: int = 0  # incremental detokenisation offsets
     _read: int = 0
     _emitted: int = 0  # characters of `text` already streamed
+    _lp_sent: int = 0  # logprobs entries already streamed
+    _lp: tuple | None = None  # the last sampled token's (logprob, top k)
     _cancel: bool = False
     _done: threading.Event = field(default_factory=threading.Event)
 
@@ -180,6 +218,7 @@ class Engine:
             "finished": 0,
             "max_running": 0,
         }
+        self.on_step: Callable[[int], None] | None = None  # after each decode: running rows
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -211,6 +250,8 @@ class Engine:
                 f"context length ({self.max_model_len})"
             )
         req = Request(ids, adapter, params, on_delta, t_submit=time.perf_counter())
+        if params.timeout is not None:
+            req.deadline = req.t_submit + params.timeout
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
         req._gen = torch.Generator(device=self.device).manual_seed(seed)
         with self._cv:
@@ -299,20 +340,33 @@ class Engine:
             return bool(self.rows or self.waiting)
 
     def _reap(self) -> None:
+        now = time.perf_counter()
+
+        def late(r):
+            return r.deadline is not None and now > r.deadline
+
         with self._cv:
-            for r in [r for r in self.waiting if r._cancel]:
+            for r in [r for r in self.waiting if r._cancel or late(r)]:
                 self.waiting.remove(r)
-                self._finish(r, "cancelled")
+                if r._cancel:
+                    self._finish(r, "cancelled")
+                else:
+                    self._timeout(r)
         resident = {i.uid for i in self.multi.adapters.values()} | {BASE_UID}
         keep = []
         for r in self.rows:
             if r._cancel:
                 self._finish(r, "cancelled")
+            elif late(r):
+                self._timeout(r)
             elif r.uid not in resident:
                 self._finish(r, "error", error=f"adapter {r.adapter!r} was removed")
             else:
                 keep.append(r)
         self._keep_rows(keep)
+
+    def _timeout(self, r: Request) -> None:
+        self._finish(r, "timeout", error=f"the request exceeded its {r.params.timeout:g} s limit")
 
     def _admit(self) -> list[Request]:
         joiners: list[Request] = []
@@ -342,6 +396,27 @@ class Engine:
         return joiners
 
     def _prefill(self, joiners: list[Request]) -> None:
+        try:
+            cache, mask, logits = self._prefill_forward(joiners)
+        except Exception as e:  # retry each alone: only the requests that fail alone fail
+            if len(joiners) > 1:
+                for r in joiners:
+                    self._prefill([r])
+            else:
+                self._fail(joiners[0], e)
+            return
+        self.stats["prefills"] += 1
+        self.stats["prompt_tokens"] += sum(len(r.prompt_ids) for r in joiners)
+        for r in joiners:
+            r.n_cached = len(r.prompt_ids)
+        toks = self._sample(joiners, logits)
+        alive = [
+            i for i, (r, t) in enumerate(zip(joiners, toks, strict=True)) if not self._push(r, t)
+        ]
+        if alive:
+            self._merge(cache, mask, [joiners[i] for i in alive], alive)
+
+    def _prefill_forward(self, joiners: list[Request]):
         n, P = len(joiners), max(len(r.prompt_ids) for r in joiners)
         ids = torch.full((n, P), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, P), dtype=torch.long)
@@ -359,35 +434,71 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,
         )
-        self.stats["prefills"] += 1
-        self.stats["prompt_tokens"] += sum(len(r.prompt_ids) for r in joiners)
-        for r in joiners:
-            r.n_cached = len(r.prompt_ids)
-        toks = self._sample(joiners, out.logits[:, -1])
-        alive = [
-            i for i, (r, t) in enumerate(zip(joiners, toks, strict=True)) if not self._push(r, t)
-        ]
-        if alive:
-            self._merge(cache, mask.to(self.device), [joiners[i] for i in alive], alive)
+        return cache, mask.to(self.device), out.logits[:, -1]
 
     def _decode(self) -> None:
-        B = len(self.rows)
+        B, L = len(self.rows), self.mask.shape[1]
         ids = torch.tensor([[r.output_ids[-1]] for r in self.rows], device=self.device)  # (B, 1)
         pos = torch.tensor([[r.n_cached] for r in self.rows], device=self.device)  # (B, 1)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)  # (B, L+1)
-        out = self.multi(
-            ids,
-            row_uids=[r.uid for r in self.rows],
-            attention_mask=self.mask,
-            position_ids=pos,
-            cache=self.cache,
-            use_cache=True,
-        )
+        mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)  # (B, L+1)
+        try:
+            logits = self._forward_rows(ids, pos, mask, self.cache, self.rows)  # (B, V)
+            self.mask = mask
+        except Exception as e:
+            if B == 1:
+                raise
+            logits = self._decode_alone(ids, pos, mask, L, e)
         self.stats["steps"] += 1
+        if self.on_step is not None:  # before any request of this step can finish
+            self.on_step(B)
         for r in self.rows:
             r.n_cached += 1
-        toks = self._sample(self.rows, out.logits[:, -1])
+        toks = self._sample(self.rows, logits)
         self._keep_rows([r for r, t in zip(self.rows, toks, strict=True) if not self._push(r, t)])
+
+    def _forward_rows(self, ids, pos, mask, cache, rows) -> torch.Tensor:
+        out = self.multi(
+            ids,
+            row_uids=[r.uid for r in rows],
+            attention_mask=mask,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+    def _decode_alone(self, ids, pos, mask, L: int, err: Exception) -> torch.Tensor:
+        """The batched decode raised: cut the cache back to L columns (layers before the
+        failure already appended one), run each row alone, fail the rows that raise alone
+        and rebuild the cache from the others. Returns the survivors' logits."""
+        for layer in self._layers(self.cache):
+            layer.keys, layer.values = layer.keys[:, :, :L], layer.values[:, :, :L]
+        keep, logits, subs = [], [], []
+        for i, r in enumerate(self.rows):
+            sub = DynamicCache()
+            for li, layer in enumerate(self._layers(self.cache)):
+                sub.update(layer.keys[i : i + 1], layer.values[i : i + 1], li)
+            try:
+                logits.append(
+                    self._forward_rows(ids[i : i + 1], pos[i : i + 1], mask[i : i + 1], sub, [r])
+                )
+            except Exception as e:
+                self._fail(r, e)
+                continue
+            keep.append(i)
+            subs.append(sub)
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            raise err
+        for li, layer in enumerate(self._layers(self.cache)):
+            layer.keys = torch.cat([s.layers[li].keys for s in subs])
+            layer.values = torch.cat([s.layers[li].values for s in subs])
+        self.rows, self.mask = [self.rows[i] for i in keep], mask[keep]
+        return torch.cat(logits)
+
+    def _fail(self, r: Request, e: Exception) -> None:
+        traceback.print_exception(e)
+        self._finish(r, "error", error=f"{type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------ the batch's cache
 
@@ -442,16 +553,55 @@ class Engine:
 
     # ------------------------------------------------------------------ tokens
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
-        """logits (n, V) -> one token per request (argmax, or a draw from its generator)."""
-        toks = logits.argmax(-1).tolist()
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int | None]:
+        """logits (n, V) -> one token per request (argmax, or a draw from its generator);
+        None for a request that failed here (it is finished with the error)."""
+        toks: list[int | None] = logits.argmax(-1).tolist()
         for i, r in enumerate(reqs):
-            if r.params.temperature > 0:
-                toks[i] = _draw(logits[i], r.params, r._gen)
+            p = r.params
+            if not (p.temperature > 0 or p.shapes_logits or p.logprobs is not None):
+                continue
+            try:
+                z = self._shape(r, logits[i].float())
+                toks[i] = _draw(z, p, r._gen) if p.temperature > 0 else int(z.argmax())
+                if p.logprobs is not None:
+                    lp = torch.log_softmax(logits[i].float(), -1)  # the model's distribution
+                    top = torch.topk(lp, p.logprobs) if p.logprobs else None
+                    alts = (
+                        list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                        if top
+                        else []
+                    )
+                    r._lp = (float(lp[toks[i]]), alts)
+            except Exception as e:
+                self._fail(r, e)
+                toks[i] = None
         return toks
 
-    def _push(self, r: Request, tok: int) -> bool:
+    def _shape(self, r: Request, z: torch.Tensor) -> torch.Tensor:
+        """Penalties over the tokens generated so far, then the logit bias (OpenAI's rules)."""
+        p = r.params
+        if (p.presence_penalty or p.frequency_penalty) and r.output_ids:
+            ids = torch.tensor(r.output_ids, device=z.device)
+            counts = torch.bincount(ids, minlength=z.numel())[: z.numel()].to(z.dtype)  # (V,)
+            z = z - counts * p.frequency_penalty - (counts > 0).to(z.dtype) * p.presence_penalty
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if t < z.numel()], dtype=torch.long)
+            bias = torch.tensor([p.logit_bias[int(t)] for t in ids], dtype=z.dtype)
+            z = z.index_add(0, ids.to(z.device), bias.to(z.device))
+        return z
+
+    def _push(self, r: Request, tok: int | None) -> bool:
         """Append a sampled token, stream the new text; True when the request is finished."""
+        if tok is None or r.finished:
+            return True
+        try:
+            return self._push_token(r, tok)
+        except Exception as e:  # e.g. detokenising: this request fails, the batch goes on
+            self._fail(r, e)
+            return True
+
+    def _push_token(self, r: Request, tok: int) -> bool:
         now = time.perf_counter()
         if r.t_first is None:
             r.t_first = now
@@ -461,6 +611,9 @@ class Engine:
         stop_tok = (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
         if not stop_tok:  # a stop token is not part of the output
             r.output_ids.append(tok)
+            if r._lp is not None:
+                r.logprobs.append((tok, *r._lp))
+        r._lp = None
         length = not stop_tok and (
             len(r.output_ids) >= p.max_tokens or r.n_cached >= self.max_model_len
         )
@@ -474,6 +627,8 @@ class Engine:
         safe = max(len(r.text) - hold, r._emitted)  # a stop string may still be forming
         delta = Delta(r.text[r._emitted : safe], [tok], finish)
         r._emitted = safe
+        if delta.text or finish:
+            delta.logprobs, r._lp_sent = r.logprobs[r._lp_sent :], len(r.logprobs)
         if finish:
             self._finish(r, finish, delta=delta)
         elif delta.text:

@@ -3,7 +3,8 @@
     POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "stream", ...}
     POST /v1/chat/completions   {"model", "messages", ...}            (stream: server-sent events)
     GET  /v1/models             the base model and every adapter ("loaded": resident or not)
-    GET  /health
+    GET  /health                status (resident adapters and counters: admin keys only)
+    GET  /metrics               Prometheus text format (admin keys only, when keys are set)
     POST /v1/adapters/load      {"name"}   make an adapter of the directory resident (validated)
     POST /v1/adapters/unload    {"name"}   drop it (409 while requests use it)
 
@@ -11,15 +12,28 @@
 Concurrent requests are batched together by the engine whatever their adapters. Errors are
 OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON,
 bad or unsupported fields, invalid adapter names, oversize prompts or max_tokens, or an
-adapter that does not fit the base (the mismatch named); 404 for an unknown model (with the
-known names); 409 for unloading an adapter in use; 413 for an oversize body. A client that
-disconnects cancels its request, which frees its batch row.
+adapter that does not fit the base (the mismatch named); 401 for a missing or unknown API
+key; 403 for loading / unloading without the right; 404 for an unknown model (with the
+names this key may use) -- and for another tenant's adapter, word for word; 409 for
+unloading an adapter in use; 413 for an oversize body; 429 past a key's rate limit and 503
+when the waiting queue is full, no adapter slot is free or the server is draining (both
+with `Retry-After`; for a full queue, the time the queue ahead takes to drain at the recent
+completion rate); 500 for a generation that failed (that request only); 504 past the
+per-request time limit. A client that disconnects cancels its request, which frees its row.
+
+With keys (tenants.py), every endpoint but /health needs `Authorization: Bearer <key>`.
+OpenAI fields: n (up to `max_n` choices, batched together), seed (choice i draws from seed
++ i), logprobs / top_logprobs, presence / frequency penalty, logit_bias, stop (a string or
+up to 16); echo, suffix and best_of != n are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
+import signal
 import socket
 import threading
 import time
@@ -36,8 +50,12 @@ from starlette.routing import Route
 
 from nora.checkpoint import CheckpointError
 from nora.serving.engine import Delta, Engine, OverloadedError, Request, SamplingParams
+from nora.serving.metrics import CONTENT_TYPE, Metrics
 from nora.serving.multi import UnknownAdapterError
 from nora.serving.store import AdapterBusyError, AdapterNameError, StoreFullError, check_name
+from nora.serving.tenants import OPEN, Keys, Tenant, bearer, exposure_warning, load_keys
+
+log = logging.getLogger("nora.serve")
 
 # Fields accepted with any value, and fields accepted only with their no-op value.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
@@ -48,22 +66,24 @@ _FIELDS = {
     "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs"},
 }
 _NOOP = {
-    "n": (1, None),
-    "best_of": (1, None),
     "echo": (False, None),
     "suffix": (None, ""),
-    "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None),
-    "logit_bias": (None, {}),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
 }
+_STATUS = {"error": 500, "timeout": 504, "cancelled": 503}  # a failed request's HTTP status
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param=None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
+        self.retry_after = retry_after
 
     def response(self) -> JSONResponse:
         body = {
@@ -72,7 +92,16 @@ class APIError(Exception):
             "param": self.param,
             "code": self.status,
         }
-        return JSONResponse({"error": body}, status_code=self.status)
+        headers = None
+        if self.retry_after is not None:
+            headers = {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        return JSONResponse({"error": body}, status_code=self.status, headers=headers)
+
+
+def _unauthorized() -> APIError:
+    return APIError(
+        401, "a valid API key is required (Authorization: Bearer <key>)", "authentication_error"
+    )
 
 
 class API:
@@ -86,12 +115,52 @@ class API:
         default_max_tokens: int = 256,
         max_prompt_tokens: int | None = None,
         max_body_bytes: int = 1 << 20,
+        keys: Keys | None = None,
+        request_timeout: float | None = None,
+        max_n: int = 16,
+        retry_after: float = 1.0,
     ):
         self.engine, self.store, self.base_name = engine, engine.store, base_name
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
         self.max_prompt_tokens = max_prompt_tokens or engine.max_model_len - 1
         self.max_body_bytes = max_body_bytes
+        self.keys, self.request_timeout, self.max_n = keys, request_timeout, max_n
+        self.retry_after = retry_after
+        self.draining = False  # set on SIGTERM: new requests get 503
+        self.metrics = Metrics(engine)
         self.created = int(time.time())
+
+    # ------------------------------------------------------------------ who is asking
+
+    def tenant(self, request: HTTPRequest) -> Tenant:
+        """The caller's tenant (OPEN without keys); 401 for a missing or unknown key."""
+        if self.keys is None:
+            return OPEN
+        tenant = self.keys.lookup(bearer(request.headers))
+        if tenant is None:
+            host = request.client.host if request.client else "?"
+            log.warning("refused a request to %s from %s: missing or unknown API key",
+                        request.url.path, host)  # fmt: skip
+            raise _unauthorized()
+        return tenant
+
+    def backoff(self) -> float:
+        """Retry-After for a full queue: the requests ahead over the recent completion rate
+        (at least `retry_after`, at most 60 s), so that clients back off as much as needed."""
+        rate = self.metrics.finished_per_second()
+        if rate <= 0:
+            return self.retry_after
+        return min(60.0, max(self.retry_after, (len(self.engine.waiting) + 1) / rate))
+
+    def admit(self, tenant: Tenant, n: int = 1) -> None:
+        """Draining and per-key rate limits, before any work is done for a request."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", "overloaded_error",
+                           retry_after=self.retry_after)  # fmt: skip
+        wait = tenant.take(n)
+        if wait > 0:
+            raise APIError(429, f"rate limit of {tenant.rate:g} requests/s exceeded for this "
+                           "key", "rate_limit_error", retry_after=wait)  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
 
@@ -112,40 +181,58 @@ class API:
             raise APIError(400, "the JSON body must be an object")
         return body
 
-    def known(self) -> list[str]:
+    def known(self, tenant: Tenant = OPEN) -> list[str]:
+        """The model names `tenant` may use: the base (if allowed), then its adapters."""
         names = self.store.available() if self.store else sorted(self.engine.multi.adapters)
-        return [self.base_name, *names]
+        base = [self.base_name] if tenant.base or tenant.admin else []
+        return base + [n for n in names if tenant.may_use(n)]
 
-    async def _adapter(self, model: Any) -> str | None:
+    def _missing(self, name: str, tenant: Tenant, param: str) -> APIError:
+        """The 404 for a model that does not exist -- or that this key may not see."""
+        return APIError(404, _unknown(name, self.known(tenant)), "not_found_error", param)
+
+    async def _adapter(self, model: Any, tenant: Tenant = OPEN) -> str | None:
         """The adapter a `model` field names (None: the base); loads it, validated."""
         if not isinstance(model, str) or not model:
             raise APIError(
                 400, "'model' is required: an adapter name or the base model", param="model"
             )
         if model == self.base_name:
+            if not (tenant.base or tenant.admin):
+                raise self._missing(model, tenant, "model")
             return None
         try:
             check_name(model)
         except AdapterNameError as e:
             raise APIError(400, str(e), param="model") from None
+        if not tenant.may_use(model):  # answered exactly like a missing adapter
+            raise self._missing(model, tenant, "model")
         if self.store is None:
             if model not in self.engine.multi.adapters:
-                raise APIError(404, _unknown(model, self.known()), "not_found_error", "model")
+                raise self._missing(model, tenant, "model")
             return model
         if not self.store.is_resident(model):
-            await self._store_load(model, param="model")
+            await self._store_load(model, tenant, param="model")
         return model
 
-    async def _store_load(self, name: str, param: str):
+    async def _store_load(self, name: str, tenant: Tenant, param: str):
         """Load `name` into the store off the event loop; store errors become API errors."""
         try:
             return await run_in_threadpool(self.store.load, name)
         except UnknownAdapterError:
-            raise APIError(404, _unknown(name, self.known()), "not_found_error", param) from None
+            raise self._missing(name, tenant, param) from None
         except (AdapterNameError, CheckpointError) as e:
+            if not (self.store.root / name).exists():  # deleted while it was being read
+                raise self._missing(name, tenant, param) from None
             raise APIError(400, str(e), param=param) from None
         except StoreFullError as e:
-            raise APIError(503, str(e), "overloaded_error") from None
+            raise APIError(503, str(e), "overloaded_error", retry_after=self.retry_after) from None
+        except OSError as e:  # the disk failed under the read (full, gone, I/O error)
+            log.error("loading adapter %r failed: %s", name, e)
+            raise APIError(
+                503, f"adapter {name!r} could not be read: {e.strerror or e}", "server_error",
+                retry_after=self.retry_after,
+            ) from None  # fmt: skip
 
     def _check_fields(self, body: dict[str, Any], kind: str) -> None:
         unknown = sorted(set(body) - _FIELDS[kind])
@@ -156,6 +243,48 @@ class API:
                 raise APIError(400, f"{k}={body[k]!r} is not supported (only {ok[0]!r})", param=k)
         if body.get("stream") not in (None, True, False):
             raise APIError(400, "'stream' must be a boolean", param="stream")
+
+    def _n(self, body: dict[str, Any]) -> int:
+        n = body.get("n")
+        n = 1 if n is None else n
+        if type(n) is not int or not 1 <= n <= self.max_n:
+            raise APIError(400, f"n must be an integer in [1, {self.max_n}], got {n!r}", param="n")
+        best_of = body.get("best_of")
+        if best_of is not None and best_of != n:
+            raise APIError(400, f"best_of={best_of!r} is not supported (only best_of = n)",
+                           param="best_of")  # fmt: skip
+        return n
+
+    def _logprobs(self, body: dict[str, Any], kind: str) -> int | None:
+        """Completions: logprobs = k (top k); chat: logprobs = true, top_logprobs = k."""
+        lp, top = body.get("logprobs"), body.get("top_logprobs")
+        if kind == "completion":
+            if lp is None or lp is False:
+                return None
+            if type(lp) is not int or not 0 <= lp <= 20:
+                raise APIError(400, f"logprobs must be an integer in [0, 20], got {lp!r}",
+                               param="logprobs")  # fmt: skip
+            return lp
+        if lp not in (None, True, False):
+            raise APIError(400, f"logprobs must be a boolean, got {lp!r}", param="logprobs")
+        if top is not None and (type(top) is not int or not 0 <= top <= 20):
+            raise APIError(400, f"top_logprobs must be an integer in [0, 20], got {top!r}",
+                           param="top_logprobs")  # fmt: skip
+        if top and not lp:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        return (top or 0) if lp else None
+
+    def _bias(self, body: dict[str, Any]) -> dict[int, float]:
+        bias = body.get("logit_bias") or {}
+        if not isinstance(bias, dict):
+            raise APIError(400, "logit_bias must map token ids to numbers", param="logit_bias")
+        out = {}
+        for k, v in bias.items():
+            if not str(k).isdigit() or int(k) >= self.engine.vocab_size:
+                raise APIError(400, f"logit_bias: {k!r} is not a token id of this model",
+                               param="logit_bias")  # fmt: skip
+            out[int(k)] = v
+        return out
 
     def _params(self, body: dict[str, Any], kind: str, n_prompt: int) -> SamplingParams:
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
@@ -178,11 +307,16 @@ class API:
             stop=[] if stop is None else stop,
             stop_token_ids=body.get("stop_token_ids") or [],
             ignore_eos=bool(body.get("ignore_eos", False)),
+            presence_penalty=body.get("presence_penalty") or 0.0,
+            frequency_penalty=body.get("frequency_penalty") or 0.0,
+            logit_bias=self._bias(body),
+            logprobs=self._logprobs(body, kind),
+            timeout=self.request_timeout,
         )
         try:
             return params.check()
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=str(e).split(" ")[0]) from None
 
     def _prompt_ids(self, body: dict[str, Any], kind: str) -> list[int]:
         if kind == "completion":
@@ -195,7 +329,9 @@ class API:
                 ids = self.engine.encode(prompt)
             else:
                 raise APIError(
-                    400, "'prompt' must be a string or a list of token ids (one prompt)", "prompt"
+                    400,
+                    "'prompt' must be a string or a list of token ids (one prompt)",
+                    param="prompt",
                 )
         else:
             ids = self.engine.encode(self._chat_text(body.get("messages")))
@@ -218,17 +354,19 @@ class API:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
                 raise APIError(
-                    400, f"messages[{i}] needs a role of system, user or assistant", "messages"
+                    400,
+                    f"messages[{i}] needs a role of system, user or assistant",
+                    param="messages",
                 )
             content = m.get("content")
             if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
                 if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                     raise APIError(
-                        400, f"messages[{i}]: only text content is supported", "messages"
+                        400, f"messages[{i}]: only text content is supported", param="messages"
                     )
                 content = "".join(str(p.get("text", "")) for p in content)
             if not isinstance(content, str):
-                raise APIError(400, f"messages[{i}].content must be a string", "messages")
+                raise APIError(400, f"messages[{i}].content must be a string", param="messages")
             clean.append({"role": m["role"], "content": content})
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "the base model has no chat template; use /v1/completions")
@@ -237,67 +375,90 @@ class API:
     # ------------------------------------------------------------------ endpoints
 
     async def generate(self, request: HTTPRequest, kind: str) -> Response:
+        tenant = self.tenant(request)
         body = await self._body(request)
-        adapter = await self._adapter(body.get("model"))
+        self.admit(tenant)
+        adapter = await self._adapter(body.get("model"), tenant)
+        request.state.adapter = adapter or self.base_name
         self._check_fields(body, kind)
+        n = self._n(body)
         ids = self._prompt_ids(body, kind)
         params = self._params(body, kind, len(ids))
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+        stream, done, ended = bool(body.get("stream")), asyncio.Event(), [0]
+        reqs: list[Request] = []
 
-        stream, done = bool(body.get("stream")), asyncio.Event()
+        def one_ended() -> None:  # on the event loop
+            ended[0] += 1
+            if ended[0] == n:
+                done.set()
 
-        def on_delta(d: Delta) -> None:  # engine thread -> event loop
+        def on_delta(i: int, d: Delta) -> None:  # engine thread -> event loop
             if stream:
-                loop.call_soon_threadsafe(queue.put_nowait, d)
-            elif d.finish_reason is not None:  # a full answer only needs the end
-                loop.call_soon_threadsafe(done.set)
+                loop.call_soon_threadsafe(queue.put_nowait, (i, d))
+            elif d.finish_reason is not None:  # a full answer only needs the ends
+                loop.call_soon_threadsafe(one_ended)
 
         try:
-            req = self.engine.submit(ids, adapter, params, on_delta)
+            for i in range(n):  # choice i: its own row, its own seed (seed + i)
+                p = params if i == 0 else _with_seed(params, i)
+                reqs.append(self.engine.submit(ids, adapter, p, _bind(on_delta, i)))
         except ValueError as e:
+            _cancel(reqs)
             raise APIError(400, str(e)) from None
         except OverloadedError as e:
-            raise APIError(503, str(e), "overloaded_error") from None
-        meta = _Meta(kind, body["model"], body.get("stream_options"))
+            _cancel(reqs)
+            raise APIError(503, str(e), "overloaded_error", retry_after=self.backoff()) from None
+        request.state.reqs = reqs
+        meta = _Meta(kind, body["model"], body.get("stream_options"), self.engine.tok)
         if stream:
-            return _Stream(req, self._sse(req, queue, meta))
+            return _Stream(reqs, self._sse(reqs, queue, meta, request.state))
         while True:  # wait for the end, watching for a client that leaves
             try:
                 await asyncio.wait_for(done.wait(), timeout=0.25)
                 break
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    req.cancel()
+                    _cancel(reqs)
                     return Response(status_code=499)
-        if req.finish_reason == "error":
-            raise APIError(500, req.error or "generation failed", "server_error")
-        if req.finish_reason == "cancelled":
-            raise APIError(503, req.error or "the request was cancelled", "server_error")
-        return JSONResponse(meta.full(req))
+        failed = next((r for r in reqs if r.finish_reason in _STATUS), None)
+        if failed is not None:
+            reason = failed.finish_reason
+            type_ = {"timeout": "timeout_error"}.get(reason, "server_error")
+            raise APIError(_STATUS[reason], failed.error or f"the request {reason}", type_)
+        return JSONResponse(meta.full(reqs))
 
-    async def _sse(self, req: Request, queue: asyncio.Queue, meta: _Meta):
+    async def _sse(self, reqs: list[Request], queue: asyncio.Queue, meta: _Meta, state):
+        state.status = 499  # until the stream ends: the client went away
         try:
             if meta.kind == "chat":
-                yield _event(meta.chunk({"role": "assistant", "content": ""}, None))
-            while True:
-                d = await queue.get()
-                if d.finish_reason in ("error", "cancelled"):
-                    err = {"message": req.error or d.finish_reason, "type": "server_error"}
+                for i in range(len(reqs)):
+                    yield _event(meta.chunk(i, {"role": "assistant", "content": ""}, None))
+            left = len(reqs)
+            while left:
+                i, d = await queue.get()
+                if d.finish_reason in _STATUS:
+                    state.status = _STATUS[d.finish_reason]
+                    err = {"message": reqs[i].error or d.finish_reason, "type": "server_error"}
                     yield _event({"error": err})
+                    _cancel(reqs)
                     break
                 if d.text or d.finish_reason:
                     piece = {"content": d.text} if meta.kind == "chat" else d.text
-                    yield _event(meta.chunk(piece if d.text else _empty(meta), d.finish_reason))
-                if d.finish_reason:
-                    if meta.include_usage:
-                        yield _event(
-                            {**meta.chunk(None, None), "choices": [], "usage": _usage(req)}
-                        )
-                    break
+                    lp = None
+                    if reqs[i].params.logprobs is not None:
+                        lp = meta.logprobs(d.logprobs, i)
+                    chunk = meta.chunk(i, piece if d.text else _empty(meta), d.finish_reason, lp)
+                    yield _event(chunk)
+                left -= d.finish_reason is not None
+            else:
+                state.status = 200
+                if meta.include_usage:
+                    yield _event({**meta.head(), "choices": [], "usage": _usage(reqs)})
             yield "data: [DONE]\n\n"
         finally:
-            req.cancel()  # no-op once finished; frees the row if the client went away
+            _cancel(reqs)  # no-op once finished; frees the rows if the client went away
 
     async def completions(self, request: HTTPRequest) -> Response:
         return await self.generate(request, "completion")
@@ -306,8 +467,12 @@ class API:
         return await self.generate(request, "chat")
 
     async def models(self, request: HTTPRequest) -> Response:
-        data = [_model(self.base_name, self.created, None, True)]
-        for name in self.known()[1:]:
+        tenant = self.tenant(request)
+        data = []
+        for name in self.known(tenant):
+            if name == self.base_name:
+                data.append(_model(self.base_name, self.created, None, True))
+                continue
             info = self.engine.multi.adapters.get(name)
             entry = _model(name, self.created, self.base_name, info is not None)
             if info is not None:
@@ -316,37 +481,55 @@ class API:
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: HTTPRequest) -> Response:
+        """Liveness for anyone; resident adapters and counters only for an admin key."""
         alive = self.engine._thread is not None and self.engine._thread.is_alive()
+        status = "draining" if self.draining else "ok" if alive else "engine stopped"
         body = {
-            "status": "ok" if alive else "engine stopped",
+            "status": status,
             "running": self.engine.running,
             "waiting": len(self.engine.waiting),
-            "resident": self.store.resident() if self.store else sorted(self.engine.multi.adapters),
-            "stats": dict(self.engine.stats),
         }
-        return JSONResponse(body, status_code=200 if alive else 503)
+        tenant = self.keys.lookup(bearer(request.headers)) if self.keys else OPEN
+        if tenant is not None and tenant.admin:
+            store, multi = self.store, self.engine.multi
+            body["resident"] = store.resident() if store else sorted(multi.adapters)
+            body["stats"] = dict(self.engine.stats)
+        return JSONResponse(body, status_code=200 if alive and not self.draining else 503)
 
-    async def _name(self, request: HTTPRequest) -> str:
+    async def prometheus(self, request: HTTPRequest) -> Response:
+        if not self.tenant(request).admin:
+            raise APIError(403, "/metrics needs an admin key", "permission_error")
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def _name(self, request: HTTPRequest, tenant: Tenant) -> str:
         if self.store is None:
             raise APIError(400, "this server has no adapter directory")
         name = (await self._body(request)).get("name")
         try:
-            return check_name(name)
+            check_name(name)
         except AdapterNameError as e:
             raise APIError(400, str(e), param="name") from None
+        if not tenant.may_use(name):  # another tenant's adapter: as if it did not exist
+            raise self._missing(name, tenant, "name")
+        if not tenant.may_load(name):
+            raise APIError(403, "this key may not load or unload adapters", "permission_error")
+        return name
 
     async def load(self, request: HTTPRequest) -> Response:
-        name = await self._name(request)
-        info = await self._store_load(name, param="name")
+        tenant = self.tenant(request)
+        name = await self._name(request, tenant)
+        info = await self._store_load(name, tenant, param="name")
         return JSONResponse({"loaded": True, **info.to_dict()})
 
     async def unload(self, request: HTTPRequest) -> Response:
-        name = await self._name(request)
+        tenant = self.tenant(request)
+        name = await self._name(request, tenant)
         try:
             await run_in_threadpool(self.store.unload, name)
         except UnknownAdapterError as e:
+            loaded = [n for n in e.known if tenant.may_use(n)]
             raise APIError(
-                404, f"adapter {name!r} is not loaded; loaded: {e.known}", "not_found_error", "name"
+                404, f"adapter {name!r} is not loaded; loaded: {loaded}", "not_found_error", "name"
             ) from None
         except AdapterBusyError as e:
             raise APIError(409, str(e), "conflict_error", "name") from None
@@ -357,27 +540,78 @@ def create_app(engine: Engine, base_name: str = "base", **limits) -> Starlette:
     """The Starlette app serving `engine`; `limits` go to `API` (max_tokens_limit, ...)."""
     api = API(engine, base_name, **limits)
 
-    def route(path, fn, methods):
+    def route(path, fn, methods, counted=False):
         async def endpoint(request: HTTPRequest) -> Response:
             try:
-                return await fn(request)
+                resp = await fn(request)
             except APIError as e:
-                return e.response()
+                resp = e.response()
+            except Exception:  # a bug must not leak a traceback to the client
+                log.exception("unexpected error on %s", path)
+                resp = APIError(500, "internal server error", "server_error").response()
+            if counted:
+                _count(api, request, resp)
+            return resp
 
         return Route(path, endpoint, methods=methods)
 
     app = Starlette(
         routes=[
-            route("/v1/completions", api.completions, ["POST"]),
-            route("/v1/chat/completions", api.chat, ["POST"]),
+            route("/v1/completions", api.completions, ["POST"], counted=True),
+            route("/v1/chat/completions", api.chat, ["POST"], counted=True),
             route("/v1/models", api.models, ["GET"]),
             route("/health", api.health, ["GET"]),
+            route("/metrics", api.prometheus, ["GET"]),
             route("/v1/adapters/load", api.load, ["POST"]),
             route("/v1/adapters/unload", api.unload, ["POST"]),
         ]
     )
     app.state.api = api
     return app
+
+
+def _count(api: API, request: HTTPRequest, resp: Response) -> None:
+    """Metrics of one generation request; a stream is counted when it ends."""
+    adapter = getattr(request.state, "adapter", "-")  # "-": refused before a known model
+    reqs = getattr(request.state, "reqs", [])
+    if isinstance(resp, _Stream):
+        resp.on_end = lambda: api.metrics.request(
+            getattr(request.state, "status", 200), adapter, reqs
+        )
+    else:
+        api.metrics.request(resp.status_code, adapter, reqs)
+
+
+def _bind(fn, i):
+    return lambda d: fn(i, d)
+
+
+def _cancel(reqs: list[Request]) -> None:
+    for r in reqs:
+        r.cancel()
+
+
+def _with_seed(params: SamplingParams, i: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=None if params.seed is None else params.seed + i)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains on SIGTERM: the app answers new requests 503 (uvicorn also stops
+    accepting connections), in-flight requests finish within `timeout_graceful_shutdown`,
+    and the process then ends with status 0 (plain uvicorn re-raises SIGTERM at the end)."""
+
+    def __init__(self, config: uvicorn.Config, api: API):
+        super().__init__(config)
+        self.api = api
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.api.draining = True
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and captured and captured[-1] == sig:
+            captured.pop()  # a drain asked for by SIGTERM is a clean exit
 
 
 class ServerThread:
@@ -394,7 +628,7 @@ class ServerThread:
         cfg = uvicorn.Config(
             app, log_level=log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=5
         )
-        self.server = uvicorn.Server(cfg)
+        self.server = DrainingServer(cfg, app.state.api)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
@@ -412,6 +646,10 @@ class ServerThread:
             time.sleep(0.01)
         return self
 
+    def drain(self) -> None:
+        """What SIGTERM does: refuse new requests, let in-flight ones finish, then stop."""
+        self.server.handle_exit(signal.SIGTERM, None)
+
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout)
@@ -428,71 +666,105 @@ class ServerThread:
 
 
 class _Stream(StreamingResponse):
-    """SSE response that cancels its request however the response ends (e.g. the client left).
+    """SSE response that cancels its requests however the response ends (e.g. the client left).
 
     Cancelling from here, not only from the generator's `finally`, does not depend on when
     a generator suspended at a `yield` gets finalised.
     """
 
-    def __init__(self, req: Request, content):
+    def __init__(self, reqs: list[Request], content):
         super().__init__(
             content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-        self.req = req
+        self.reqs, self.on_end = reqs, None
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.req.cancel()
+            _cancel(self.reqs)
+            if self.on_end is not None:
+                self.on_end()
 
 
 class _Meta:
-    def __init__(self, kind: str, model: str, stream_options: Any):
-        self.kind, self.model = kind, model
+    def __init__(self, kind: str, model: str, stream_options: Any, tok=None):
+        self.kind, self.model, self.tok = kind, model, tok
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         self.include_usage = isinstance(stream_options, dict) and bool(
             stream_options.get("include_usage")
         )
+        self.offset = {}  # completions' text_offset per choice, across stream chunks
 
-    def _head(self, obj: str) -> dict:
+    def head(self) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, piece: Any, finish: str | None) -> dict:
+    def chunk(self, i: int, piece: Any, finish: str | None, logprobs: Any = None) -> dict:
         if self.kind == "chat":
-            choice = {"index": 0, "delta": piece or {}, "logprobs": None, "finish_reason": finish}
-            return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-        return {**self._head("text_completion"), "choices": [choice]}
-
-    def full(self, req: Request) -> dict:
-        if self.kind == "chat":
-            msg = {"role": "assistant", "content": req.text}
             choice = {
-                "index": 0,
-                "message": msg,
-                "logprobs": None,
-                "finish_reason": req.finish_reason,
+                "index": i,
+                "delta": piece or {},
+                "logprobs": logprobs,
+                "finish_reason": finish,
             }
-            head = self._head("chat.completion")
         else:
             choice = {
-                "index": 0,
-                "text": req.text,
-                "logprobs": None,
-                "finish_reason": req.finish_reason,
+                "index": i,
+                "text": piece or "",
+                "logprobs": logprobs,
+                "finish_reason": finish,
             }
-            head = self._head("text_completion")
-        return {**head, "choices": [choice], "usage": _usage(req)}
+        return {**self.head(), "choices": [choice]}
+
+    def logprobs(self, entries: list[tuple], i: int = 0) -> dict:
+        """OpenAI's shapes for (token id, logprob, [(id, logprob)] top k) entries."""
+        text = [self.tok.decode([t]) for t, _, _ in entries]
+        if self.kind == "chat":
+
+            def one(s, lp):
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+            content = [
+                {**one(s, lp), "top_logprobs": [one(self.tok.decode([a]), b) for a, b in top]}
+                for s, (_, lp, top) in zip(text, entries, strict=True)
+            ]
+            return {"content": content}
+        offsets, at = [], self.offset.get(i, 0)
+        for s in text:
+            offsets.append(at)
+            at += len(s)
+        self.offset[i] = at
+        return {
+            "tokens": text,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{self.tok.decode([a]): b for a, b in top} for _, _, top in entries],
+            "text_offset": offsets,
+        }
+
+    def full(self, reqs: list[Request]) -> dict:
+        choices = []
+        for i, r in enumerate(reqs):
+            lp = self.logprobs(r.logprobs, i) if r.params.logprobs is not None else None
+            if self.kind == "chat":
+                msg = {"role": "assistant", "content": r.text}
+                choices.append({"index": i, "message": msg, "logprobs": lp,
+                                "finish_reason": r.finish_reason})  # fmt: skip
+            else:
+                choices.append({"index": i, "text": r.text, "logprobs": lp,
+                                "finish_reason": r.finish_reason})  # fmt: skip
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        head = {**self.head(), "object": obj}
+        return {**head, "choices": choices, "usage": _usage(reqs)}
 
 
 def _empty(meta: _Meta) -> Any:
     return {} if meta.kind == "chat" else ""
 
 
-def _usage(req: Request) -> dict:
-    p, c = len(req.prompt_ids), len(req.output_ids)
+def _usage(reqs: list[Request]) -> dict:
+    p, c = len(reqs[0].prompt_ids), sum(len(r.output_ids) for r in reqs)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -559,23 +831,56 @@ def load_server(
     return build(model, tok, adapters_dir, name, **opts)
 
 
+def run(
+    app: Starlette,
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    grace: float = 30.0,
+    sock: socket.socket | None = None,
+    keep_alive: float = 75.0,
+) -> None:
+    """Start the engine, serve `app` until SIGTERM / SIGINT, drain, stop the engine.
+
+    On SIGTERM the server stops accepting, in-flight requests (streams included) get up to
+    `grace` seconds to finish, what is left is cancelled, and this returns normally.
+    Idle connections are kept `keep_alive` seconds, longer than the longest Retry-After
+    (60 s): a client that waits as told does not come back to a connection being closed.
+    """
+    engine.start()
+    cfg = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="off",
+        timeout_graceful_shutdown=grace, timeout_keep_alive=keep_alive,
+    )  # fmt: skip
+    try:
+        DrainingServer(cfg, app.state.api).run(sockets=[sock] if sock is not None else None)
+    finally:
+        engine.stop()
+
+
 def serve(
     base: str = "smollm2-135m",
     adapters_dir: str = "adapters",
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    api_keys: str | None = None,
+    grace: float = 30.0,
     **opts,
 ) -> None:
-    """Load `base`, serve the adapters of `adapters_dir` on host:port until interrupted.
+    """Load `base`, serve the adapters of `adapters_dir` on host:port until SIGTERM.
 
-    opts: max_resident, max_batch, max_prefill_tokens, max_model_len, max_waiting, preload
-    (names), max_tokens_limit, default_max_tokens, max_prompt_tokens, max_body_bytes, dtype,
-    device. The CLI's `nora serve` calls this.
+    api_keys: a JSON key file (tenants.py); without it, keys come from $NORA_API_KEYS /
+    $NORA_API_KEY, and with no keys at all every caller may do everything -- fine on
+    loopback, warned about on any other address. opts: max_resident, max_batch,
+    max_prefill_tokens, max_model_len, max_waiting, preload (names), max_tokens_limit,
+    default_max_tokens, max_prompt_tokens, max_body_bytes, request_timeout, max_n,
+    retry_after, dtype, device. The CLI's `nora serve` calls this.
     """
-    app, engine = load_server(base, adapters_dir, **opts)
-    engine.start()
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="off")
-    finally:
-        engine.stop()
+    keys = load_keys(api_keys)
+    warning = exposure_warning(keys, host)
+    if warning:
+        log.warning(warning)
+    app, engine = load_server(base, adapters_dir, keys=keys, **opts)
+    run(app, engine, host, port, log_level, grace)

@@ -61,7 +61,7 @@ class AdapterStore:
         self.lock = multi.lock
         self._lru: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._pins: Counter[str] = Counter()
-        self.evictions = 0
+        self.loads = self.evictions = 0
 
     def _inside(self, p: Path) -> bool:
         return p == self.root or self.root in p.parents
@@ -98,23 +98,32 @@ class AdapterStore:
         return self.multi.adapters.get(name)
 
     def load(self, name: str) -> AdapterInfo:
-        """Make `name` resident (most recently used); evicts an unpinned one if full."""
+        """Make `name` resident (most recently used); evicts an unpinned one if full.
+
+        Fails closed: the adapter is read and validated before anything is evicted, so a
+        folder that is missing, corrupted or unreadable (deleted mid-load, a full or failing
+        disk) leaves the resident set exactly as it was.
+        """
         with self.lock:
             if name in self._lru:
                 self._lru.move_to_end(name)
                 return self.multi.adapters[name]
             path = self.path(name)
+            if len(self._lru) >= self.max_resident and self._victim() is None:
+                raise StoreFullError(
+                    f"all {self.max_resident} resident adapters are in use; cannot load {name!r}"
+                )
+            info = self.multi.add(name, path)  # raises before touching the resident set
             while len(self._lru) >= self.max_resident:
-                victim = next((n for n in self._lru if not self._pins[n]), None)
-                if victim is None:
-                    raise StoreFullError(
-                        f"all {self.max_resident} resident adapters are in use; cannot load {name!r}"
-                    )
-                self._drop(victim)
+                self._drop(self._victim())
                 self.evictions += 1
-            info = self.multi.add(name, path)
             self._lru[name] = None
+            self.loads += 1
             return info
+
+    def _victim(self) -> str | None:
+        """The least recently used adapter no request holds."""
+        return next((n for n in self._lru if not self._pins[n]), None)
 
     def acquire(self, name: str) -> int:
         """Load if needed and pin `name` for a request; returns its uid."""

@@ -1,0 +1,99 @@
+"""`nora train` under `accelerate launch` with 2 processes (gloo on CPU): the same adapter as
+one process with the same global batch, checkpoints written once, resume under 2 processes.
+
+On a machine without GPUs, `accelerate launch --multi_gpu --num_processes 2` starts 2 CPU
+processes through torchrun (gloo); `--cpu --num_processes 2` starts only one unless mpirun is
+set up (accelerate's multi-CPU path), see docs/training-stack.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tokenizer, tiny_llama
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import nora
+from nora.cli import app
+
+pytestmark = pytest.mark.slow  # two 2-process launches: about 2 minutes on 2 cores
+
+ARGS = [
+    "train", "--method", "nora", "--r", "4", "--dropout", "0", "--lr", "1e-2",
+    "--data", "logistic-map", "--max-len", "300", "--n-train", "16", "--n-eval", "4",
+    "--max-steps", "3", "--grad-accum", "2", "--save-every", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = make_tokenizer()
+    tiny_llama(vocab=len(tok), hidden=64).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def launch(args: list[str]) -> str:
+    """`accelerate launch` 2 processes running `python -m nora.cli <args>`; returns stdout."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(nora.__file__).parents[1]),  # this checkout's nora
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nora.cli", *args]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+def steps(folder: Path) -> list[dict]:
+    recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "loss" in r]
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_train_the_one_process_adapter_and_resume(model_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = [*ARGS, "--model", str(model_dir)]
+    result = CliRunner().invoke(
+        app, [*common, "--batch-size", "4", "--output-dir", str(one)], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    out = launch([*common, "--batch-size", "2", "--output-dir", str(two)])
+    assert out.count('"final_train_loss"') == 1  # the summary is printed by one process
+    assert_same(adapter(one), adapter(two))
+    # each step's loss and token counts are over the global batch, as with one process
+    for a, b in zip(steps(one), steps(two), strict=True):
+        assert (a["tokens"], a["supervised_tokens"]) == (b["tokens"], b["supervised_tokens"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    ckpts = sorted(p.name for p in (two / "checkpoints").iterdir())
+    assert ckpts == ["step-000002", "step-000003"]  # written once each, no temp folders left
+
+    # resume under 2 processes from step 2: the same adapter again
+    first = adapter(two)
+    shutil.rmtree(two / "checkpoints" / "step-000003")
+    shutil.rmtree(two / "adapter")
+    out = launch([*common, "--batch-size", "2", "--output-dir", str(two)])
+    assert out.count("resuming from") == 1 and "step-000002" in out
+    assert_same(first, adapter(two))
