@@ -350,7 +350,9 @@ def analyze(
 @app.command()
 @_user_errors
 def sweep(
-    spec: Annotated[str, typer.Argument(help="a preset (paper-mini, paper) or a YAML/JSON file")],
+    spec: Annotated[
+        str, typer.Argument(help="a preset (study, paper-mini, paper) or a YAML/JSON file")
+    ],
     out: Annotated[Path, typer.Option(help="sweep folder; rerun to continue")] = Path(
         "results/sweep"
     ),
@@ -363,13 +365,16 @@ def sweep(
     import torch
 
     from nora.experiments import run_sweep
+    from nora.study.runner import load_study, run_study
 
     if threads:
         torch.set_num_threads(threads)
-
-    result = run_sweep(
-        spec, out, log=typer.echo, only=_split(only), command="nora sweep " + " ".join(sys.argv[2:])
-    )
+    command = "nora sweep " + " ".join(sys.argv[2:])
+    study = load_study(spec)
+    if study is not None:
+        result = run_study(study, out, log=typer.echo, command=command)
+    else:
+        result = run_sweep(spec, out, log=typer.echo, only=_split(only), command=command)
     if result["failed"]:
         typer.echo(f"{result['failed']} run(s) failed: see error.json files under {out}", err=True)
 

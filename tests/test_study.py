@@ -1,0 +1,124 @@
+"""The study runner on a tiny local model: learning-rate search extends its grid until the
+optimum is interior, runs resume by skipping finished stages, per-example scores are kept."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from conftest import make_tokenizer, tiny_llama
+
+from nora.study.runner import (
+    STUDY_PRESETS,
+    LRSearch,
+    StudyConfig,
+    StudyError,
+    load_study,
+    lr_of,
+    plan,
+    run_study,
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = make_tokenizer()
+    tiny_llama(vocab=len(tok), hidden=64, layers=4).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def study_dict(model_dir, **over):
+    cfg = {
+        "study": True,
+        "model": str(model_dir),
+        "datasets": ["logistic-map"],
+        "top_layers": 2,
+        "train": {"max_steps": 3, "batch_size": 4, "n_train": 12, "max_len": 300},
+        "n_val": 4,
+        "n_test": 4,
+        "n_gen": 2,
+        "max_new_tokens": {"logistic-map": 4},
+        "variants": {"lora": {"method": "lora", "alpha": 32}, "nora": {"method": "nora"}},
+        "ranks": [2, 4],
+        "seeds": [0, 1],
+        "lr_search": {"start": [-4, -3], "default_rank": 2, "max_values": 4},
+        "analysis_tokens": 64,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_lr_grid_is_half_decades():
+    assert [lr_of(k) for k in (-6, -5, -4)] == [1e-3, 0.00316, 1e-2]
+
+
+def test_source_rank_is_nearest_searched_rank():
+    s = LRSearch(ranks={"lora": [4, 16, 128]})
+    assert [s.source_rank("lora", r) for r in (4, 16, 64, 128)] == [4, 16, 128, 128]
+    assert s.source_rank("nora", 128) == 16
+
+
+def test_plan_puts_the_default_rank_searches_first():
+    cfg = StudyConfig.from_dict(STUDY_PRESETS["study"])
+    steps = plan(cfg)
+    assert steps[0] == ("lr", "math", "lora", 16) and steps[1] == ("lr", "math", "nora", 16)
+    assert steps.index(("cell", "math", "nora", 16, 0)) < steps.index(("lr", "math", "lora", 4))
+    # every headline cell, every seed, both datasets
+    cells = {s[1:] for s in steps if s[0] == "cell"}
+    assert len(cells) == 2 * 4 * 4 * 3
+    # seed 0 of both datasets comes before the other seeds
+    first_seed1 = min(i for i, s in enumerate(steps) if s[0] == "cell" and s[-1] == 1)
+    assert all(s[-1] == 0 for s in steps[:first_seed1] if s[0] == "cell")
+    assert ("cell", "reasoning-mix", "lora", 128, 0) in steps[:first_seed1]
+
+
+def test_bad_study_files(tmp_path, model_dir):
+    with pytest.raises(StudyError, match="unknown study fields"):
+        StudyConfig.from_dict(study_dict(model_dir, epochs=3))
+    with pytest.raises(StudyError, match=r"unknown train settings \['steps'\]"):
+        StudyConfig.from_dict(study_dict(model_dir, train={"steps": 3}))
+    with pytest.raises(StudyError, match="variant 'x'"):
+        StudyConfig.from_dict(study_dict(model_dir, variants={"x": {"method": "nope"}}))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(study_dict(model_dir)))
+    assert isinstance(load_study(str(f)), StudyConfig)
+    f.write_text(yaml.safe_dump({"variants": {}}))  # not a study: the sweep loader's business
+    assert load_study(str(f)) is None
+
+
+def test_study_searches_resumes_and_keeps_per_example_scores(tmp_path, model_dir):
+    cfg = StudyConfig.from_dict(study_dict(model_dir))
+    out = tmp_path / "out"
+    logs: list[str] = []
+    res = run_study(cfg, out, log=logs.append)
+    assert res["failed"] == 0
+    choices = json.loads((out / "lr_choices.json").read_text())
+    for s in choices["searches"]:
+        nll = dict(zip(s["grid"], s["val_nll"], strict=True))
+        assert s["best_lr"] == min(nll, key=nll.get)
+        # the optimum is interior unless the grid hit max_values
+        assert s["interior"] or len(s["grid"]) == 4
+        assert s["grid"] == sorted(s["grid"])
+    tests = sorted(out.glob("runs/logistic-map/*/r*/lr*/s*/test.json"))
+    assert len(tests) == 2 * 2 * 2  # variants x ranks x seeds
+    t = json.loads(tests[0].read_text())
+    per = t["per_example"]
+    assert len(per["nll"]) == len(per["tokens"]) == t["n_test"] > 0
+    assert math.isclose(t["test_nll"], sum(per["nll"]) / sum(per["tokens"]))
+    assert len(per["correct"]) == t["n_gen"] == 2
+    assert "analysis" in t and (tests[0].parent / "adapter").is_dir()
+    assert not (tests[0].parent / "checkpoints").exists()
+    curve = [json.loads(x) for x in (tests[0].parent / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in x for x in curve)
+    base = json.loads((out / "runs/logistic-map/base/test.json").read_text())
+    assert len(base["per_example"]["nll"]) == t["n_test"]
+    # a second call trains nothing
+    logs.clear()
+    run_study(cfg, out, log=logs.append)
+    assert not any(line.startswith("done") for line in logs)
+    with pytest.raises(StudyError, match="another config"):
+        run_study(StudyConfig.from_dict(study_dict(model_dir, seeds=[0])), out, log=logs.append)
