@@ -65,8 +65,16 @@ def test_source_rank_is_nearest_searched_rank():
 def test_plan_puts_the_default_rank_searches_first():
     cfg = StudyConfig.from_dict(STUDY_PRESETS["study"])
     steps = plan(cfg)
-    assert steps[0] == ("lr", "math", "lora", 16) and steps[1] == ("lr", "math", "nora", 16)
-    assert steps.index(("cell", "math", "nora", 16, 0)) < steps.index(("lr", "math", "lora", 4))
+    assert steps[:4] == [
+        ("lr", "math", "lora", 16),
+        ("lr", "math", "nora", 16),
+        ("cell", "math", "lora", 16, 0),
+        ("cell", "math", "nora", 16, 0),
+    ]
+    assert steps.index(("cell", "math", "nora", 128, 0)) < steps.index(
+        ("lr", "math", "lora-rslora", 16)
+    )
+    assert len(steps) == len(set(steps))
     # every headline cell, every seed, both datasets
     cells = {s[1:] for s in steps if s[0] == "cell"}
     assert len(cells) == 2 * 4 * 4 * 3

@@ -180,16 +180,15 @@ class Study:
                 top_layers=self.cfg.top_layers,
                 data_path=self.cfg.data_path.get(dataset),
             )
-            self._base(dataset)
         return self.ctx
 
-    def _base(self, dataset: str) -> None:
+    def base(self, dataset: str) -> None:
         """The base model's test scores, once per dataset (the reference row)."""
         f = self.out / "runs" / dataset / "base" / "test.json"
         if f.is_file():
             return
         f.parent.mkdir(parents=True, exist_ok=True)
-        c = self.ctx
+        c = self.context(dataset)
         t0 = time.perf_counter()
         _write_json(
             f,
@@ -382,27 +381,35 @@ class Study:
 
 
 def plan(cfg: StudyConfig) -> list[tuple]:
-    """The order of work, most informative first (each step is cheap to skip once done):
+    """The order of work, most informative first (each step is cheap to skip once done).
 
-    per dataset: search the learning rate of the `first` variants (LoRA, NoRA) at the default
-    rank, then of the others; seed 0 of every headline cell at the default rank; the other
-    searched ranks; seed 0 of the remaining cells. Then, per dataset, the remaining seeds at
-    the default rank, then at every rank.
+    Per dataset, first for the `first` variants (LoRA, NoRA), then for the others: the
+    learning-rate search at the default rank, seed 0 at that rank, the searches at the other
+    searched ranks, seed 0 at the other ranks (largest first). The base model's scores come
+    after the first group's default-rank cells. Then, per dataset, the remaining seeds: the
+    default rank first, the `first` variants first.
     """
     lr = cfg.lr_search
-    ordered = [*cfg.first, *(v for v in cfg.variants if v not in cfg.first)]
-    ranks = sorted(cfg.ranks, key=lambda r: (r != lr.default_rank, cfg.ranks.index(r)))
+    groups = [list(cfg.first), [v for v in cfg.variants if v not in cfg.first]]
+    ranks = [lr.default_rank, *sorted((r for r in cfg.ranks if r != lr.default_rank), reverse=True)]
+    ranks = [r for r in ranks if r in cfg.ranks]
     steps: list[tuple] = []
     for d in cfg.datasets:
-        steps += [
-            ("lr", d, v, lr.default_rank) for v in ordered if lr.default_rank in lr.ranks_of(v)
-        ]
-        steps += [("cell", d, v, lr.default_rank, cfg.seeds[0]) for v in ordered]
-        steps += [("lr", d, v, r) for v in ordered for r in lr.ranks_of(v) if r != lr.default_rank]
-        steps += [("cell", d, v, r, cfg.seeds[0]) for r in ranks[1:] for v in ordered]
+        for i, group in enumerate(g for g in groups if g):
+            steps += [
+                ("lr", d, v, lr.default_rank) for v in group if lr.default_rank in lr.ranks_of(v)
+            ]
+            steps += [("cell", d, v, ranks[0], cfg.seeds[0]) for v in group]
+            if i == 0:
+                steps.append(("base", d))
+            steps += [
+                ("lr", d, v, r) for v in group for r in lr.ranks_of(v) if r != lr.default_rank
+            ]
+            steps += [("cell", d, v, r, cfg.seeds[0]) for r in ranks[1:] for v in group]
+    ordered = [v for g in groups for v in g]
     for d in cfg.datasets:
         for seed in cfg.seeds[1:]:
-            steps += [("cell", d, v, lr.default_rank, seed) for v in ordered]
+            steps += [("cell", d, v, ranks[0], seed) for v in ordered]
         for seed in cfg.seeds[1:]:
             steps += [("cell", d, v, r, seed) for r in ranks[1:] for v in ordered]
     return steps
@@ -424,6 +431,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, log=print, command: str | N
     for step in plan(cfg):
         if step[0] == "lr":
             study.search_lr(*step[1:])
+        elif step[0] == "base":
+            study.base(step[1])
         else:
             study.cell(*step[1:])
     study.ctx = None
@@ -458,7 +467,7 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         "n_val": 64,
         "n_test": 300,
         "n_gen": 200,
-        "max_new_tokens": {"math": 256, "reasoning-mix": 48},
+        "max_new_tokens": {"math": 192, "reasoning-mix": 48},  # math answers: ~100 tokens
         "variants": {
             "lora": {"method": "lora", "alpha": 32},  # the paper's baseline: alpha = 32 always
             "lora-alpha-r": {"method": "lora", "scale": 1.0},  # alpha = r (paper's appendix)
