@@ -87,7 +87,7 @@ def test_plan_puts_the_default_rank_searches_first():
 def test_bad_study_files(tmp_path, model_dir):
     with pytest.raises(StudyError, match="unknown study fields"):
         StudyConfig.from_dict(study_dict(model_dir, epochs=3))
-    with pytest.raises(StudyError, match=r"unknown train settings \['steps'\]"):
+    with pytest.raises(StudyError, match="unknown train setting 'steps' .did you mean 'max_steps'"):
         StudyConfig.from_dict(study_dict(model_dir, train={"steps": 3}))
     with pytest.raises(StudyError, match="variant 'x'"):
         StudyConfig.from_dict(study_dict(model_dir, variants={"x": {"method": "nope"}}))

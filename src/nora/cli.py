@@ -297,7 +297,7 @@ def demo(
     quick: Annotated[bool, typer.Option(help="a 1-minute smoke run (tiny numbers)")] = False,
 ) -> None:
     """LoRA vs NoRA at the same rank on the embedded default (offline): table + loss plot."""
-    from nora.demo import DemoConfig, run_demo
+    from nora.study.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out_dir=out_dir, steps=steps, r=r, lr=lr)
     if quick:
@@ -364,8 +364,8 @@ def sweep(
     """Methods × ranks × seeds (× ablations); resumable: finished runs are skipped."""
     import torch
 
-    from nora.experiments import run_sweep
     from nora.study.runner import load_study, run_study
+    from nora.study.sweep import run_sweep
 
     if threads:
         torch.set_num_threads(threads)
@@ -383,7 +383,7 @@ def sweep(
 @_user_errors
 def report(sweep_dir: Path) -> None:
     """Markdown report with the paper's figures and tables, from a sweep folder."""
-    from nora.report import build_report
+    from nora.study.report import build_report
 
     typer.echo(f"written: {build_report(sweep_dir)}")
 

@@ -42,10 +42,6 @@ class StudyError(ValueError):
     """The study file or folder is not usable; the message says why."""
 
 
-# TrainConfig fields the study sets itself, per run.
-_PER_RUN = {"adapter", "model", "data", "data_path", "seed", "lr", "output_dir", "n_eval"}
-
-
 @dataclass
 class LRSearch:
     """Where and how each variant's learning rate is searched."""
@@ -109,9 +105,10 @@ class StudyConfig:
                 AdapterConfig(**{**kw, "r": 4})
             except (TypeError, ValueError) as e:
                 raise StudyError(f"variant {name!r}: {e}") from None
-        allowed = {f.name for f in dataclasses.fields(TrainConfig)} - _PER_RUN
-        if bad := sorted(set(self.train) - allowed):
-            raise StudyError(f"unknown train settings {bad}; known: {sorted(allowed)}")
+        from nora.study.sweep import PER_RUN_FIELDS, check_train_keys
+
+        # n_eval is the study's n_val (the split scored during training)
+        check_train_keys(self.train, StudyError, PER_RUN_FIELDS | {"n_eval"})
         if unknown := sorted(set(self.first) - set(self.variants)):
             raise StudyError(f"`first` names unknown variants {unknown}")
 
@@ -417,7 +414,7 @@ def plan(cfg: StudyConfig) -> list[tuple]:
 
 def run_study(cfg: StudyConfig, out_dir: str | Path, log=print, command: str | None = None) -> dict:
     """Run (or continue) a study into `out_dir`."""
-    from nora.experiments import machine_info
+    from nora.study.sweep import machine_info
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
