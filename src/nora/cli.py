@@ -382,10 +382,12 @@ def sweep(
 @app.command()
 @_user_errors
 def report(sweep_dir: Path) -> None:
-    """Markdown report with the paper's figures and tables, from a sweep folder."""
+    """Markdown report with the paper's figures and tables, from a sweep or study folder."""
     from nora.study.report import build_report
+    from nora.study.study_report import build_study_report
 
-    typer.echo(f"written: {build_report(sweep_dir)}")
+    study = (sweep_dir / "study.json").is_file()
+    typer.echo(f"written: {(build_study_report if study else build_report)(sweep_dir)}")
 
 
 @app.command()

@@ -299,3 +299,35 @@ def plot_cumulative_energy(runs: Runs, path: str | Path, view: str = "latent") -
     _plot_vs_rank(right, runs, view, "auc90", "AUC-90 (components, mean over layers)")
     right.set_title("AUC-90 vs rank")
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------- training (a study)
+
+
+def plot_learning_curves(runs: Sequence[Any], path: str | Path, title: str = "") -> Path:
+    """Validation loss vs step, one panel per (variant, rank) searched, one line per learning
+    rate. `runs` are `nora.study.results.TrainedRun`s (anything with `.variant`, `.r`, `.lr`
+    and `.curve()`)."""
+    panels: dict[tuple[str, int], list[Any]] = {}
+    for run in runs:
+        panels.setdefault((run.variant, run.r), []).append(run)
+    keys = sorted(panels)
+    fig, axes = _figure(len(keys), width=4.2, height=3.4)
+    for ax, key in zip(axes, keys, strict=True):
+        finals = {}
+        for i, run in enumerate(sorted(panels[key], key=lambda r: r.lr)):
+            steps, loss = run.curve()
+            if steps:
+                ax.plot(steps, loss, marker=".", color=f"C{i % 10}", label=f"lr {run.lr:.3g}")
+                finals[run.lr] = loss[-1]
+        if finals:  # the best final validation loss, bold
+            best = min(finals, key=finals.get)
+            for line in ax.get_lines():
+                if line.get_label() == f"lr {best:.3g}":
+                    line.set_linewidth(2.6)
+        ax.set(title=f"{key[0]} r={key[1]}", xlabel="step", ylabel="validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
