@@ -291,25 +291,29 @@ def eval_cmd(
 @_user_errors
 def demo(
     out_dir: str = "demo-out",
-    steps: Annotated[int, typer.Option(help="optimizer steps per method")] = 30,
+    steps: Annotated[int, typer.Option(help="optimizer steps per method")] = 96,
     r: Rank = 16,
-    lr: float = 1e-3,
+    lr: Annotated[
+        float | None, typer.Option(help="one rate for both methods (default: each one's tuned)")
+    ] = None,
+    seed: int = 0,
     quick: Annotated[bool, typer.Option(help="a 1-minute smoke run (tiny numbers)")] = False,
 ) -> None:
-    """LoRA vs NoRA at the same rank on the embedded default (offline): table + loss plot."""
+    """LoRA vs NoRA at the same rank on the embedded default (offline): table + figures."""
     from nora.study.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out_dir=out_dir, steps=steps, r=r, lr=lr)
+    cfg = DemoConfig(out_dir=out_dir, steps=steps, r=r, lr=lr, seed=seed, n_train=steps * 8)
     if quick:
         cfg = DemoConfig(
             out_dir=out_dir,
             steps=3,
             r=r,
             lr=lr,
+            seed=seed,
             n_train=24,
             n_eval=8,
             n_accuracy=2,
-            max_new_tokens=32,
+            max_new_tokens=8,
             top_layers=2,
         )
     run_demo(cfg)

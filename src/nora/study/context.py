@@ -108,8 +108,9 @@ class DataContext:
         outs = generate(model, self.tok, prompts, max_new_tokens=max_new_tokens, batch_size=16)
         return [score_answer(e, o) for e, o in zip(examples, outs, strict=True)], outs
 
-    def score_test(self, model, n_gen: int, max_new_tokens: int) -> dict:
-        """Per-example test NLL and pass@1, with their aggregates (PPL, accuracy)."""
+    def score_test(self, model, n_gen: int, max_new_tokens: int, keep_samples: int = 10) -> dict:
+        """Per-example test NLL and pass@1, their aggregates (PPL, accuracy), and the first
+        `keep_samples` completions."""
         import math
 
         nll, tokens = self.example_nll(model)
@@ -119,7 +120,7 @@ class DataContext:
             "test_nll": sum(nll) / sum(tokens),
             "accuracy": sum(correct) / len(correct) if correct else None,
             "per_example": {"nll": nll, "tokens": tokens, "correct": correct},
-            "samples": outs[:10],
+            "samples": outs[:keep_samples],
             "n_test": len(nll),
             "n_gen": len(correct),
             "max_new_tokens": max_new_tokens,
