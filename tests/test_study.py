@@ -130,3 +130,30 @@ def test_study_searches_resumes_and_keeps_per_example_scores(tmp_path, model_dir
     assert not any(line.startswith("done") for line in logs)
     with pytest.raises(StudyError, match="another config"):
         run_study(StudyConfig.from_dict(study_dict(model_dir, seeds=[0])), out, log=logs.append)
+
+
+def test_paper_preset_dry_run_on_the_meta_device():
+    """The `paper` preset (Llama-3-8B) builds every run on the meta device: no download."""
+    from transformers import LlamaConfig
+
+    from nora.study.sweep import SweepConfig, dry_run
+
+    # Meta-Llama-3-8B's published architecture (config.json on the Hub)
+    llama3_8b = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
+    cfg = SweepConfig.load("paper")
+    rows = dry_run(cfg, llama3_8b)
+    assert len(rows) == sum(len(cfg.ranks_of(v)) for v in cfg.variants)
+    by = {(x["variant"], x["r"]): x for x in rows}
+    # LoRA on q_proj (4096 -> 4096) and v_proj (4096 -> 1024) of 32 layers: r * 13312 * 32,
+    # the count PEFT reports for this model and target set
+    for r in cfg.ranks:
+        assert by[("lora", r)]["trainable_params"] == r * (4096 + 4096 + 4096 + 1024) * 32
+        assert by[("nora", r)]["trainable_params"] == by[("lora", r)]["trainable_params"]
+    assert all(x["modules"] == 64 for x in rows)

@@ -701,3 +701,53 @@ def measure_efficiency(cfg: SweepConfig) -> dict:
         "note": "q,v of every layer adapted, unmerged; merged LoRA = base model time; "
         "variants interleaved round by round, first round dropped",
     }
+
+
+# --- dry run (the `paper` preset without its GPUs) -------------------------------------------
+
+
+def dry_run(cfg: SweepConfig, model_config) -> list[dict]:
+    """Every (variant, rank) of the grid built on the meta device: no weights, no data.
+
+    Checks that each variant's AdapterConfig injects into the model `model_config` describes
+    (a transformers config; the real checkpoint is not downloaded), that the training config
+    validates, that the datasets are known, and that every adapted module maps a batch to
+    the right shape. Returns the trainable parameters per run.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from nora.data import DATASETS
+    from nora.fused import fused
+
+    if unknown := [d for d in cfg.datasets if d not in DATASETS]:
+        raise SweepError(f"unknown datasets {unknown}; known: {sorted(DATASETS)}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    n_layers = model_config.num_hidden_layers
+    layers = list(range(n_layers - cfg.top_layers, n_layers)) if cfg.top_layers else None
+    rows = []
+    for name, kw in cfg.variants.items():
+        for r in cfg.ranks_of(name):
+            adapter = AdapterConfig(**{**kw, "r": r, "layers_to_transform": layers})
+            TrainConfig(adapter=adapter, model=cfg.model, **cfg.train).validate()
+            with torch.device("meta"):
+                nora.inject(model, adapter)
+            try:
+                for module, w in nora.adapter_modules(model).items():
+                    a = w.adapter
+                    x = torch.empty(2, 8, a.in_features, device="meta")
+                    with fused(False):  # the fused node asks autocast about the device
+                        y = w(x)
+                    if y.shape != (2, 8, a.out_features):
+                        raise SweepError(f"{name} r={r}: {module} gives {tuple(y.shape)}")
+                rows.append(
+                    {
+                        "variant": name,
+                        "r": r,
+                        "trainable_params": nora.count_parameters(model).trainable,
+                        "modules": len(nora.adapter_modules(model)),
+                    }
+                )
+            finally:
+                nora.unload(model)
+    return rows
