@@ -128,6 +128,14 @@ def test_study_searches_resumes_and_keeps_per_example_scores(tmp_path, model_dir
     logs.clear()
     run_study(cfg, out, log=logs.append)
     assert not any(line.startswith("done") for line in logs)
+    # the files a report needs, without adapter weights
+    from nora.study.runner import export_results
+
+    assert export_results(out, tmp_path / "exported") > 0
+    assert not list((tmp_path / "exported").rglob("*.safetensors"))
+    assert len(list((tmp_path / "exported").rglob("test.json"))) == len(tests) + 1  # + base
+    assert (tmp_path / "exported" / "study.json").is_file()
+    assert export_results(out, tmp_path / "exported") == 0  # nothing new
     with pytest.raises(StudyError, match="another config"):
         run_study(StudyConfig.from_dict(study_dict(model_dir, seeds=[0])), out, log=logs.append)
 

@@ -498,3 +498,26 @@ def load_study(spec: str) -> StudyConfig | None:
     if isinstance(d, dict) and d.get("study") is True:
         return StudyConfig.from_dict(d)
     return None
+
+
+# Files a report needs; adapter weights and checkpoints stay behind.
+EXPORTED = ("*.json", "*.jsonl", "adapter/adapter_config.json")
+
+
+def export_results(src: str | Path, dst: str | Path) -> int:
+    """Copy a study folder's finished JSON/JSONL files (not adapter weights, not unfinished
+    stages' temporaries) into `dst`, e.g. a folder under git; returns the number copied."""
+    src, dst = Path(src), Path(dst)
+    n = 0
+    files = {p for pattern in EXPORTED for p in src.glob("**/" + pattern)}
+    for f in sorted(files):
+        rel = f.relative_to(src)
+        if "checkpoints" in rel.parts or rel.parts[0] in ("figures", "peft"):
+            continue
+        out = dst / rel
+        if out.is_file() and out.read_bytes() == f.read_bytes():
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, out)
+        n += 1
+    return n
