@@ -53,7 +53,9 @@ def _header(res: StudyResults) -> list[str]:
         f"{t.get('warmup_ratio')}; validation loss every {t.get('eval_every')} steps on "
         f"{c['n_val']} examples",
         f"- **Test**: {c['n_test']} held-out examples (token-weighted perplexity) and greedy "
-        f"pass@1 on the first {c['n_gen']} of them (max new tokens {c['max_new_tokens']})",
+        f"pass@1 on the first {c['n_gen']} of them (max new tokens: "
+        + ", ".join(f"{d} {n}" for d, n in c["max_new_tokens"].items())
+        + ")",
         f"- **Command**: `{res.command or 'nora sweep study'}`, then `nora report {res.folder}`",
         "",
     ]
@@ -79,22 +81,26 @@ def _compute(res: StudyResults) -> list[str]:
     need_train = sum(
         1 for d, v, r, s in todo if (d, v, r, s, res.chosen_lr(d, v, r)) not in trained_keys
     )
-    per_train = statistics.median(train_min) if train_min else float("nan")
-    per_test = statistics.median(test_min) if test_min else float("nan")
-    rest_h = (need_train * per_train + len(todo) * per_test) / 60
-    lines = [
-        "## Compute plan",
-        "",
-        f"- Training stage (train + validation curve): median **{per_train:.1f} min** per run "
-        f"over {len(train_min)} runs; test stage (per-example NLL, pass@1, spectra): median "
-        f"**{per_test:.1f} min** over {len(test_min)} runs (wall time under the shared load).",
+    lines = ["## Compute plan", ""]
+    if train_min and test_min:
+        per_train, per_test = statistics.median(train_min), statistics.median(test_min)
+        rest = f"≈ **{(need_train * per_train + len(todo) * per_test) / 60:.1f} CPU hours**"
+        lines.append(
+            f"- Training stage (train + validation curve): median **{per_train:.1f} min** per run "
+            f"over {len(train_min)} runs; test stage (per-example NLL, pass@1, spectra): median "
+            f"**{per_test:.1f} min** over {len(test_min)} runs (wall time, one thread, under "
+            "the shared load)."
+        )
+    else:
+        rest = "(minutes per run: not measured yet, no stage of each kind has finished)"
+    lines += [
         f"- Spent so far: **{spent:.1f} CPU hours** (summed wall time of finished stages, one "
         "thread each).",
         f"- Headline cells finished: **{len(cells) - len(todo)} of {len(cells)}** "
         f"(datasets × {len(c['variants'])} variants × {len(c['ranks'])} ranks × "
         f"{len(c['seeds'])} seeds); learning-rate searches finished: {len(res.searches)}.",
-        f"- Left: {len(todo)} test stages and about {need_train} trainings ≈ **{rest_h:.1f} "
-        "CPU hours** at the medians above (plus any learning-rate searches not yet run). "
+        f"- Left: {len(todo)} test stages and about {need_train} trainings {rest} at the "
+        "medians above (plus any learning-rate searches not yet run). "
         "Rerunning the sweep command continues where it stopped.",
     ]
     if res.errors:
