@@ -135,6 +135,8 @@ def test_study_searches_resumes_and_keeps_per_example_scores(tmp_path, model_dir
     assert not list((tmp_path / "exported").rglob("*.safetensors"))
     assert len(list((tmp_path / "exported").rglob("test.json"))) == len(tests) + 1  # + base
     assert (tmp_path / "exported" / "study.json").is_file()
+    cfgs = list((tmp_path / "exported").rglob("adapter_config.json"))
+    assert cfgs and all(c.parent.name.startswith("s") for c in cfgs)  # beside val.json
     assert export_results(out, tmp_path / "exported") == 0  # nothing new
     with pytest.raises(StudyError, match="another config"):
         run_study(StudyConfig.from_dict(study_dict(model_dir, seeds=[0])), out, log=logs.append)

@@ -68,6 +68,8 @@ def run_record(res: StudyResults, test: TestRun) -> dict | None:
         return None
     cfg = json.loads((run.folder / "train_config.json").read_text())
     adapter_cfg = run.folder / "adapter" / "adapter_config.json"
+    if not adapter_cfg.is_file():  # an exported copy keeps it beside the run's other files
+        adapter_cfg = run.folder / "adapter_config.json"
     weights = run.folder / "adapter" / "adapter_model.safetensors"
     m = res.machine
     return {

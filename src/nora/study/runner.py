@@ -514,6 +514,8 @@ def export_results(src: str | Path, dst: str | Path) -> int:
         rel = f.relative_to(src)
         if "checkpoints" in rel.parts or rel.parts[0] in ("figures", "peft"):
             continue
+        if rel.parent.name == "adapter":  # adapter/ folders are git-ignored: keep the config
+            rel = rel.parent.parent / rel.name
         out = dst / rel
         if out.is_file() and out.read_bytes() == f.read_bytes():
             continue
