@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from conftest import make_tokenizer, tiny_llama
 
 from nora.study.results import StudyResults
@@ -71,31 +72,33 @@ def study_dir(tmp_path_factory):
     tok = make_tokenizer()
     tiny_llama(vocab=len(tok), hidden=64, layers=4).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    cfg = StudyConfig.from_dict(
-        {
-            "model": str(root / "model"),
-            "datasets": ["logistic-map"],
-            "top_layers": 2,
-            "train": {
-                "max_steps": 4,
-                "batch_size": 4,
-                "n_train": 16,
-                "max_len": 300,
-                "eval_every": 2,
-            },
-            "n_val": 4,
-            "n_test": 6,
-            "n_gen": 3,
-            "max_new_tokens": {"logistic-map": 4},
-            "variants": {"lora": {"method": "lora", "alpha": 32}, "nora": {"method": "nora"}},
-            "ranks": [2, 4],
-            "seeds": [0, 1],
-            "lr_search": {"start": [-4, -3], "default_rank": 2, "max_values": 3},
-            "first": ["lora", "nora"],
-            "analysis_tokens": 64,
-        }
+    spec = {
+        "study": True,
+        "model": str(root / "model"),
+        "datasets": ["logistic-map"],
+        "top_layers": 2,
+        "train": {
+            "max_steps": 4,
+            "batch_size": 4,
+            "n_train": 16,
+            "max_len": 300,
+            "eval_every": 2,
+        },
+        "n_val": 4,
+        "n_test": 6,
+        "n_gen": 3,
+        "max_new_tokens": {"logistic-map": 4},
+        "variants": {"lora": {"method": "lora", "alpha": 32}, "nora": {"method": "nora"}},
+        "ranks": [2, 4],
+        "seeds": [0, 1],
+        "lr_search": {"start": [-4, -3], "default_rank": 2, "max_values": 3},
+        "first": ["lora", "nora"],
+        "analysis_tokens": 64,
+    }
+    (root / "study.yaml").write_text(yaml.safe_dump(spec))
+    run_study(
+        StudyConfig.from_dict(spec), root / "out", log=lambda *_: None, command="nora sweep tiny"
     )
-    run_study(cfg, root / "out", log=lambda *_: None, command="nora sweep tiny")
     return root / "out"
 
 
@@ -145,3 +148,19 @@ def test_report_from_the_study_files(study_dir):
     m = rec["train_info"]["metrics"]
     assert "valid loss" in m[0] and "test perplexity" in m[-1] and "test accuracy" in m[-1]
     assert rec["train_info"]["num_trainable_params"] > 0
+
+
+def test_cli_sweep_resumes_a_study_and_report_dispatches(study_dir):
+    from typer.testing import CliRunner
+
+    from nora.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["sweep", str(study_dir.parent / "study.yaml"), "--out", str(study_dir)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "study finished" in res.output and "done" not in res.output  # nothing left to run
+    res = runner.invoke(app, ["report", str(study_dir)])
+    assert res.exit_code == 0, res.output
+    assert "## Compute plan" in (study_dir / "report.md").read_text()
