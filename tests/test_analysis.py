@@ -159,7 +159,7 @@ def _latent(a, x: torch.Tensor) -> torch.Tensor:
         return F.silu(z)
     if a.name == "nolora":
         return a.lora_v * z * torch.sigmoid(a.act.beta * z)
-    return a.sigma(z)  # aurora
+    return a.phi(z)  # aurora
 
 
 def _manual(model, batches):

@@ -119,7 +119,16 @@ def test_peft_lora_loads_in_nora(kw, tmp_path, ids):
     torch.testing.assert_close(logits(again, ids), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_peft_refuses_nonlinear_checkpoints(tmp_path):
+def test_peft_refuses_nonlinear_checkpoints(tmp_path, monkeypatch):
+    from peft import mapping
+
+    # stock PEFT: undo `import nora.peft` (the PEFT bridge) if another test module did it
+    for table in (
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING,
+        mapping.PEFT_TYPE_TO_TUNER_MAPPING,
+        mapping.PEFT_TYPE_TO_PREFIX_MAPPING,
+    ):
+        monkeypatch.delitem(table, "NORA", raising=False)
     nora.save_adapter(trained("nora"), tmp_path)
     with pytest.raises(Exception, match="NORA"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)

@@ -126,7 +126,7 @@ def test_aurora_approximate_merge_only_when_asked(ids):
     q = model.model.layers[0].self_attn.q_proj
     W0 = q.base_layer.weight.clone()
     ad = q.adapter
-    expected = W0 + ad.scale * ad.lora_B.weight @ ad.sigma(ad.lora_A.weight.t()).t()
+    expected = W0 + ad.scale * ad.lora_B.weight @ ad.phi(ad.lora_A.weight.t()).t()
     nora.merge(model, approximate_merge=True)
     torch.testing.assert_close(q.base_layer.weight, expected.detach())
     assert not torch.allclose(logits(model, ids), unmerged)  # not the trained function

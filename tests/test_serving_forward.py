@@ -15,7 +15,6 @@ from transformers import PreTrainedTokenizerFast
 
 import nora
 from nora.serving import BatchPlan, MultiAdapterLinear, MultiAdapterModel
-from nora.serving.layers import pack
 
 # Every method, several activations, mixed ranks (2 … 8), scales != 1.
 SPECS = {
@@ -23,6 +22,7 @@ SPECS = {
     "lora-r8": dict(method="lora", r=8, alpha=32.0),
     "nora-silu": dict(method="nora", r=4, scale=2.5),
     "nora-silu-r8": dict(method="nora", r=8),
+    "nora-silu-r3": dict(method="nora", r=3, alpha=6.0),
     "nora-relu": dict(method="nora", r=8, activation="relu"),
     "nora-gelu": dict(method="nora", r=3, activation="gelu"),
     "nora-tanh": dict(method="nora", r=5, activation="tanh"),
@@ -132,10 +132,10 @@ def test_shared_adapters_with_uneven_segments_pad_correctly(multi, adapters):
 
 
 def test_badly_skewed_segments_run_segment_by_segment(multi, adapters):
-    # one kind (SiLU): 12 rows on one adapter, 1 row on two others: padding would waste 60%
-    names = ["nora-silu"] * 12 + ["nolora-silu", "nora-silu-r8", None, "lora-r2"]
+    # one kind (NoRA-SiLU): 12 rows on one adapter, 1 row on two others: padding would waste 60%
+    names = ["nora-silu"] * 12 + ["nora-silu-r3", "nora-silu-r8", None, "lora-r2", "nolora-silu"]
     plan = multi.plan([multi.uid(n) for n in names], 9)
-    assert plan.groups[("act", "silu")].loop
+    assert plan.groups[("nora", "silu")].loop
     check_rows(multi, adapters, names, random_ids(len(names), 9, seed=2))
 
 
@@ -180,8 +180,8 @@ def test_plan_segments_come_from_a_stable_sort():
 def test_scale_is_folded_into_B_never_into_A(adapters):
     model = nora.load_adapter(tiny_llama(), adapters / "nora-silu")  # scale 2.5
     a = model.model.layers[0].self_attn.q_proj.adapter
-    kind, w = pack(a)
-    assert kind == ("act", "silu")
+    w = a.pack()
+    assert w.kind == ("nora", "silu")
     assert torch.equal(w.A, a.lora_A.weight.t())
     assert torch.allclose(w.B, (2.5 * a.lora_B.weight).t())
     x = torch.randn(5, a.in_features)

@@ -1,6 +1,6 @@
 """Spectral analysis of trained adapters: effective rank, spectra, cumulative energy, AUC-90.
 
-NoRA paper §2.4, §5.1 and Appendices A-B; metric definitions in METHODS.md. Each adapted layer
+NoRA paper §2.4, §5.1 and Appendices A-B; metric definitions below. Each adapted layer
 is looked at in three views, each reduced to its singular values σ_1 ≥ σ_2 ≥ … ≥ 0:
 
     latent  H  ∈ R^{N×r}  the adapter's r-dim latent over N held-out tokens (the paper's view)
@@ -22,9 +22,9 @@ The latent H is what B reads, with the scalar scale s removed, in eval mode (no 
     aurora  σ(A·x) = tanh(H·tanh(A·x)) + w_s ⊙ spline(A·x)
     loran   A·x                    no latent non-linearity: Sinter acts on ΔW, not on activations
 
-It is captured by a forward pre-hook on `adapter.lora_B` (its input is s·H for every method
-that calls B); LoRAN never calls B, so its A·x is recomputed from the adapter's input x. The
-adapter's forward hook gives x and Δh. Tokens are subsampled uniformly (bottom-k on random
+It is the method's own `Adapter.latent(x)` (σ(A·x), the same σ the adapter trains and serves
+with), evaluated on the sampled tokens of the adapter's input x; the adapter's forward hook
+gives x and Δh. Tokens are subsampled uniformly (bottom-k on random
 keys, deterministic by seed) to at most `max_tokens` per layer, the same tokens in every
 layer; padding (attention_mask == 0) is skipped. Memory: about max_tokens·(r + d) floats per
 layer. SVDs run in float64 on the CPU.
@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nora.adapters.base import Adapter, _Wrapper
@@ -288,22 +287,10 @@ def collect(
     batch: dict[str, Any] = {}  # the current batch: size B·T, pos (n,), keys (n,), offset
     reservoirs = {name: _Reservoir(max_tokens) for name in wrappers}
     seen = dict.fromkeys(wrappers, 0)
-    pending: dict[str, Tensor] = {}  # lora_B's input, s·H, until the adapter returns
-
-    def on_B(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            pending[name] = args[0]
-
-        return hook
 
     def on_adapter(name: str):
         def hook(a: Adapter, args: tuple, out: Tensor) -> None:
             x = args[0]  # (..., k)
-            u = pending.pop(name, None)  # (..., r)
-            if u is None:  # B not called (LoRAN): the latent is A·x
-                h = F.linear(x, a.lora_A.weight)
-            else:
-                h = u / a.scale if a.scale != 0 else u
             pos = batch["pos"]  # (n,) flat positions of the non-padding tokens
             if x.shape[:-1].numel() != batch["size"]:
                 raise AnalysisError(
@@ -315,12 +302,18 @@ def collect(
             at = pos[take].to(x.device)
             dtype = torch.promote_types(out.dtype, torch.float32)  # bf16 -> f32, f64 stays
 
-            def rows(t: Tensor) -> Tensor:  # (..., w) -> (taken, w) on the CPU
-                return t.reshape(batch["size"], -1)[at].to("cpu", dtype)
+            def rows(t: Tensor) -> Tensor:  # (..., w) -> (taken, w)
+                return t.reshape(batch["size"], -1)[at]
 
             n = len(pos)
             index = (batch["offset"] + torch.arange(n))[take]
-            res.add(batch["keys"][take], latent=rows(h), output=rows(out), index=index)
+            latent = a.latent(rows(x))  # (taken, r): σ(A·x), the method's own map
+            res.add(
+                batch["keys"][take],
+                latent=latent.to("cpu", dtype),
+                output=rows(out).to("cpu", dtype),
+                index=index,
+            )
             seen[name] += n
 
         return hook
@@ -331,7 +324,6 @@ def collect(
     n_batches = offset = 0
     try:
         for name, w in wrappers.items():
-            handles.append(w.adapter.lora_B.register_forward_pre_hook(on_B(name)))
             handles.append(w.adapter.register_forward_hook(on_adapter(name)))
         model.eval()
         with torch.no_grad():
@@ -352,7 +344,6 @@ def collect(
             h.remove()
         for m, flag in flags.items():
             m.training = flag
-        pending.clear()
     if n_batches == 0:
         raise AnalysisError("batches is empty: nothing to run through the model")
     if offset == 0:

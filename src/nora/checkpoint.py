@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nora.adapters import METHODS
 from nora.config import FORMAT_VERSION, AdapterConfig, ConfigError
 from nora.inject import adapter_state_dict, apply, get_config, plan
 
@@ -71,9 +72,9 @@ class CheckpointError(ValueError):
 
 
 def peft_type(cfg: AdapterConfig) -> str:
-    if cfg.method == "lora":
-        return "LORA" if cfg.placement == "weight" else "LORA_MODULE"
-    return cfg.method.upper()
+    """The method's own `peft_type`; a plain PEFT LoRA file holds weight-level LoRA only."""
+    ptype = METHODS[cfg.method].peft_type
+    return "LORA_MODULE" if ptype == "LORA" and cfg.placement != "weight" else ptype
 
 
 def config_to_dict(cfg: AdapterConfig) -> dict[str, Any]:
@@ -120,7 +121,8 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
         if ptype != "LORA":
             raise CheckpointError(
                 f"unsupported peft_type {ptype!r}: nora loads PEFT LoRA and its own "
-                "NORA/NOLORA/AURORA/LORAN/LORA_MODULE checkpoints"
+                f"{'/'.join(sorted({c.peft_type for c in METHODS.values()} | {'LORA_MODULE'}))} "
+                "checkpoints"
             )
         return _from_peft_lora(d)
     except ConfigError as e:

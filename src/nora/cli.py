@@ -416,5 +416,23 @@ def serve(
     )
 
 
+@app.command("export")
+@_user_errors
+def export_cmd(
+    adapter_dir: Path,
+    out: Path,
+    model: Annotated[
+        str, typer.Option(help="the base: smollm2-135m, a local folder or a hub id")
+    ] = "smollm2-135m",
+    gguf: Annotated[
+        bool, typer.Option("--gguf", help="write a llama.cpp GGUF LoRA adapter file (lora only)")
+    ] = False,
+) -> None:
+    """Merged HF model folder (lora, loran), or --gguf: a llama.cpp LoRA adapter (lora)."""
+    from nora.export import export
+
+    typer.echo(f"written: {export(adapter_dir, out, model, gguf=gguf)}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

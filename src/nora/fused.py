@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from nora import activations as act
+
 _ENABLED = True
 
 
@@ -120,10 +122,10 @@ aten = torch.ops.aten
 # build in backward); anything else (learnable, NoLoRA's v ⊙ f, AuroRA's σ) goes through
 # autograd on the recomputed φ(z).
 _DIRECT_GRAD: dict[type, Callable] = {
-    nn.SiLU: lambda phi, g, z, h: aten.silu_backward(g, z),
-    nn.ReLU: lambda phi, g, z, h: aten.threshold_backward(g, h, 0),
-    nn.Tanh: lambda phi, g, z, h: aten.tanh_backward(g, h),
-    nn.GELU: lambda phi, g, z, h: aten.gelu_backward(g, z, approximate=phi.approximate),
+    act.SiLU: lambda g, z, h: aten.silu_backward(g, z),
+    act.ReLU: lambda g, z, h: aten.threshold_backward(g, h, 0),
+    act.Tanh: lambda g, z, h: aten.tanh_backward(g, h),
+    act.GELU: lambda g, z, h: aten.gelu_backward(g, z),
 }
 
 
@@ -175,7 +177,7 @@ class _Expand(torch.autograd.Function):
             if ctx.phi is None:
                 gz = gh
             elif direct is not None:
-                gz = direct(ctx.phi, gh, z2, h) if need_z else None
+                gz = direct(gh, z2, h) if need_z else None
             else:
                 inputs = ([zz] if need_z else []) + [params[i] for i in want]
                 grads = list(torch.autograd.grad(h, inputs, gh))

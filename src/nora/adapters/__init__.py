@@ -3,18 +3,24 @@
 from nora.adapters import aurora, lora, loran, nolora, nora  # noqa: F401  (registers them)
 from nora.adapters.base import (
     METHODS,
+    ActivationAdapter,
     Adapter,
     AdapterLinear,
     NotMergeableError,
+    Packed,
     ParallelAdapter,
+    Stack,
     register,
 )
 
 __all__ = [
     "METHODS",
+    "ActivationAdapter",
     "Adapter",
     "AdapterLinear",
     "NotMergeableError",
+    "Packed",
     "ParallelAdapter",
+    "Stack",
     "register",
 ]

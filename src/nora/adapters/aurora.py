@@ -77,20 +77,23 @@ def interval_polynomials(coef: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 def eval_interval_polynomials(
-    z: torch.Tensor, P: torch.Tensor, lo: float, h: float, channel: torch.Tensor
+    z: torch.Tensor, P: torch.Tensor, lo: float, h: float
 ) -> torch.Tensor:
-    """Σ_p P[channel, m, p]·u^p at z, where z lies in knot interval m at position u; 0 outside.
+    """Σ_p P[c, m, p]·u^p for each element of z, where z lies in knot interval m at position u
+    and c is its channel; 0 outside the knot range.
 
-    z: (..., r); P: (C, n_int, K+1) for C channels; channel: which row of P each element of z
-    uses, broadcastable to z (arange(r) for one adapter, more for stacked adapters).
+    z: (..., R); P: (*lead, R, n_int, K+1) with lead broadcastable against z's leading dims:
+    (r, n_int, K+1) for one adapter's z (..., r), or (n, 1, R, n_int, K+1) for stacked
+    adapters' latents (n, L, R) — each element reads its own adapter's channel.
     """
-    C, n_int, K1 = P.shape
+    *lead, n_int, K1 = P.shape
     t = (z - lo) / h  # position in units of knot intervals
     inside = (t >= 0) & (t < n_int)
     m = t.floor().clamp(0, n_int - 1)
-    u = t - m  # (..., r) in [0, 1) inside the range
-    rows = m.long() + n_int * channel  # (..., r) rows of P flattened to (C·n_int, K+1)
-    c = F.embedding(rows, P.reshape(C * n_int, K1))  # (..., r, K+1)
+    u = t - m  # (..., R) in [0, 1) inside the range
+    channel = torch.arange(P[..., 0, 0].numel(), device=z.device).view(lead)
+    rows = m.long() + n_int * channel  # (..., R) rows of P flattened to (Σ channels·n_int, K+1)
+    c = F.embedding(rows, P.reshape(-1, K1))  # (..., R, K+1)
     out = c[..., K1 - 1]
     for p in range(K1 - 2, -1, -1):  # Horner: (((c_K·u + c_{K−1})·u + …)·u + c_0
         out = torch.addcmul(c[..., p], out, u)
@@ -107,8 +110,7 @@ def uniform_spline(
     of z's interval are touched: per interval the spline is one polynomial of degree K,
     evaluated by Horner's rule; zero outside the knot range.
     """
-    channel = torch.arange(coef.shape[0], device=z.device)
-    return eval_interval_polynomials(z, interval_polynomials(coef, M), lo, h, channel)
+    return eval_interval_polynomials(z, interval_polynomials(coef, M), lo, h)
 
 
 @register
@@ -140,20 +142,27 @@ class AuroRA(Adapter):
         nn.init.uniform_(self.spline_weight, -0.1, 0.1)
         nn.init.ones_(self.spline_scale)
 
-    def sigma(self, z: torch.Tensor) -> torch.Tensor:  # (..., r) -> (..., r)
-        mix = torch.tanh(self.self_proj(torch.tanh(z)))
-        # = (bspline_basis(z, self.knots, K) * c).sum(-1), touching K+1 basis functions only
-        spline = uniform_spline(
-            z, self.spline_weight, self.spline_lo, self.spline_h, self.local_basis
-        )
-        return mix + self.spline_scale * spline
+    # σ(z) = tanh(tanh(z)·Hᵀ) + Σ_j (w_s ⊙ c)_ij·B_j(z_i). In training (the inherited
+    # forward) σ(z) — spline included — is recomputed in backward by the fused node.
+    sigma_rank_dims = {"Ht": 2, "P": 1}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
-        # B·(s·σ(A·D(x))); in training σ(z) — spline basis included — is recomputed in backward
-        params = (self.self_proj.weight, self.spline_weight, self.spline_scale)
-        return self.bottleneck(x, self.sigma, params)
+    def kind(self):  # one knot grid and spline shape per kind
+        return (self.name, self.spline_lo, self.spline_h, self.spline_weight.shape[1], self.order)
+
+    def sigma_params(self):
+        C = self.spline_scale[:, None] * self.spline_weight  # w_s ⊙ c: (r, n_basis)
+        return {
+            "Ht": self.self_proj.weight.t(),  # (r, r)
+            "P": interval_polynomials(C, self.local_basis),  # (r, n_int, K+1): per interval
+        }
+
+    @classmethod
+    def sigma(cls, kind, z, p):  # (..., r) -> (..., r); stacked: (n, L, R) with (n, R, R) Ht
+        mix = torch.tanh(torch.matmul(torch.tanh(z), p["Ht"]))
+        # = (bspline_basis(z, knots, K) * (w_s ⊙ c)).sum(-1), touching K+1 basis functions only
+        return mix + eval_interval_polynomials(z, p["P"], kind[1], kind[2])
 
     def approximate_delta_weight(self) -> torch.Tensor:  # (d, k)
         # σ acts on each column A[:, j] ∈ R^r: treat Aᵀ (k, r) as a batch of k latents.
-        sig_A = self.sigma(self.lora_A.weight.t()).t()  # (r, k)
+        sig_A = self.phi(self.lora_A.weight.t()).t()  # (r, k)
         return self.scale * (self.lora_B.weight @ sig_A)

@@ -2,7 +2,11 @@
 
 An `Adapter` is only a method's math: Δ(x) for an input x of width k (in_features) and an
 output of width d (out_features). It owns `lora_A` (k→r) and `lora_B` (r→d) and whatever
-else the method needs. Where the adapter sits is the wrapper's business:
+else the method needs, and it is the one place the method is described: its latent map σ
+(`sigma`, a pure function of the latent and σ's tensors, which training, the fused backward,
+analysis and serving all call), how it packs and stacks for batched serving (`pack`,
+`stack`), its checkpoint type (`peft_type`) and its merge (`delta_weight`).
+Where the adapter sits is the wrapper's business:
 
 - `AdapterLinear` (weight-level): wraps a targeted `nn.Linear`, h = W0·x + Δ(x).
 - `ParallelAdapter` (module-level, the paper's ablation row (a)): wraps a whole block
@@ -15,11 +19,14 @@ restores it exactly) and forward any other attribute to it.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from nora.activations import ACTIVATIONS, REGISTRY, make_activation
 from nora.fused import dropped_linear, expand
 
 if TYPE_CHECKING:
@@ -32,6 +39,35 @@ def register(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator: add a method to the registry under `cls.name`."""
     METHODS[cls.name] = cls
     return cls
+
+
+@dataclass
+class Packed:
+    """One adapter at one Linear in serving form: Δ(x) = σ(x·A)·B, or x·W for dense kinds.
+
+    The scale s is folded into B, after σ: σ(s·A·x) ≠ s·σ(A·x) for a non-linear σ.
+    """
+
+    kind: Hashable  # adapters of one kind share σ's code and static settings
+    r: int
+    A: torch.Tensor | None  # (k, r)
+    B: torch.Tensor | None  # (r, d), s folded in
+    W: torch.Tensor | None = None  # (k, d), dense kinds only
+    p: dict[str, torch.Tensor] = field(default_factory=dict)  # σ's tensors
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.A, self.B, self.W, *self.p.values()]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@dataclass
+class Stack:
+    """n packed adapters of one kind stacked for `bmm`, ranks zero-padded to R."""
+
+    A: torch.Tensor  # (n, k, R)
+    B: torch.Tensor  # (n, R, d)
+    p: dict[str, torch.Tensor]  # σ's tensors, stacked as `Adapter.stack` says
 
 
 class NotMergeableError(RuntimeError):
@@ -52,6 +88,13 @@ class Adapter(nn.Module):
     activations: ClassVar[tuple[str, ...]] = ("identity",)
     shrinks: ClassVar[bool] = True  # Δ starts with z = A·x (all but loran)
     latent_dropout: ClassVar[bool] = False  # dropout on the r-dim latent, not on the input
+    sigma_rank_dims: ClassVar[dict[str, int]] = {}  # leading rank dims of σ's tensors
+    peft_type: ClassVar[str]  # adapter_config.json's "peft_type"; default: NAME
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and "peft_type" not in cls.__dict__:
+            cls.peft_type = cls.name.upper()
 
     def __init__(
         self, in_features: int, out_features: int, cfg: AdapterConfig, device=None, dtype=None
@@ -78,8 +121,87 @@ class Adapter(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
 
+    # ---- the method's latent map σ: the one description every path calls ----------------
+    # Δ(x) = s·B·D(σ(A·x)). `sigma` is a pure function of z and σ's tensors p, so the same
+    # code runs on one adapter's latent (..., r) with its own p, and in serving on a stack
+    # of adapters' latents (n, L, R) with p stacked by `stack`.
+
+    def kind(self) -> Hashable:
+        """Adapters with equal kinds share σ's code and static settings: they stack."""
+        return (self.name,)
+
+    def sigma_params(self) -> dict[str, torch.Tensor]:
+        """σ's tensors for this adapter (differentiable functions of its parameters)."""
+        return {}
+
+    @classmethod
+    def sigma(cls, kind: Hashable, z: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """σ(z): (..., r) -> (..., r). The identity here (LoRA); methods override it."""
+        return z
+
+    def phi(self, z: torch.Tensor) -> torch.Tensor:  # (..., r) -> (..., r)
+        """σ on this adapter's latent, with its own tensors."""
+        return self.sigma(self.kind(), z, self.sigma_params())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
-        raise NotImplementedError
+        """s·B·D(σ(A·x)) (dropout on the input or on the latent, as the method says).
+
+        Methods without parameters in σ that are not leaves (see `sigma_leaves`) need not
+        override anything but `sigma`; in training σ is recomputed in backward.
+        """
+        if type(self).sigma.__func__ is Adapter.sigma.__func__:
+            return self.bottleneck(x)  # linear: no φ node at all
+        return self.bottleneck(x, self.phi, self.sigma_leaves())
+
+    def sigma_leaves(self) -> tuple[torch.Tensor, ...]:
+        """The trainable tensors σ depends on (the fused node differentiates them)."""
+        own = {"lora_A.weight", "lora_B.weight"}
+        return tuple(p for n, p in self.named_parameters() if n not in own)
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """σ(A·x), no dropout, no scale: (..., k) -> (..., r), what analysis measures."""
+        return self.phi(self.lora_A(x))
+
+    @torch.no_grad()
+    def pack(self) -> Packed:
+        """This adapter in serving form (see `Packed`); dense methods give W = ΔWᵀ."""
+        dtype = self.lora_A.weight.dtype
+        if not self.shrinks:  # Δ(x) = ΔW·x: the weight-space map has no low-rank split
+            W = self.delta_weight().to(dtype).t().contiguous()  # (k, d)
+            return Packed(self.kind(), self.r, None, None, W=W)
+        A = self.lora_A.weight.t().contiguous()  # (k, r)
+        B = (self.lora_B.weight * self.scale).t().contiguous()  # (r, d)
+        p = {k: v.detach().to(dtype) for k, v in self.sigma_params().items()}
+        return Packed(self.kind(), self.r, A, B, p=p)
+
+    @classmethod
+    def stack(cls, packs: list[Packed]) -> Stack:
+        """n packs of one kind -> one Stack, ranks zero-padded to R = max r.
+
+        σ's tensors by their rank dims (`sigma_rank_dims`): 0 (a per-adapter scalar) ->
+        (n, 1, 1); 1, (r, ...) -> (n, 1, R, ...); 2, (r, r, ...) -> (n, R, R, ...), so they
+        broadcast against (or multiply) stacked latents (n, L, R). Zero padding: a padded
+        slot's A column and B row are zero, so whatever σ gives there adds nothing.
+        """
+        n, R = len(packs), max(w.r for w in packs)
+        A0, B0 = packs[0].A, packs[0].B
+        A = A0.new_zeros(n, A0.shape[0], R)
+        B = B0.new_zeros(n, R, B0.shape[1])
+        for i, w in enumerate(packs):
+            A[i, :, : w.r], B[i, : w.r] = w.A, w.B
+        p: dict[str, torch.Tensor] = {}
+        for key, v0 in packs[0].p.items():
+            dims = cls.sigma_rank_dims.get(key, 0)
+            if dims == 0:
+                p[key] = torch.stack([w.p[key] for w in packs]).view(n, 1, 1)
+                continue
+            rest = v0.shape[dims:]
+            out = v0.new_zeros(n, *([1] if dims == 1 else []), *([R] * dims), *rest)
+            for i, w in enumerate(packs):
+                idx = (i, 0) if dims == 1 else (i,)
+                out[idx][tuple(slice(0, w.r) for _ in range(dims))] = w.p[key]
+            p[key] = out
+        return Stack(A, B, p)
 
     def dropout_rate(self) -> float:
         """The dropout probability in effect now: the configured one in training, else 0."""
@@ -109,6 +231,28 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}"
+
+
+class ActivationAdapter(Adapter):
+    """An adapter whose σ is one of `nora.activations` (`cfg.activation`), kept as `act`."""
+
+    activations = ACTIVATIONS
+    latent_dropout = True
+    sigma_rank_dims = {k: n for c in REGISTRY.values() for k, n in c.rank_dims.items()}
+
+    def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
+        super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
+        self.act = make_activation(cfg.activation, cfg.r, cfg, device=device, dtype=dtype)
+
+    def kind(self) -> Hashable:
+        return (self.name, self.act.name)
+
+    def sigma_params(self) -> dict[str, torch.Tensor]:
+        return self.act.params()
+
+    @classmethod
+    def sigma(cls, kind, z, p):  # (..., r) -> (..., r): the activation's own function
+        return REGISTRY[kind[1]].fn(z, p)
 
 
 class _Wrapper(nn.Module):

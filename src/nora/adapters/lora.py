@@ -20,10 +20,8 @@ class LoRA(Adapter):
     linear = True
     default_alpha = 8.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
-        # B·(s·A·D(x)): the scale multiplies the r-wide latent, not the d-wide output — same
-        # function, a fraction of the elementwise work.
-        return self.bottleneck(x)
+    # σ = identity (the base class's): Δ(x) = B·(s·A·D(x)), the scale on the r-wide latent,
+    # not the d-wide output — same function, a fraction of the elementwise work.
 
     def delta_weight(self) -> torch.Tensor:  # (d, k)
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)

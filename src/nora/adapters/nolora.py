@@ -14,21 +14,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nora.activations import ACTIVATIONS, make_activation
-from nora.adapters.base import Adapter, register
+from nora.adapters.base import ActivationAdapter, register
 
 
 @register
-class NoLoRA(Adapter):
+class NoLoRA(ActivationAdapter):  # σ(z) = v ⊙ f(z), f the configured activation
     name = "nolora"
     default_alpha = 16.0
     default_activation = "learnable"
-    activations = ACTIVATIONS
-    latent_dropout = True
+    sigma_rank_dims = {"v": 1, **ActivationAdapter.sigma_rank_dims}
 
     def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
         super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
-        self.act = make_activation(cfg.activation, cfg.r, cfg, device=device, dtype=dtype)
         self.lora_v = nn.Parameter(torch.ones(cfg.r, device=device, dtype=dtype))
 
     def reset_parameters(self, init_weights: bool = True) -> None:
@@ -37,9 +34,10 @@ class NoLoRA(Adapter):
         if hasattr(self.act, "beta"):
             nn.init.ones_(self.act.beta)
 
-    def modulated(self, z: torch.Tensor) -> torch.Tensor:  # (..., r) -> (..., r)
-        return self.lora_v * self.act(z)  # v ⊙ f(z)
+    # Adapter.forward gives B·(s·D(σ(A·x))), σ recomputed in backward.
+    def sigma_params(self):
+        return {"v": self.lora_v, **super().sigma_params()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
-        # B·(s·D(v ⊙ f(A·x)))
-        return self.bottleneck(x, self.modulated, (self.lora_v, *self.act.parameters()))
+    @classmethod
+    def sigma(cls, kind, z, p):  # (..., r) -> (..., r)
+        return p["v"] * super().sigma(kind, z, p)

@@ -16,28 +16,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nora.activations import ACTIVATIONS, make_activation
-from nora.adapters.base import Adapter, register
+from nora.adapters.base import ActivationAdapter, register
 
 
 @register
-class NoRA(Adapter):
+class NoRA(ActivationAdapter):  # σ = the configured activation (SiLU)
     name = "nora"
     default_scale = 1.0
     default_dropout = 0.1
     default_activation = "silu"
-    activations = ACTIVATIONS
-    latent_dropout = True
-
-    def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
-        super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
-        self.act = make_activation(cfg.activation, cfg.r, cfg, device=device, dtype=dtype)
 
     def reset_parameters(self, init_weights: bool = True) -> None:
         nn.init.kaiming_normal_(self.lora_A.weight, nonlinearity="relu")  # N(0, 2/k)
         self._init_B(init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., d)
-        # B·(s·D(σ(A·x))); s·B·h == B·(s·h). In training σ(z) is recomputed in backward.
-        phi = None if isinstance(self.act, nn.Identity) else self.act
+        # B·(s·D(σ(A·x))); s·B·h == B·(s·h). In training σ(z) is recomputed in backward. The
+        # activation module itself is φ (its forward is `sigma`), so the fused node
+        # recognises SiLU/ReLU/Tanh/GELU and uses ATen's backward kernels for them.
+        phi = None if self.act.name == "identity" else self.act
         return self.bottleneck(x, phi, tuple(self.act.parameters()))

@@ -10,8 +10,8 @@ or piece by piece:
     engine = Engine(multi, tokenizer, store).start()   # continuous batching, streaming
     app = create_app(engine, "smollm2-135m")           # OpenAI-compatible endpoints
 
-Files: plan.py (per-step segment metadata), layers.py (packing each method into
-shrink → σ → expand, the batched MultiAdapterLinear), multi.py (MultiAdapterModel: add,
+Files: plan.py (per-step segment metadata), layers.py (the batched MultiAdapterLinear:
+shrink → σ → expand, with σ and stacking taken from each method's class), multi.py (MultiAdapterModel: add,
 validate, forward), store.py (adapter directory, LRU), engine.py (generation), server.py (HTTP).
 """
 

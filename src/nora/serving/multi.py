@@ -23,16 +23,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nora.adapters import Packed
 from nora.checkpoint import CheckpointError, read_config, read_weights, tensor_problems
 from nora.config import AdapterConfig, ConfigError
 from nora.inject import InjectionError, plan
-from nora.serving.layers import (
-    LayerWeights,
-    MultiAdapterLinear,
-    ServingContext,
-    UnsupportedAdapterError,
-    pack,
-)
+from nora.serving.layers import MultiAdapterLinear, ServingContext
 from nora.serving.plan import BASE_UID, BatchPlan
 
 
@@ -120,17 +115,14 @@ class MultiAdapterModel(nn.Module):
         if problems:
             more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
             raise CheckpointError(bad + "; ".join(problems[:8]) + more)
-        packed: dict[str, LayerWeights] = {}
+        packed: dict[str, Packed] = {}
         kinds = set()
         with torch.no_grad():
             for n, w in wrappers:
                 for k, p in w.adapter.state_dict().items():
                     p.copy_(tensors[f"{n}.{k}"])
-                try:
-                    kind, packed[n] = pack(w.adapter.eval())
-                except UnsupportedAdapterError as e:
-                    raise CheckpointError(bad + str(e)) from None
-                kinds.add(kind)
+                packed[n] = w.adapter.eval().pack()
+                kinds.add(packed[n].kind)
         assert len(kinds) == 1, kinds  # one method and one activation per adapter
         with self.lock:
             if name in self.adapters:
