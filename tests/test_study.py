@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 from conftest import make_tokenizer, tiny_llama
 
@@ -167,3 +168,31 @@ def test_paper_preset_dry_run_on_the_meta_device():
         assert by[("lora", r)]["trainable_params"] == r * (4096 + 4096 + 4096 + 1024) * 32
         assert by[("nora", r)]["trainable_params"] == by[("lora", r)]["trainable_params"]
     assert all(x["modules"] == 64 for x in rows)
+
+
+def test_prefix_cache_is_kept_on_disk_and_reused(tmp_path, model_dir, monkeypatch):
+    from nora.prefix_cache import PrefixCache
+    from nora.study.context import DataContext
+
+    def make():
+        return DataContext(str(model_dir), "logistic-map", 8, 2, 3, 300, 2, cache_dir=tmp_path)
+
+    first = make()
+    assert first.prefix is not None and len(list(tmp_path.glob("prefix-*.safetensors"))) == 1
+
+    encoded = []
+    real = PrefixCache.encode
+
+    def counting(self, features, *a, **k):
+        encoded.append(len(features))
+        return real(self, features, *a, **k)
+
+    monkeypatch.setattr(PrefixCache, "encode", counting)
+    second = make()
+    assert encoded == [1]  # only `verify`'s own check example ran through the lower layers
+    pairs = zip(first.train_set + first.test_set, second.train_set + second.test_set, strict=True)
+    for a, b in pairs:
+        assert torch.equal(first.prefix.hidden[id(a)], second.prefix.hidden[id(b)])
+    # batches carry the stored states
+    b = second.batches(second.test_set[:2], 2)[0]
+    assert b["inputs_embeds"].shape[:2] == b["input_ids"].shape

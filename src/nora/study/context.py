@@ -3,10 +3,42 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+from pathlib import Path
 
 import torch
 
 from nora.data import batches
+
+
+def _encode(prefix, features: list[dict], pad_id: int, cache_dir, key: list) -> None:
+    """Fill the prefix cache, shortest examples first (less padding per batch); with
+    `cache_dir`, the hidden states are also kept on disk (safetensors, one file per `key`)
+    so that a resumed sweep does not run the lower layers over every example again."""
+    from safetensors.torch import load_file, save_file
+
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"prefix-{digest}.safetensors"
+        if path.is_file():
+            stored = load_file(path)
+            if len(stored) == len(features):
+                for i, f in enumerate(features):
+                    h = stored[str(i)]
+                    if h.shape[0] != len(f["input_ids"]):
+                        break
+                    prefix.hidden[id(f)] = h
+                else:
+                    return
+            prefix.hidden.clear()  # a stale file: encode again
+    prefix.encode(sorted(features, key=lambda f: len(f["input_ids"])), pad_id)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({str(i): prefix.hidden[id(f)].contiguous() for i, f in enumerate(features)}, tmp)
+        tmp.replace(path)
 
 
 class DataContext:
@@ -27,6 +59,7 @@ class DataContext:
         max_len: int,
         top_layers: int | None,
         data_path: str | None = None,
+        cache_dir: str | Path | None = None,
     ):
         from nora.data import build_splits
         from nora.models import load_base_model
@@ -46,7 +79,8 @@ class DataContext:
             try:
                 prefix = PrefixCache(self.model, self.layers[0])
                 if prefix.verify(train_set[0], self.tok.pad_token_id):
-                    prefix.encode(train_set + held, self.tok.pad_token_id)
+                    key = [model, dataset, n_train, n_val, n_test, max_len, top_layers, data_path]
+                    _encode(prefix, train_set + held, self.tok.pad_token_id, cache_dir, key)
                     self.prefix = prefix
             except PrefixCacheError:
                 pass

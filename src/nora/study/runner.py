@@ -176,6 +176,7 @@ class Study:
                 max_len=t.get("max_len", 256),
                 top_layers=self.cfg.top_layers,
                 data_path=self.cfg.data_path.get(dataset),
+                cache_dir=self.out / "prefix-cache",
             )
         return self.ctx
 
