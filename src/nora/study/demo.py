@@ -164,6 +164,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, log=print) ->
     from nora.analysis import analyze
     from nora.models import describe_model
     from nora.study.context import DataContext
+    from nora.study.results import Spectra
     from nora.study.stats import PerExample, paired_difference
 
     cfg = cfg or DemoConfig()
@@ -233,7 +234,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, log=print) ->
         "config": asdict(cfg),
         "rows": rows,
         "latent_effective_rank": {
-            k: v["aggregate"]["latent"]["effective_rank"]["mean"] for k, v in spectra.items()
+            k: Spectra.from_summary(v).effective_rank["latent"] for k, v in spectra.items()
         },
         "wall_time_s": time.perf_counter() - t_start,
     }

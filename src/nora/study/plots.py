@@ -90,6 +90,12 @@ def _log_limits(ax, curves: list[np.ndarray], decades: float = 10.0) -> None:
         ax.set_ylim(bottom=low / 2, top=top * 2)
 
 
+def layer_mean(summary: Mapping[str, Any], view: str, metric: str) -> float:
+    """`metric` of `view` averaged over the adapted layers (the one place the analysis
+    summary's aggregate layout is spelled out)."""
+    return summary["aggregate"][view][metric]["mean"]
+
+
 def _x(n: int) -> np.ndarray:
     return np.arange(1, n + 1)
 
@@ -112,7 +118,7 @@ def plot_spectrum(summary: Mapping[str, Any], path: str | Path) -> Path:
         ax.semilogy(_x(len(mean)), np.maximum(mean, 1e-300), color="C0", lw=2.2, label="mean")
         ax.axvline(r, color="grey", ls="--", lw=1, label=f"r = {r}")
         _log_limits(ax, curves)
-        er = summary["aggregate"][view]["effective_rank"]["mean"]
+        er = layer_mean(summary, view, "effective_rank")
         ax.set(title=f"{_view_title(summary, view)}, mean ER {er:.1f}", xlabel="index i")
         ax.set_ylabel("singular value σ_i")
         ax.legend(loc="upper right", fontsize=8)
@@ -136,7 +142,7 @@ def plot_cumulative(summary: Mapping[str, Any], path: str | Path) -> Path:
         k = int(np.searchsorted(mean, 0.9 * (1 - 1e-12)) + 1)
         if k <= len(mean):
             ax.axvline(k, color="C3", ls="--", lw=1, label=f"AUC-90 of mean = {k}")
-        agg = summary["aggregate"][view]["auc90"]["mean"]
+        agg = layer_mean(summary, view, "auc90")
         ax.set(title=f"{_view_title(summary, view)}, per-layer AUC-90 {agg:.1f}")
         ax.set(xlabel="components k", ylabel="energy fraction E_k", ylim=(0, 1.02))
         ax.set_xlim(0.5, min(len(mean), 2 * r) + 0.5)
@@ -211,7 +217,7 @@ def _plot_vs_rank(ax, runs: Runs, view: str, metric: str, ylabel: str) -> None:
     """Mean over layers of `metric` vs r, one line per group, mean ± std over seeds."""
     data = _seeds(runs)
     for i, (group, by_r) in enumerate(data.items()):
-        values = [[s["aggregate"][view][metric]["mean"] for s in seeds] for seeds in by_r.values()]
+        values = [[layer_mean(s, view, metric) for s in seeds] for seeds in by_r.values()]
         ax.errorbar(
             list(by_r),
             [np.mean(v) for v in values],

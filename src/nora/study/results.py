@@ -29,10 +29,12 @@ class Spectra:
 
     @classmethod
     def from_summary(cls, s: dict) -> Spectra:
-        agg = s["aggregate"]
+        from nora.study.plots import layer_mean
+
+        views = list(s["aggregate"])
         return cls(
-            {v: agg[v]["effective_rank"]["mean"] for v in agg},
-            {v: agg[v]["auc90"]["mean"] for v in agg},
+            {v: layer_mean(s, v, "effective_rank") for v in views},
+            {v: layer_mean(s, v, "auc90") for v in views},
             s,
         )
 
