@@ -335,25 +335,29 @@ def eval_cmd(
 @_user_errors
 def demo(
     out_dir: str = "demo-out",
-    steps: Annotated[int, typer.Option(help="optimizer steps per method")] = 30,
+    steps: Annotated[int, typer.Option(help="optimizer steps per method")] = 96,
     r: Rank = 16,
-    lr: float = 1e-3,
+    lr: Annotated[
+        float | None, typer.Option(help="one rate for both methods (default: each one's tuned)")
+    ] = None,
+    seed: int = 0,
     quick: Annotated[bool, typer.Option(help="a 1-minute smoke run (tiny numbers)")] = False,
 ) -> None:
-    """LoRA vs NoRA at the same rank on the embedded default (offline): table + loss plot."""
-    from nora.demo import DemoConfig, run_demo
+    """LoRA vs NoRA at the same rank on the embedded default (offline): table + figures."""
+    from nora.study.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out_dir=out_dir, steps=steps, r=r, lr=lr)
+    cfg = DemoConfig(out_dir=out_dir, steps=steps, r=r, lr=lr, seed=seed, n_train=steps * 8)
     if quick:
         cfg = DemoConfig(
             out_dir=out_dir,
             steps=3,
             r=r,
             lr=lr,
+            seed=seed,
             n_train=24,
             n_eval=8,
             n_accuracy=2,
-            max_new_tokens=32,
+            max_new_tokens=8,
             top_layers=2,
         )
     run_demo(cfg)
@@ -394,7 +398,9 @@ def analyze(
 @app.command()
 @_user_errors
 def sweep(
-    spec: Annotated[str, typer.Argument(help="a preset (paper-mini, paper) or a YAML/JSON file")],
+    spec: Annotated[
+        str, typer.Argument(help="a preset (study, paper-mini, paper) or a YAML/JSON file")
+    ],
     out: Annotated[Path, typer.Option(help="sweep folder; rerun to continue")] = Path(
         "results/sweep"
     ),
@@ -406,14 +412,17 @@ def sweep(
     """Methods × ranks × seeds (× ablations); resumable: finished runs are skipped."""
     import torch
 
-    from nora.experiments import run_sweep
+    from nora.study.runner import load_study, run_study
+    from nora.study.sweep import run_sweep
 
     if threads:
         torch.set_num_threads(threads)
-
-    result = run_sweep(
-        spec, out, log=typer.echo, only=_split(only), command="nora sweep " + " ".join(sys.argv[2:])
-    )
+    command = "nora sweep " + " ".join(sys.argv[2:])
+    study = load_study(spec)
+    if study is not None:
+        result = run_study(study, out, log=typer.echo, command=command)
+    else:
+        result = run_sweep(spec, out, log=typer.echo, only=_split(only), command=command)
     if result["failed"]:
         typer.echo(f"{result['failed']} run(s) failed: see error.json files under {out}", err=True)
 
@@ -421,10 +430,12 @@ def sweep(
 @app.command()
 @_user_errors
 def report(sweep_dir: Path) -> None:
-    """Markdown report with the paper's figures and tables, from a sweep folder."""
-    from nora.report import build_report
+    """Markdown report with the paper's figures and tables, from a sweep or study folder."""
+    from nora.study.report import build_report
+    from nora.study.study_report import build_study_report
 
-    typer.echo(f"written: {build_report(sweep_dir)}")
+    study = (sweep_dir / "study.json").is_file()
+    typer.echo(f"written: {(build_study_report if study else build_report)(sweep_dir)}")
 
 
 @app.command()

@@ -1,0 +1,161 @@
+"""What every run of one dataset shares: the model, the splits, the prefix cache, the scorers."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from nora.data import batches
+
+
+def _encode(prefix, features: list[dict], pad_id: int, cache_dir, key: list) -> None:
+    """Fill the prefix cache, shortest examples first (less padding per batch); with
+    `cache_dir`, the hidden states are also kept on disk (safetensors, one file per `key`)
+    so that a resumed sweep does not run the lower layers over every example again."""
+    from safetensors.torch import load_file, save_file
+
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"prefix-{digest}.safetensors"
+        if path.is_file():
+            stored = load_file(path)
+            if len(stored) == len(features):
+                for i, f in enumerate(features):
+                    h = stored[str(i)]
+                    if h.shape[0] != len(f["input_ids"]):
+                        break
+                    prefix.hidden[id(f)] = h
+                else:
+                    return
+            prefix.hidden.clear()  # a stale file: encode again
+    prefix.encode(sorted(features, key=lambda f: len(f["input_ids"])), pad_id)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({str(i): prefix.hidden[id(f)].contiguous() for i, f in enumerate(features)}, tmp)
+        tmp.replace(path)
+
+
+class DataContext:
+    """Model + tokenizer, train / validation / test splits, and the prefix cache of the frozen
+    lower layers (when only the top `top_layers` are adapted), built once per dataset.
+
+    The held-out examples are the first `n_val + n_test` of the dataset's seeded order
+    (validation first), disjoint from the `n_train` training examples after them.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dataset: str,
+        n_train: int,
+        n_val: int,
+        n_test: int,
+        max_len: int,
+        top_layers: int | None,
+        data_path: str | None = None,
+        cache_dir: str | Path | None = None,
+    ):
+        from nora.data import build_splits
+        from nora.models import load_base_model
+        from nora.prefix_cache import PrefixCache, PrefixCacheError, find_layer_list
+
+        self.dataset, self.n_val, self.n_test = dataset, n_val, n_test
+        self.data_kw = {"path": data_path} if data_path else {}
+        self.model, self.tok = load_base_model(model)
+        self.n_layers = len(find_layer_list(self.model)[1])
+        train_set, held, self.stats = build_splits(
+            self.tok, dataset, n_train, n_val + n_test, max_len, seed=0, **self.data_kw
+        )
+        self.train_set, self.val_set, self.test_set = train_set, held[:n_val], held[n_val:]
+        self.layers = list(range(self.n_layers - top_layers, self.n_layers)) if top_layers else None
+        self.prefix = None
+        if self.layers:
+            try:
+                prefix = PrefixCache(self.model, self.layers[0])
+                if prefix.verify(train_set[0], self.tok.pad_token_id):
+                    key = [model, dataset, n_train, n_val, n_test, max_len, top_layers, data_path]
+                    _encode(prefix, train_set + held, self.tok.pad_token_id, cache_dir, key)
+                    self.prefix = prefix
+            except PrefixCacheError:
+                pass
+
+    def batches(self, split: list[dict], size: int = 8) -> list[dict]:
+        """Collated batches, as cached hidden states when the prefix cache is on."""
+        from nora.data import collate
+
+        return batches(
+            split, self.tok.pad_token_id, size, self.prefix.collate if self.prefix else collate
+        )
+
+    def token_batches(self, split: list[dict], size: int = 8) -> list[dict]:
+        """Collated token batches (for the spectral analysis, which runs the whole model)."""
+        return batches(split, self.tok.pad_token_id, size)
+
+    def forward_context(self):
+        return self.prefix.top_only() if self.prefix else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def example_nll(self, model) -> tuple[list[float], list[int]]:
+        """Per test example: (summed NLL over its response tokens, number of those tokens).
+
+        One example per forward, so the values are exact per example (no padding effects)
+        and can be resampled by a bootstrap.
+        """
+        from nora.evaluate import batch_nll, supports_fast_nll
+
+        was_training = model.training
+        model.eval()
+        nll, tokens, fast = [], [], None
+        try:
+            for b in self.batches(self.test_set, size=1):
+                with self.forward_context():
+                    if fast is None:
+                        fast = supports_fast_nll(model, b)
+                    s, n = batch_nll(model, b, fast=fast)
+                nll.append(float(s))
+                tokens.append(n)
+        finally:
+            model.train(was_training)
+        return nll, tokens
+
+    def gen_examples(self, n_gen: int) -> list:
+        """The first `n_gen` test problems with a gold answer, as raw examples."""
+        from nora.data import load_examples
+
+        held = load_examples(self.dataset, self.n_val + self.n_test, 0, **self.data_kw)
+        return [e for e in held[self.n_val :] if e.answer is not None][:n_gen]
+
+    def pass_at_1(self, model, n_gen: int, max_new_tokens: int) -> tuple[list[float], list[str]]:
+        """Greedy pass@1 per test problem (the data source's scorer) and the completions."""
+        from nora.data import score_answer
+        from nora.data.tokenization import prompt_ids
+        from nora.evaluate import generate
+
+        examples = self.gen_examples(n_gen)
+        prompts = [prompt_ids(self.tok, e.messages) for e in examples]
+        outs = generate(model, self.tok, prompts, max_new_tokens=max_new_tokens, batch_size=16)
+        return [score_answer(e, o) for e, o in zip(examples, outs, strict=True)], outs
+
+    def score_test(self, model, n_gen: int, max_new_tokens: int, keep_samples: int = 10) -> dict:
+        """Per-example test NLL and pass@1, their aggregates (PPL, accuracy), and the first
+        `keep_samples` completions."""
+        import math
+
+        nll, tokens = self.example_nll(model)
+        correct, outs = self.pass_at_1(model, n_gen, max_new_tokens) if n_gen else ([], [])
+        return {
+            "test_ppl": math.exp(sum(nll) / sum(tokens)),
+            "test_nll": sum(nll) / sum(tokens),
+            "accuracy": sum(correct) / len(correct) if correct else None,
+            "per_example": {"nll": nll, "tokens": tokens, "correct": correct},
+            "samples": outs[:keep_samples],
+            "n_test": len(nll),
+            "n_gen": len(correct),
+            "max_new_tokens": max_new_tokens,
+        }

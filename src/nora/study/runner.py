@@ -1,0 +1,526 @@
+"""The rank-scaling study: tuned learning rates, long runs, per-example scores, resumable.
+
+    nora sweep study --out /work/sweep-out/study   # a preset, or a YAML/JSON file with `study: true`
+    nora report /work/sweep-out/study
+
+Every run is keyed by (dataset, variant, rank, learning rate, seed) and lives in
+`runs/<dataset>/<variant>/r<rank>/lr<lr>/s<seed>/`. It has two stages, each finished when its
+JSON exists (so a rerun skips it, and a killed run restarts from its last checkpoint):
+
+1. `val.json`: train (the validation loss every `eval_every` steps is the learning curve in
+   `metrics.jsonl`), keep the final adapter in `adapter/`, score the validation split.
+2. `test.json`: per-example test NLL, greedy pass@1 per problem, the spectral analysis.
+   A learning-rate search only needs stage 1; a headline cell at the chosen rate reuses it.
+
+Learning rates lie on a half-decade grid (lr = 10^(k/2)). A search starts with three values
+around a guess and adds the next value beyond an edge while the validation optimum is at that
+edge, so the chosen rate is interior (or the search says it hit `max_values`). Runs whose loss
+diverges count as +inf. Order of work (see `plan`): the most informative runs first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import nora
+from nora.config import AdapterConfig
+from nora.study.context import DataContext
+from nora.train import TrainConfig, train
+
+
+class StudyError(ValueError):
+    """The study file or folder is not usable; the message says why."""
+
+
+@dataclass
+class LRSearch:
+    """Where and how each variant's learning rate is searched."""
+
+    start: list[int] = field(default_factory=lambda: [-6, -5, -4])  # k: lr = 10^(k/2)
+    ranks: dict[str, list[int]] = field(default_factory=dict)  # variant -> searched ranks
+    default_rank: int = 16
+    max_values: int = 7  # a search that would need more says so instead of going on
+
+    def ranks_of(self, variant: str) -> list[int]:
+        return self.ranks.get(variant, [self.default_rank])
+
+    def source_rank(self, variant: str, r: int) -> int:
+        """The searched rank whose learning rate rank `r` uses: the nearest in log2."""
+        return min(self.ranks_of(variant), key=lambda s: (abs(math.log2(s / r)), s))
+
+
+@dataclass
+class StudyConfig:
+    model: str = "smollm2-135m"
+    datasets: list[str] = field(default_factory=lambda: ["math"])
+    top_layers: int | None = 4
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    n_val: int = 64
+    n_test: int = 300
+    n_gen: int = 200  # test problems answered by greedy generation
+    max_new_tokens: dict[str, int] = field(default_factory=dict)  # per dataset (default 256)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ranks: list[int] = field(default_factory=lambda: [16])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    lr_search: LRSearch = field(default_factory=LRSearch)
+    first: list[str] = field(default_factory=list)  # variants searched/run before the rest
+    analysis_tokens: int = 2048
+    data_path: dict[str, str] = field(default_factory=dict)
+    study: bool = True  # marks a file as a study (not a `nora.experiments` sweep)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(d) - known):
+            raise StudyError(f"unknown study fields {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        search = d.get("lr_search") or {}
+        if isinstance(search, dict):
+            known_s = {f.name for f in dataclasses.fields(LRSearch)}
+            if unknown := sorted(set(search) - known_s):
+                raise StudyError(f"unknown lr_search fields {unknown}; known: {sorted(known_s)}")
+            d["lr_search"] = LRSearch(**search)
+        cfg = cls(**d)
+        cfg.check()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        if not self.variants:
+            raise StudyError("the study names no variants")
+        for name, kw in self.variants.items():
+            try:
+                AdapterConfig(**{**kw, "r": 4})
+            except (TypeError, ValueError) as e:
+                raise StudyError(f"variant {name!r}: {e}") from None
+        from nora.study.sweep import PER_RUN_FIELDS, check_train_keys
+
+        # n_eval is the study's n_val (the split scored during training)
+        check_train_keys(self.train, StudyError, PER_RUN_FIELDS | {"n_eval"})
+        if unknown := sorted(set(self.first) - set(self.variants)):
+            raise StudyError(f"`first` names unknown variants {unknown}")
+
+    def max_new(self, dataset: str) -> int:
+        return self.max_new_tokens.get(dataset, 256)
+
+
+def lr_of(k: int) -> float:
+    """The half-decade grid: k=-6 -> 1e-3, k=-5 -> 3.16e-3, k=-4 -> 1e-2."""
+    return float(f"{10 ** (k / 2):.3g}")
+
+
+def _lr_name(k: int) -> str:
+    return f"lr{lr_of(k):.3g}"
+
+
+# --- one run -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunKey:
+    dataset: str
+    variant: str
+    r: int
+    k: int  # learning rate lr_of(k)
+    seed: int
+
+    def folder(self, out: Path) -> Path:
+        return (
+            out
+            / "runs"
+            / self.dataset
+            / self.variant
+            / f"r{self.r}"
+            / _lr_name(self.k)
+            / (f"s{self.seed}")
+        )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+class Study:
+    """One call of `run_study`: runs stages on demand, skipping those already done."""
+
+    def __init__(self, cfg: StudyConfig, out: Path, log=print):
+        self.cfg, self.out, self.log = cfg, out, log
+        self.ctx: DataContext | None = None
+        self.failed = 0
+
+    def context(self, dataset: str) -> DataContext:
+        if self.ctx is None or self.ctx.dataset != dataset:
+            self.ctx = None  # free the previous dataset's cache first
+            self.log(f"[{dataset}] loading the model and data, building the prefix cache")
+            t = self.cfg.train
+            self.ctx = DataContext(
+                self.cfg.model,
+                dataset,
+                n_train=t.get("n_train", 512),
+                n_val=self.cfg.n_val,
+                n_test=self.cfg.n_test,
+                max_len=t.get("max_len", 256),
+                top_layers=self.cfg.top_layers,
+                data_path=self.cfg.data_path.get(dataset),
+                cache_dir=self.out / "prefix-cache",
+            )
+        return self.ctx
+
+    def base(self, dataset: str) -> None:
+        """The base model's test scores, once per dataset (the reference row)."""
+        f = self.out / "runs" / dataset / "base" / "test.json"
+        if f.is_file():
+            return
+        f.parent.mkdir(parents=True, exist_ok=True)
+        c = self.context(dataset)
+        t0 = time.perf_counter()
+        _write_json(
+            f,
+            {
+                "variant": "base",
+                "dataset": dataset,
+                **c.score_test(c.model, self.cfg.n_gen, self.cfg.max_new(dataset)),
+                "wall_s": time.perf_counter() - t0,
+            },
+        )
+
+    def _train_config(self, key: RunKey, out: Path) -> TrainConfig:
+        c = self.ctx
+        kw = self.cfg.variants[key.variant]
+        adapter = AdapterConfig(**{**kw, "r": key.r, "layers_to_transform": c.layers})
+        return TrainConfig(
+            adapter=adapter,
+            model=self.cfg.model,
+            data=key.dataset,
+            seed=key.seed,
+            lr=lr_of(key.k),
+            n_eval=len(c.val_set),
+            output_dir=str(out),
+            **self.cfg.train,
+        )
+
+    def trained(self, key: RunKey) -> dict | None:
+        """Stage 1 (train + validation); its result, or None if the run failed."""
+        out = key.folder(self.out)
+        done = out / "val.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        if (out / "error.json").is_file():
+            return None  # a failed run (e.g. diverged) is not retried by a rerun
+
+        def job() -> dict:
+            c = self.context(key.dataset)
+            tcfg = self._train_config(key, out)
+            summary = train(
+                tcfg,
+                model=c.model,
+                tokenizer=c.tok,
+                progress=False,
+                splits=(c.train_set, c.val_set),
+                prefix=c.prefix,
+            )
+            nora.unload(c.model)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter/ stays
+            return {
+                **dataclasses.asdict(key),
+                "lr": lr_of(key.k),
+                "val_ppl": summary["eval_ppl"],
+                "val_nll": summary["eval_loss"],
+                "val_tokens": summary["eval_tokens"],
+                "final_train_loss": summary["final_train_loss"],
+                "trainable_params": summary["trainable_params"],
+                "train_time_s": summary["train_time_s"],
+                "tok_per_s": summary["tok_per_s"],
+                "steps": summary["steps"],
+            }
+
+        return self._guarded(out, done, job, f"train {key}")
+
+    def tested(self, key: RunKey) -> dict | None:
+        """Stage 2 (test NLL per example, pass@1 per problem, spectra) after stage 1."""
+        out = key.folder(self.out)
+        done = out / "test.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        if self.trained(key) is None:
+            return None
+
+        def job() -> dict:
+            from nora.analysis import analyze
+
+            c = self.context(key.dataset)
+            nora.load_adapter(c.model, out / "adapter")
+            try:
+                scores = c.score_test(c.model, self.cfg.n_gen, self.cfg.max_new(key.dataset))
+                spectra = analyze(
+                    c.model,
+                    c.token_batches(c.test_set),
+                    max_tokens=self.cfg.analysis_tokens,
+                    keep_singular_values=256,
+                )
+            finally:
+                nora.unload(c.model)
+            return {**dataclasses.asdict(key), "lr": lr_of(key.k), **scores, "analysis": spectra}
+
+        return self._guarded(out, done, job, f"test {key}")
+
+    def _guarded(self, out: Path, done: Path, job, what: str) -> dict | None:
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            result = job()
+        except Exception as e:  # noqa: BLE001 - a failed run is reported, not fatal
+            _write_json(
+                out / "error.json",
+                {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()},
+            )
+            self.log(f"FAILED {what}: {type(e).__name__}: {e}")
+            self.failed += 1
+            if self.ctx is not None and getattr(self.ctx.model, "_nora_state", None) is not None:
+                nora.unload(self.ctx.model)
+            return None
+        result["wall_s"] = time.perf_counter() - t0
+        _write_json(done, result)
+        self.log(f"done {what} in {result['wall_s']:.0f} s")
+        return result
+
+    # --- learning rates ----------------------------------------------------------------------
+
+    def search_lr(self, dataset: str, variant: str, r: int) -> int | None:
+        """The grid index k of the best validation NLL, extending the grid past its edges."""
+        done = self.choices().get(dataset, {}).get(variant, {}).get(str(r))
+        if done is not None:
+            return done
+        ks = self._start(dataset, variant, r)
+        limit = self.cfg.lr_search.max_values
+        while True:
+            scores = {}
+            for k in ks:
+                res = self.trained(RunKey(dataset, variant, r, k, 0))
+                scores[k] = res["val_nll"] if res else math.inf
+            best = min(ks, key=lambda k: scores[k])
+            if not math.isfinite(scores[best]):
+                return None
+            if best == ks[0] and len(ks) < limit:
+                ks = [ks[0] - 1, *ks]
+            elif best == ks[-1] and len(ks) < limit:
+                ks = [*ks, ks[-1] + 1]
+            else:
+                self._record_choice(dataset, variant, r, ks, scores, best)
+                return best
+
+    def _start(self, dataset: str, variant: str, r: int) -> list[int]:
+        """Three grid points around a guess: the configured start, or shifted from a finished
+        search of this variant (another rank: by the ratio of the adapter scales, since Adam's
+        step on B·A scales with s) or another dataset (the same k)."""
+        found = self.choices().get(dataset, {}).get(variant) or next(
+            (v[variant] for d, v in self.choices().items() if variant in v), None
+        )
+        if not found:
+            return list(self.cfg.lr_search.start)
+        (r0, k0) = next(iter(found.items()))
+        r0 = int(r0)
+        kw = self.cfg.variants[variant]
+        s0 = AdapterConfig(**{**kw, "r": r0}).effective_scale
+        s1 = AdapterConfig(**{**kw, "r": r}).effective_scale
+        k = k0 - round(2 * math.log10(s1 / s0))
+        return [k - 1, k, k + 1]
+
+    def choices(self) -> dict[str, dict[str, dict[str, int]]]:
+        f = self.out / "lr_choices.json"
+        return json.loads(f.read_text())["k"] if f.is_file() else {}
+
+    def _record_choice(self, dataset, variant, r, ks, scores, best) -> None:
+        f = self.out / "lr_choices.json"
+        data = json.loads(f.read_text()) if f.is_file() else {"k": {}, "searches": []}
+        data["k"].setdefault(dataset, {}).setdefault(variant, {})[str(r)] = best
+        data["searches"] = [
+            s
+            for s in data["searches"]
+            if (s["dataset"], s["variant"], s["r"]) != (dataset, variant, r)
+        ]
+        data["searches"].append(
+            {
+                "dataset": dataset,
+                "variant": variant,
+                "r": r,
+                "grid": [lr_of(k) for k in ks],
+                "val_nll": [scores[k] for k in ks],
+                "best_lr": lr_of(best),
+                "interior": ks[0] < best < ks[-1],
+            }
+        )
+        _write_json(f, data)
+
+    def lr_for(self, dataset: str, variant: str, r: int) -> int | None:
+        return self.search_lr(dataset, variant, self.cfg.lr_search.source_rank(variant, r))
+
+    def cell(self, dataset: str, variant: str, r: int, seed: int) -> None:
+        k = self.lr_for(dataset, variant, r)
+        if k is not None:
+            self.tested(RunKey(dataset, variant, r, k, seed))
+
+
+# --- the order of work ---------------------------------------------------------------------
+
+
+def plan(cfg: StudyConfig) -> list[tuple]:
+    """The order of work, most informative first (each step is cheap to skip once done).
+
+    Per dataset, first for the `first` variants (LoRA, NoRA), then for the others: the
+    learning-rate search at the default rank, seed 0 at that rank, the searches at the other
+    searched ranks, seed 0 at the other ranks (largest first). The base model's scores come
+    after the first group's default-rank cells. Then, per dataset, the remaining seeds: the
+    default rank first, the `first` variants first.
+    """
+    lr = cfg.lr_search
+    groups = [list(cfg.first), [v for v in cfg.variants if v not in cfg.first]]
+    ranks = [lr.default_rank, *sorted((r for r in cfg.ranks if r != lr.default_rank), reverse=True)]
+    ranks = [r for r in ranks if r in cfg.ranks]
+    steps: list[tuple] = []
+    for d in cfg.datasets:
+        for i, group in enumerate(g for g in groups if g):
+            steps += [
+                ("lr", d, v, lr.default_rank) for v in group if lr.default_rank in lr.ranks_of(v)
+            ]
+            steps += [("cell", d, v, ranks[0], cfg.seeds[0]) for v in group]
+            if i == 0:
+                steps.append(("base", d))
+            steps += [
+                ("lr", d, v, r) for v in group for r in lr.ranks_of(v) if r != lr.default_rank
+            ]
+            steps += [("cell", d, v, r, cfg.seeds[0]) for r in ranks[1:] for v in group]
+    ordered = [v for g in groups for v in g]
+    for d in cfg.datasets:
+        for seed in cfg.seeds[1:]:
+            steps += [("cell", d, v, ranks[0], seed) for v in ordered]
+        for seed in cfg.seeds[1:]:
+            steps += [("cell", d, v, r, seed) for r in ranks[1:] for v in ordered]
+    return steps
+
+
+def run_study(cfg: StudyConfig, out_dir: str | Path, log=print, command: str | None = None) -> dict:
+    """Run (or continue) a study into `out_dir`."""
+    from nora.study.sweep import machine_info
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "study.json"
+    if saved.is_file() and json.loads(saved.read_text())["config"] != cfg.to_dict():
+        raise StudyError(f"{out} holds a study with another config; use another --out")
+    if not saved.is_file():
+        _write_json(saved, {"config": cfg.to_dict(), "command": command, "machine": machine_info()})
+    study = Study(cfg, out, log)
+    t0 = time.perf_counter()
+    for step in plan(cfg):
+        if step[0] == "lr":
+            study.search_lr(*step[1:])
+        elif step[0] == "base":
+            study.base(step[1])
+        else:
+            study.cell(*step[1:])
+    study.ctx = None
+    total = time.perf_counter() - t0
+    log(f"study finished in {total / 60:.1f} min, {study.failed} failed stage(s)")
+    with (out / "timing.jsonl").open("a") as f:
+        f.write(json.dumps({"seconds": total, "failed": study.failed, "torch": torch.__version__}))
+        f.write("\n")
+    return {"failed": study.failed, "seconds": total}
+
+
+# --- presets -------------------------------------------------------------------------------
+
+STUDY_PRESETS: dict[str, dict[str, Any]] = {
+    # The rank-scaling study on the embedded default (issue 13), for a 2-core CPU over
+    # several sessions: 240 steps x 8 examples (10x the first paper-mini runs' tokens),
+    # one pass over 1920 training examples, the validation loss every 24 steps.
+    "study": {
+        "model": "smollm2-135m",
+        "datasets": ["math", "reasoning-mix"],
+        "top_layers": 4,
+        "train": {
+            "max_steps": 240,
+            "batch_size": 8,
+            "n_train": 1920,
+            "max_len": 256,
+            "warmup_ratio": 0.05,
+            "eval_every": 24,
+            "save_every": 48,
+            "keep_checkpoints": 1,
+        },
+        "n_val": 64,
+        "n_test": 300,
+        "n_gen": 200,
+        "max_new_tokens": {"math": 192, "reasoning-mix": 48},  # math answers: ~100 tokens
+        "variants": {
+            "lora": {"method": "lora", "alpha": 32},  # the paper's baseline: alpha = 32 always
+            "lora-alpha-r": {"method": "lora", "scale": 1.0},  # alpha = r (paper's appendix)
+            "lora-rslora": {"method": "lora", "alpha": 8, "rslora": True},  # 8/sqrt(r)
+            "nora": {"method": "nora"},
+        },
+        "ranks": [4, 16, 64, 128],
+        "seeds": [0, 1, 2],
+        # LoRA's scale 32/r moves its best learning rate with the rank: searched at 4, 16, 128
+        # (r=64 takes 128's). The other variants' scales move less (rsLoRA) or not at all.
+        "lr_search": {"start": [-6, -5, -4], "ranks": {"lora": [4, 16, 128]}, "default_rank": 16},
+        "first": ["lora", "nora"],
+        "analysis_tokens": 2048,
+    },
+}
+
+
+def load_study(spec: str) -> StudyConfig | None:
+    """A study preset or a YAML/JSON file with `study: true`; None for anything else."""
+    if spec in STUDY_PRESETS:
+        return StudyConfig.from_dict(STUDY_PRESETS[spec])
+    p = Path(spec)
+    if p.suffix.lower() not in (".yaml", ".yml", ".json") or not p.is_file():
+        return None
+    import yaml
+
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        return None  # the sweep loader reports the syntax error
+    if isinstance(d, dict) and d.get("study") is True:
+        return StudyConfig.from_dict(d)
+    return None
+
+
+# Files a report needs; adapter weights and checkpoints stay behind.
+EXPORTED = ("*.json", "*.jsonl", "adapter/adapter_config.json")
+
+
+def export_results(src: str | Path, dst: str | Path) -> int:
+    """Copy a study folder's finished JSON/JSONL files (not adapter weights, not unfinished
+    stages' temporaries) into `dst`, e.g. a folder under git; returns the number copied."""
+    src, dst = Path(src), Path(dst)
+    n = 0
+    files = {p for pattern in EXPORTED for p in src.glob("**/" + pattern)}
+    for f in sorted(files):
+        rel = f.relative_to(src)
+        if "checkpoints" in rel.parts or rel.parts[0] in ("figures", "peft"):
+            continue
+        if rel.parent.name == "adapter":  # adapter/ folders are git-ignored: keep the config
+            rel = rel.parent.parent / rel.name
+        out = dst / rel
+        if out.is_file() and out.read_bytes() == f.read_bytes():
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, out)
+        n += 1
+    return n

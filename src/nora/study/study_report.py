@@ -1,0 +1,295 @@
+"""`nora report STUDY_DIR`: the study's report (issue 13), regenerated from its JSON files.
+
+Sections: what ran (and the compute plan), the learning-rate searches with their learning
+curves, then per dataset the test PPL / pass@1 table, the paired comparisons (every verdict
+sentence follows from its 95 % interval, see `nora.study.stats`), and the spectral figures.
+Each finished run is also written in the layout of PEFT's method_comparison results
+(`peft/`, see `nora.study.peft_layout`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from nora.study.results import StudyResults, TestRun
+from nora.study.stats import paired_difference, verdict
+
+NAMES = {
+    "lora": "LoRA α=32",
+    "lora-alpha-r": "LoRA α=r",
+    "lora-rslora": "rsLoRA",
+    "nora": "NoRA",
+}
+
+
+def _name(variant: str) -> str:
+    return NAMES.get(variant, variant)
+
+
+def _mean(values: list[float], fmt: str = "{:.3f}") -> str:
+    if not values:
+        return "–"
+    m = fmt.format(statistics.mean(values))
+    if len(values) == 1:
+        return f"{m} (1 seed)"
+    return f"{m} ± {fmt.format(statistics.stdev(values))} ({len(values)} seeds)"
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+def _header(res: StudyResults) -> list[str]:
+    c, m = res.config, res.machine
+    t = c["train"]
+    return [
+        "# NoRA vs LoRA: the rank-scaling study (issue 13)",
+        "",
+        f"- **Machine**: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch "
+        f"{m.get('torch', '?')}; 1 torch thread, nice 5, sharing the CPU with other jobs",
+        f"- **Model**: {c['model']}; adapted layers: top {c['top_layers']}, q_proj and v_proj",
+        f"- **Training**: {t.get('max_steps')} steps × {t.get('batch_size')} examples "
+        f"({t.get('n_train')} training examples, one pass), cosine schedule, warmup "
+        f"{t.get('warmup_ratio')}; validation loss every {t.get('eval_every')} steps on "
+        f"{c['n_val']} examples",
+        f"- **Test**: {c['n_test']} held-out examples (token-weighted perplexity) and greedy "
+        f"pass@1 on the first {c['n_gen']} of them (max new tokens: "
+        + ", ".join(f"{d} {n}" for d, n in c["max_new_tokens"].items())
+        + ")",
+        f"- **Command**: `{res.command or 'nora sweep study'}`, then `nora report {res.folder}`",
+        "",
+    ]
+
+
+def _compute(res: StudyResults) -> list[str]:
+    """Minutes per run, CPU hours spent, what ran and what did not, what the rest costs."""
+    c = res.config
+    train_min = [r.wall_s / 60 for r in res.trained]
+    test_min = [t.wall_s / 60 for t in res.tested]
+    spent = (sum(train_min) + sum(test_min) + sum(b.wall_s / 60 for b in res.base.values())) / 60
+    cells = [
+        (d, v, r, s)
+        for d in c["datasets"]
+        for v in c["variants"]
+        for r in c["ranks"]
+        for s in c["seeds"]
+    ]
+    done = {(t.dataset, t.variant, t.r, t.seed) for t in res.tested}
+    trained_keys = {(t.dataset, t.variant, t.r, t.seed, t.lr) for t in res.trained}
+    todo = [k for k in cells if k not in done]
+    # a missing cell needs a test stage, and a training unless its search already trained it
+    need_train = sum(
+        1 for d, v, r, s in todo if (d, v, r, s, res.chosen_lr(d, v, r)) not in trained_keys
+    )
+    lines = ["## Compute plan", ""]
+    if train_min and test_min:
+        per_train, per_test = statistics.median(train_min), statistics.median(test_min)
+        rest = f"≈ **{(need_train * per_train + len(todo) * per_test) / 60:.1f} CPU hours**"
+        lines.append(
+            f"- Training stage (train + validation curve): median **{per_train:.1f} min** per run "
+            f"over {len(train_min)} runs; test stage (per-example NLL, pass@1, spectra): median "
+            f"**{per_test:.1f} min** over {len(test_min)} runs (wall time, one thread, under "
+            "the shared load)."
+        )
+    else:
+        rest = "(minutes per run: not measured yet, no stage of each kind has finished)"
+    lines += [
+        f"- Spent so far: **{spent:.1f} CPU hours** (summed wall time of finished stages, one "
+        "thread each).",
+        f"- Headline cells finished: **{len(cells) - len(todo)} of {len(cells)}** "
+        f"(datasets × {len(c['variants'])} variants × {len(c['ranks'])} ranks × "
+        f"{len(c['seeds'])} seeds); learning-rate searches finished: {len(res.searches)}.",
+        f"- Left: {len(todo)} test stages and about {need_train} trainings {rest} at the "
+        "medians above (plus any learning-rate searches not yet run). "
+        "Rerunning the sweep command continues where it stopped.",
+    ]
+    if res.errors:
+        lines.append(f"- Failed stages (diverged or crashed): {', '.join(res.errors)}")
+    by_cell: dict[tuple, list[int]] = {}
+    for d, v, r, s in cells:
+        if (d, v, r, s) in done:
+            by_cell.setdefault((d, v, r), []).append(s)
+    lines += ["", "Seeds finished per cell:", "", _cell_table(res, by_cell), ""]
+    return lines
+
+
+def _cell_table(res: StudyResults, by_cell: dict[tuple, list[int]]) -> str:
+    c = res.config
+    head = "| dataset | variant | " + " | ".join(f"r={r}" for r in c["ranks"]) + " |"
+    rows = [head, "|---|---|" + "---|" * len(c["ranks"])]
+    for d in c["datasets"]:
+        for v in c["variants"]:
+            cells = [str(len(by_cell.get((d, v, r), []))) for r in c["ranks"]]
+            rows.append(f"| {d} | {_name(v)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _learning_rates(res: StudyResults, figures: Path) -> list[str]:
+    from nora.study.plots import plot_learning_curves
+
+    lines = [
+        "## Learning rates",
+        "",
+        "Each variant's rate is searched on the validation split (seed 0) on a half-decade grid "
+        "that is extended past an edge while the best value sits on it, so the chosen rate is "
+        "interior. LoRA α=32 is searched at r = 4, 16, 128 (its scale 32/r moves the best "
+        "rate with the rank; r = 64 takes r = 128's).",
+        "",
+        "| dataset | variant | r | grid (val NLL) | chosen | interior |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in res.searches:
+        grid = ", ".join(f"{lr:.3g} ({v:.4f})" for lr, v in zip(s.grid, s.val_nll, strict=True))
+        lines.append(
+            f"| {s.dataset} | {_name(s.variant)} | {s.r} | {grid} | **{s.best_lr:.3g}** | "
+            f"{'yes' if s.interior else 'NO (grid limit)'} |"
+        )
+    if not res.searches:
+        lines.append("| – | – | – | no search has finished yet | – | – |")
+    for d in res.config["datasets"]:
+        runs = [t for t in res.trained if t.dataset == d and t.seed == 0]
+        if runs:
+            path = plot_learning_curves(runs, figures / f"learning_curves_{d}.png", d)
+            lines += [
+                "",
+                f"Validation loss during training ({d}; one line per learning rate, the chosen "
+                "one bold): the curves show whether a run finished learning.",
+                "",
+                f"![learning curves]({path.relative_to(figures.parent)})",
+            ]
+    return [*lines, ""]
+
+
+def _table(res: StudyResults, d: str) -> list[str]:
+    c = res.config
+    lines = [
+        "| variant | " + " | ".join(f"r={r}" for r in c["ranks"]) + " |",
+        "|---|" + "---|" * len(c["ranks"]),
+    ]
+    base = res.base.get(d)
+    for metric, fmt in (("test_ppl", "{:.3f}"), ("accuracy", "{:.1%}")):
+        label = "test PPL" if metric == "test_ppl" else "pass@1"
+        if base is not None:
+            v = getattr(base, metric)
+            lines.append(f"| base model ({label}) | {fmt.format(v) if v is not None else '–'} |")
+        for v in c["variants"]:
+            cells = []
+            for r in c["ranks"]:
+                vals = [getattr(t, metric) for t in res.cell(d, v, r)]
+                cells.append(_mean([x for x in vals if x is not None], fmt))
+            lines.append(f"| {_name(v)} ({label}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _comparisons(res: StudyResults, d: str, against: str = "nora") -> list[str]:
+    """NoRA against each LoRA variant, and each adapter against the base model, per rank."""
+    lines = []
+    for other in [v for v in res.config["variants"] if v != against]:
+        for r in res.config["ranks"]:
+            a, b = res.paired(d, against, other, r)
+            lines += _compare(
+                [t.per_example for t in a], [t.per_example for t in b], against, other, r
+            )
+    return lines
+
+
+def _compare(a, b, name_a: str, name_b: str, r: int | None) -> list[str]:
+    out = []
+    where = f"r={r}, " if r is not None else ""
+    for metric, lower, digits, scale, unit in (
+        ("ppl", True, 3, 1.0, ""),
+        ("accuracy", False, 1, 100.0, " pp"),
+    ):
+        iv = paired_difference(a, b, metric)
+        if iv is None:
+            continue
+        seeds = f"{len(a)} seed{'s' if len(a) > 1 else ''}"
+        per_seed = ", ".join(f"{v * scale:+.{digits}f}" for v in iv.per_seed)
+        label = "ΔPPL" if metric == "ppl" else "Δpass@1"
+        out.append(
+            f"- {where}{_name(name_a)} − {_name(name_b)}, {label} = "
+            f"{iv.fmt(digits, scale, unit)} ({seeds}; per seed {per_seed}): "
+            f"{verdict(iv, _name(name_a), _name(name_b), lower_is_better=lower)}"
+        )
+    return out
+
+
+def _base_comparisons(res: StudyResults, d: str) -> list[str]:
+    base = res.base.get(d)
+    if base is None:
+        return []
+    lines = []
+    for v in res.config["variants"]:
+        for r in res.config["ranks"]:
+            runs = res.cell(d, v, r)
+            if runs:
+                lines += _compare(
+                    [t.per_example for t in runs], [base.per_example] * len(runs), v, "base", r
+                )
+    return lines
+
+
+def _dataset(res: StudyResults, d: str, figures: Path) -> list[str]:
+    lines = [f"## {d}", "", "Test perplexity and greedy pass@1, mean ± std over seeds:", ""]
+    lines += _table(res, d)
+    comps = _comparisons(res, d)
+    lines += [
+        "",
+        "**NoRA vs each LoRA variant** (paired over seeds, 95 % bootstrap interval over test "
+        "examples; negative ΔPPL and positive Δpass@1 favour NoRA):",
+        "",
+        *(comps or ["- no cell has finished for both yet"]),
+        "",
+        "**Each adapter vs the base model** (same intervals):",
+        "",
+        *(_base_comparisons(res, d) or ["- nothing finished yet"]),
+        "",
+    ]
+    return lines + _spectral(res, d, figures)
+
+
+def _spectral(res: StudyResults, d: str, figures: Path) -> list[str]:
+    from nora.study.plots import plot_effective_rank_vs_rank, plot_spectra_comparison
+
+    runs = [_with_group(t) for t in res.tested if t.dataset == d and t.spectra is not None]
+    if not runs:
+        return []
+    lines = ["Spectra of the tuned runs (latent activations; mean over layers):", ""]
+    p = plot_effective_rank_vs_rank(runs, figures / f"effective_rank_{d}.png")
+    lines.append(f"![effective rank vs rank]({p.relative_to(figures.parent)})")
+    top = max(t.r for t in res.tested if t.dataset == d and t.spectra is not None)
+    p = plot_spectra_comparison(runs, figures / f"spectrum_{d}.png", rank=top)
+    lines += ["", f"![spectrum at r={top}]({p.relative_to(figures.parent)})", ""]
+    return lines
+
+
+def _with_group(t: TestRun) -> dict:
+    return {**t.spectra.summary, "group": _name(t.variant)}
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def build_study_report(folder: str | Path) -> Path:
+    """Write `report.md`, `figures/` and `peft/` into the study folder; returns the report."""
+    from nora.study.peft_layout import write_peft_results
+
+    folder = Path(folder)
+    res = StudyResults.load(folder)
+    figures = folder / "figures"
+    figures.mkdir(exist_ok=True)
+    lines = _header(res) + _compute(res) + _learning_rates(res, figures)
+    for d in res.config["datasets"]:
+        lines += _dataset(res, d, figures)
+    n = write_peft_results(res, folder / "peft")
+    lines += [
+        "## PEFT method_comparison layout",
+        "",
+        f"Each finished run is also in `peft/` ({n} files) in the layout of PEFT's "
+        "`method_comparison/*/results/*.json` (`run_info` / `train_info` / `meta_info`), so its "
+        "numbers can sit next to PEFT's table. CPU runs record no accelerator memory.",
+        "",
+    ]
+    report = folder / "report.md"
+    report.write_text("\n".join(lines))
+    return report

@@ -1,0 +1,198 @@
+"""The study runner on a tiny local model: learning-rate search extends its grid until the
+optimum is interior, runs resume by skipping finished stages, per-example scores are kept."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import make_tokenizer, tiny_llama
+
+from nora.study.runner import (
+    STUDY_PRESETS,
+    LRSearch,
+    StudyConfig,
+    StudyError,
+    load_study,
+    lr_of,
+    plan,
+    run_study,
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = make_tokenizer()
+    tiny_llama(vocab=len(tok), hidden=64, layers=4).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def study_dict(model_dir, **over):
+    cfg = {
+        "study": True,
+        "model": str(model_dir),
+        "datasets": ["logistic-map"],
+        "top_layers": 2,
+        "train": {"max_steps": 3, "batch_size": 4, "n_train": 12, "max_len": 300},
+        "n_val": 4,
+        "n_test": 4,
+        "n_gen": 2,
+        "max_new_tokens": {"logistic-map": 4},
+        "variants": {"lora": {"method": "lora", "alpha": 32}, "nora": {"method": "nora"}},
+        "ranks": [2, 4],
+        "seeds": [0, 1],
+        "lr_search": {"start": [-4, -3], "default_rank": 2, "max_values": 4},
+        "analysis_tokens": 64,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_lr_grid_is_half_decades():
+    assert [lr_of(k) for k in (-6, -5, -4)] == [1e-3, 0.00316, 1e-2]
+
+
+def test_source_rank_is_nearest_searched_rank():
+    s = LRSearch(ranks={"lora": [4, 16, 128]})
+    assert [s.source_rank("lora", r) for r in (4, 16, 64, 128)] == [4, 16, 128, 128]
+    assert s.source_rank("nora", 128) == 16
+
+
+def test_plan_puts_the_default_rank_searches_first():
+    cfg = StudyConfig.from_dict(STUDY_PRESETS["study"])
+    steps = plan(cfg)
+    assert steps[:4] == [
+        ("lr", "math", "lora", 16),
+        ("lr", "math", "nora", 16),
+        ("cell", "math", "lora", 16, 0),
+        ("cell", "math", "nora", 16, 0),
+    ]
+    assert steps.index(("cell", "math", "nora", 128, 0)) < steps.index(
+        ("lr", "math", "lora-rslora", 16)
+    )
+    assert len(steps) == len(set(steps))
+    # every headline cell, every seed, both datasets
+    cells = {s[1:] for s in steps if s[0] == "cell"}
+    assert len(cells) == 2 * 4 * 4 * 3
+    # seed 0 of both datasets comes before the other seeds
+    first_seed1 = min(i for i, s in enumerate(steps) if s[0] == "cell" and s[-1] == 1)
+    assert all(s[-1] == 0 for s in steps[:first_seed1] if s[0] == "cell")
+    assert ("cell", "reasoning-mix", "lora", 128, 0) in steps[:first_seed1]
+
+
+def test_bad_study_files(tmp_path, model_dir):
+    with pytest.raises(StudyError, match="unknown study fields"):
+        StudyConfig.from_dict(study_dict(model_dir, epochs=3))
+    with pytest.raises(StudyError, match="unknown train setting 'steps' .did you mean 'max_steps'"):
+        StudyConfig.from_dict(study_dict(model_dir, train={"steps": 3}))
+    with pytest.raises(StudyError, match="variant 'x'"):
+        StudyConfig.from_dict(study_dict(model_dir, variants={"x": {"method": "nope"}}))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(study_dict(model_dir)))
+    assert isinstance(load_study(str(f)), StudyConfig)
+    f.write_text(yaml.safe_dump({"variants": {}}))  # not a study: the sweep loader's business
+    assert load_study(str(f)) is None
+
+
+def test_study_searches_resumes_and_keeps_per_example_scores(tmp_path, model_dir):
+    cfg = StudyConfig.from_dict(study_dict(model_dir))
+    out = tmp_path / "out"
+    logs: list[str] = []
+    res = run_study(cfg, out, log=logs.append)
+    assert res["failed"] == 0
+    choices = json.loads((out / "lr_choices.json").read_text())
+    for s in choices["searches"]:
+        nll = dict(zip(s["grid"], s["val_nll"], strict=True))
+        assert s["best_lr"] == min(nll, key=nll.get)
+        # the optimum is interior unless the grid hit max_values
+        assert s["interior"] or len(s["grid"]) == 4
+        assert s["grid"] == sorted(s["grid"])
+    tests = sorted(out.glob("runs/logistic-map/*/r*/lr*/s*/test.json"))
+    assert len(tests) == 2 * 2 * 2  # variants x ranks x seeds
+    t = json.loads(tests[0].read_text())
+    per = t["per_example"]
+    assert len(per["nll"]) == len(per["tokens"]) == t["n_test"] > 0
+    assert math.isclose(t["test_nll"], sum(per["nll"]) / sum(per["tokens"]))
+    assert len(per["correct"]) == t["n_gen"] == 2
+    assert "analysis" in t and (tests[0].parent / "adapter").is_dir()
+    assert not (tests[0].parent / "checkpoints").exists()
+    curve = [json.loads(x) for x in (tests[0].parent / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in x for x in curve)
+    base = json.loads((out / "runs/logistic-map/base/test.json").read_text())
+    assert len(base["per_example"]["nll"]) == t["n_test"]
+    # a second call trains nothing
+    logs.clear()
+    run_study(cfg, out, log=logs.append)
+    assert not any(line.startswith("done") for line in logs)
+    # the files a report needs, without adapter weights
+    from nora.study.runner import export_results
+
+    assert export_results(out, tmp_path / "exported") > 0
+    assert not list((tmp_path / "exported").rglob("*.safetensors"))
+    assert len(list((tmp_path / "exported").rglob("test.json"))) == len(tests) + 1  # + base
+    assert (tmp_path / "exported" / "study.json").is_file()
+    cfgs = list((tmp_path / "exported").rglob("adapter_config.json"))
+    assert cfgs and all(c.parent.name.startswith("s") for c in cfgs)  # beside val.json
+    assert export_results(out, tmp_path / "exported") == 0  # nothing new
+    with pytest.raises(StudyError, match="another config"):
+        run_study(StudyConfig.from_dict(study_dict(model_dir, seeds=[0])), out, log=logs.append)
+
+
+def test_paper_preset_dry_run_on_the_meta_device():
+    """The `paper` preset (Llama-3-8B) builds every run on the meta device: no download."""
+    from transformers import LlamaConfig
+
+    from nora.study.sweep import SweepConfig, dry_run
+
+    # Meta-Llama-3-8B's published architecture (config.json on the Hub)
+    llama3_8b = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
+    cfg = SweepConfig.load("paper")
+    rows = dry_run(cfg, llama3_8b)
+    assert len(rows) == sum(len(cfg.ranks_of(v)) for v in cfg.variants)
+    by = {(x["variant"], x["r"]): x for x in rows}
+    # LoRA on q_proj (4096 -> 4096) and v_proj (4096 -> 1024) of 32 layers: r * 13312 * 32,
+    # the count PEFT reports for this model and target set
+    for r in cfg.ranks:
+        assert by[("lora", r)]["trainable_params"] == r * (4096 + 4096 + 4096 + 1024) * 32
+        assert by[("nora", r)]["trainable_params"] == by[("lora", r)]["trainable_params"]
+    assert all(x["modules"] == 64 for x in rows)
+
+
+def test_prefix_cache_is_kept_on_disk_and_reused(tmp_path, model_dir, monkeypatch):
+    from nora.prefix_cache import PrefixCache
+    from nora.study.context import DataContext
+
+    def make():
+        return DataContext(str(model_dir), "logistic-map", 8, 2, 3, 300, 2, cache_dir=tmp_path)
+
+    first = make()
+    assert first.prefix is not None and len(list(tmp_path.glob("prefix-*.safetensors"))) == 1
+
+    encoded = []
+    real = PrefixCache.encode
+
+    def counting(self, features, *a, **k):
+        encoded.append(len(features))
+        return real(self, features, *a, **k)
+
+    monkeypatch.setattr(PrefixCache, "encode", counting)
+    second = make()
+    assert encoded == [1]  # only `verify`'s own check example ran through the lower layers
+    pairs = zip(first.train_set + first.test_set, second.train_set + second.test_set, strict=True)
+    for a, b in pairs:
+        assert torch.equal(first.prefix.hidden[id(a)], second.prefix.hidden[id(b)])
+    # batches carry the stored states
+    b = second.batches(second.test_set[:2], 2)[0]
+    assert b["inputs_embeds"].shape[:2] == b["input_ids"].shape

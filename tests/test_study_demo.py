@@ -1,0 +1,30 @@
+"""The demo's own rules: per-method learning rates and a verdict read from each interval."""
+
+from __future__ import annotations
+
+from nora.study.demo import TUNED_LR, DemoConfig, _verdict, format_table
+
+
+def test_each_method_gets_its_own_rate_unless_one_is_given():
+    cfg = DemoConfig()
+    assert cfg.lr is None and cfg.data == "reasoning-mix"
+    assert {m: cfg.lr_of(m) for m in cfg.methods} == {m: TUNED_LR[m] for m in cfg.methods}
+    assert DemoConfig(lr=1e-3).lr_of("nora") == DemoConfig(lr=1e-3).lr_of("lora") == 1e-3
+
+
+def rows(low, high):
+    base = {"name": "base", "trainable_params": 0, "ppl": 3.0, "accuracy": 0.01}
+    d = {"estimate": (low + high) / 2, "low": low, "high": high, "per_seed": [(low + high) / 2]}
+    ad = {"name": "nora r16", "trainable_params": 10, "ppl": 2.0, "accuracy": 0.3}
+    return [base, {**ad, "acc_vs_base": d, "train_time_s": 5.0}]
+
+
+def test_verdict_follows_the_interval():
+    assert "beats the base model" in _verdict(rows(0.1, 0.3))
+    assert "WORSE" in _verdict(rows(-0.3, -0.1))
+    assert "no accuracy difference" in _verdict(rows(-0.05, 0.2))
+
+
+def test_table_shows_the_interval():
+    table = format_table(rows(0.1, 0.3))
+    assert "+20.0% [+10.0%, +30.0%]" in table and "30.0%" in table
