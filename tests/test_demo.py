@@ -37,7 +37,7 @@ def test_demo_runs_and_writes_table_plot_and_results(tmp_path):
         out_dir=str(tmp_path / "demo"),
         model=str(model_dir),
         data="logistic-map",
-        steps=3,
+        max_steps=3,
         batch_size=4,
         n_train=8,
         n_eval=4,
@@ -62,7 +62,10 @@ def test_demo_runs_and_writes_table_plot_and_results(tmp_path):
     for method in ("lora", "nora"):
         summary = json.loads((out / method / "summary.json").read_text())
         row = rows[f"{method} r16"]
-        assert row["ppl"] == summary["eval_ppl"] and row["train_time_s"] == summary["train_time_s"]
+        # the table scores every model with one scorer (per-example NLL); the summary holds the
+        # training loop's own evaluation of the same held-out split: equal up to summation order
+        assert row["ppl"] == pytest.approx(summary["eval_ppl"], rel=1e-5)
+        assert row["train_time_s"] == summary["train_time_s"]
         assert row["trainable_params"] == summary["trainable_params"] > 0
     assert rows["lora r16"]["trainable_params"] == rows["nora r16"]["trainable_params"]
     # accuracy: the mean score of the answers it wrote out (all n_accuracy of them)

@@ -348,14 +348,16 @@ def collect(
         raise AnalysisError("batches is empty: nothing to run through the model")
     if offset == 0:
         raise AnalysisError("every token in the batches is padding (attention_mask is all 0)")
-    result = {}
-    for name, res in reservoirs.items():
-        if seen[name] == 0:
-            raise AnalysisError(f"{name} was never called by the model's forward")
-        order = torch.argsort(res.rows["index"])
-        r = {k: v[order] for k, v in res.rows.items()}
-        result[name] = Collected(r["latent"], r["output"], r["index"], seen[name])
-    return result
+    return {name: _collected(name, res, seen[name]) for name, res in reservoirs.items()}
+
+
+def _collected(name: str, res: _Reservoir, n_seen: int) -> Collected:
+    """A layer's reservoir as a Collected, in stream order."""
+    if n_seen == 0:
+        raise AnalysisError(f"{name} was never called by the model's forward")
+    order = torch.argsort(res.rows["index"])
+    r = {k: v[order] for k, v in res.rows.items()}
+    return Collected(r["latent"], r["output"], r["index"], n_seen)
 
 
 # ---------------------------------------------------------------- summaries

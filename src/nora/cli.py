@@ -335,7 +335,9 @@ def eval_cmd(
 @_user_errors
 def demo(
     out_dir: str = "demo-out",
-    steps: Annotated[int, typer.Option(help="optimizer steps per method")] = 96,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", "--steps", help="optimizer steps per method")
+    ] = 96,
     r: Rank = 16,
     lr: Annotated[
         float | None, typer.Option(help="one rate for both methods (default: each one's tuned)")
@@ -346,11 +348,13 @@ def demo(
     """LoRA vs NoRA at the same rank on the embedded default (offline): table + figures."""
     from nora.study.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out_dir=out_dir, steps=steps, r=r, lr=lr, seed=seed, n_train=steps * 8)
+    cfg = DemoConfig(
+        out_dir=out_dir, max_steps=max_steps, r=r, lr=lr, seed=seed, n_train=max_steps * 8
+    )
     if quick:
         cfg = DemoConfig(
             out_dir=out_dir,
-            steps=3,
+            max_steps=3,
             r=r,
             lr=lr,
             seed=seed,

@@ -139,6 +139,11 @@ class Adapter(nn.Module):
         """σ(z): (..., r) -> (..., r). The identity here (LoRA); methods override it."""
         return z
 
+    @classmethod
+    def identity_sigma(cls) -> bool:
+        """σ is the base class's identity (LoRA): there is nothing between shrink and expand."""
+        return cls.sigma.__func__ is Adapter.sigma.__func__
+
     def phi(self, z: torch.Tensor) -> torch.Tensor:  # (..., r) -> (..., r)
         """σ on this adapter's latent, with its own tensors."""
         return self.sigma(self.kind(), z, self.sigma_params())
@@ -149,7 +154,7 @@ class Adapter(nn.Module):
         Methods without parameters in σ that are not leaves (see `sigma_leaves`) need not
         override anything but `sigma`; in training σ is recomputed in backward.
         """
-        if type(self).sigma.__func__ is Adapter.sigma.__func__:
+        if self.identity_sigma():
             return self.bottleneck(x)  # linear: no φ node at all
         return self.bottleneck(x, self.phi, self.sigma_leaves())
 

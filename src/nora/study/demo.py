@@ -44,7 +44,7 @@ class DemoConfig:
     data: str = "reasoning-mix"
     r: int = 16
     top_layers: int = 4  # adapt only the top N decoder layers
-    steps: int = 96
+    max_steps: int = 96  # TrainConfig's name
     batch_size: int = 8
     lr: float | None = None  # one rate for every method; None: each method's TUNED_LR
     lora_alpha: float = 32.0  # the paper's LoRA baseline: alpha = 32 at every rank
@@ -73,11 +73,11 @@ def _train_config(method: str, cfg: DemoConfig, layers: list[int] | None, out: P
         n_train=cfg.n_train,
         n_eval=cfg.n_eval,
         max_len=cfg.max_len,
-        max_steps=cfg.steps,
+        max_steps=cfg.max_steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr_of(method),
         seed=cfg.seed,
-        eval_every=max(cfg.steps // 4, 1),
+        eval_every=max(cfg.max_steps // 4, 1),
         output_dir=str(out),
     )
 
@@ -223,7 +223,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, log=print) ->
         )
         log(
             f"{name} (lr {tcfg.lr:g}): held-out PPL {row['ppl']:.3f}, accuracy "
-            f"{row['accuracy']:.1%} after {cfg.steps} steps ({summary['train_time_s']:.0f} s)"
+            f"{row['accuracy']:.1%} after {cfg.max_steps} steps ({summary['train_time_s']:.0f} s)"
         )
         spectra[name] = analyze(model, ctx.token_batches(held[:32]), max_tokens=1024)
         runs[name] = out / method
@@ -239,7 +239,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, log=print) ->
         "wall_time_s": time.perf_counter() - t_start,
     }
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
-    log("\n" + format_table(rows))
+    log("\n" + format_table(rows) + "\n")  # a blank line ends the table
     log(_verdict(rows))
     log(
         f"\nfigures: {out / 'loss_curves.png'}, {out / 'latent_rank.png'}   results: "

@@ -29,7 +29,7 @@ from collections.abc import Hashable
 import torch
 
 from nora.adapters import METHODS
-from nora.adapters.base import Adapter, Packed
+from nora.adapters.base import Packed
 
 # layer name -> layer: the custom op finds its layer here (weak: engines come and go)
 _LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -103,7 +103,7 @@ class SlotSigma:
 
 def is_linear(pk: Packed) -> bool:
     """σ is the identity (LoRA, or a method that keeps Adapter.sigma): nothing to apply."""
-    return METHODS[pk.kind[0]].sigma.__func__ is Adapter.sigma.__func__
+    return METHODS[pk.kind[0]].identity_sigma()
 
 
 def check_not_captured() -> None:
