@@ -318,3 +318,13 @@ def test_an_adapter_built_on_a_device_keeps_every_tensor_there(method):
     assert tensors and all(t.device.type == "meta" for t in tensors.values()), {
         n: t.device for n, t in tensors.items()
     }
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_forward_and_backward_run_on_the_meta_device(method):
+    # parameter budgets and dry runs of large models build them on meta: no data, shapes only
+    a = nora.METHODS[method](16, 8, nora.AdapterConfig(method=method, r=4), device="meta")
+    a.train()
+    y = a(torch.empty(3, 16, device="meta"))
+    y.sum().backward()
+    assert y.shape == (3, 8) and a.lora_A.weight.grad.device.type == "meta"

@@ -65,6 +65,7 @@ def _use_fused(z: torch.Tensor, weight: torch.Tensor, module: nn.Module | None =
         _ENABLED
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+        and z.device.type != "meta"  # shapes only (parameter budgets); autocast has no meta
         and not torch.is_autocast_enabled(z.device.type)
         and z.dtype == weight.dtype
         and (z.requires_grad or weight.requires_grad)
