@@ -328,3 +328,10 @@ def test_training_forward_and_backward_run_on_the_meta_device(method):
     y = a(torch.empty(3, 16, device="meta"))
     y.sum().backward()
     assert y.shape == (3, 8) and a.lora_A.weight.grad.device.type == "meta"
+
+
+def test_pack_keeps_sigma_tensors_on_the_adapters_device():
+    # Sinter's a and ω are made on the CPU: stacked with CUDA latents they must be on the device
+    cfg = nora.AdapterConfig(method="nora", r=4, activation="sinter")
+    packed = nora.METHODS["nora"](16, 8, cfg, device="meta").pack()
+    assert packed.p and all(t.device.type == "meta" for t in packed.p.values())

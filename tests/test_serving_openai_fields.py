@@ -184,6 +184,9 @@ def test_stop_lists_with_the_openai_client(server):
         ({"frequency_penalty": "1"}, "frequency_penalty"),
         ({"logit_bias": {"9999": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),  # a Unicode digit is not a token id
+        ({"seed": 2**64}, "seed"),  # beyond a torch generator's 64-bit seed
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_unsupported_values_get_a_400_naming_the_field(server, extra, param):

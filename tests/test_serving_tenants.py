@@ -283,6 +283,7 @@ def test_key_files_and_the_environment(tmp_path, monkeypatch):
         ({"keys": [{"key": ACME}, {"key": ACME}]}, "the same key appears twice"),
         ({"keys": [{"key": ACME, "adapters": [3]}]}, "'adapters' must be"),
         ({"keys": [{"key": ACME, "rate": -1}]}, "'rate' must be > 0"),
+        ({"keys": [{"key": ACME, "rate": 1, "burst": 0.5}]}, "'burst' must be >= 1"),
         ({"keys": [{"key": ACME, "admin": "yes"}]}, "must be true or false"),
         ({"keys": [{"key": ACME, "tenat": "x"}]}, "unknown fields ['tenat']"),
         ({"keys": []}, "at least one key"),

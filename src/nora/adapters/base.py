@@ -176,7 +176,7 @@ class Adapter(nn.Module):
             return Packed(self.kind(), self.r, None, None, W=W)
         A = self.lora_A.weight.t().contiguous()  # (k, r)
         B = (self.lora_B.weight * self.scale).t().contiguous()  # (r, d)
-        p = {k: v.detach().to(dtype) for k, v in self.sigma_params().items()}
+        p = {k: v.detach().to(A.device, dtype) for k, v in self.sigma_params().items()}
         return Packed(self.kind(), self.r, A, B, p=p)
 
     @classmethod

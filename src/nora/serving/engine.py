@@ -90,8 +90,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**63 - 2**16):
+            # torch generators take 64-bit seeds; choice i of n uses seed + i
+            raise ValueError(f"seed must be an integer in [0, 2**63 - 2**16), got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 16:

@@ -280,7 +280,10 @@ class API:
             raise APIError(400, "logit_bias must map token ids to numbers", param="logit_bias")
         out = {}
         for k, v in bias.items():
-            if not str(k).isdigit() or int(k) >= self.engine.vocab_size:
+            if (
+                not (isinstance(k, str) and k.isascii() and k.isdecimal())
+                or int(k) >= self.engine.vocab_size
+            ):
                 raise APIError(400, f"logit_bias: {k!r} is not a token id of this model",
                                param="logit_bias")  # fmt: skip
             out[int(k)] = v

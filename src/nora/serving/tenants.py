@@ -141,6 +141,8 @@ class Keys:
                     raise KeyConfigError(f"{at}: '{k}' must be a number")
                 if v is not None and v <= 0:
                     raise KeyConfigError(f"{at}: '{k}' must be > 0")
+            if burst is not None and burst < 1:  # a bucket smaller than one request never admits
+                raise KeyConfigError(f"{at}: 'burst' must be >= 1 (one request)")
             burst = float(burst if burst is not None else max(1.0, rate or 1.0))
             tenant = Tenant(str(name), tuple(pats), rate=rate, burst=burst, **flags)
             entries.append((key, tenant))
