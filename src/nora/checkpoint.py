@@ -71,6 +71,11 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model; the message says exactly why."""
 
 
+def nora_peft_types() -> list[str]:
+    """The peft_type names nora writes for everything but plain weight-level LoRA."""
+    return sorted({m.peft_type for m in METHODS.values()} - {"LORA"} | {"LORA_MODULE"})
+
+
 def peft_type(cfg: AdapterConfig) -> str:
     """The method's own `peft_type`; a plain PEFT LoRA file holds weight-level LoRA only."""
     ptype = METHODS[cfg.method].peft_type
@@ -121,7 +126,7 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
         if ptype != "LORA":
             raise CheckpointError(
                 f"unsupported peft_type {ptype!r}: nora loads PEFT LoRA and its own "
-                f"{'/'.join(sorted({c.peft_type for c in METHODS.values()} | {'LORA_MODULE'}))} "
+                f"{'/'.join(nora_peft_types())} "
                 "checkpoints"
             )
         return _from_peft_lora(d)

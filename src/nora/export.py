@@ -9,7 +9,7 @@ nothing to merge; they are served unmerged (`nora serve`, or vLLM with nora's pl
 The GGUF file follows llama.cpp's convert_lora_to_gguf.py: general.type "adapter",
 adapter.type "lora", adapter.lora.alpha, one `<base tensor>.lora_a` (r, k) and `.lora_b` (d, r)
 pair per adapted weight, named as llama.cpp names the base tensors (blk.N.attn_q.weight ...).
-Every write goes to a temporary path renamed into place: a failed export leaves nothing behind.
+Every file is written to a temporary path and renamed into place, so a failed export leaves no partial output file (merge_to_folder merges into the model it is given).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ columns of B are zero, so whatever the activation gives there is multiplied away
 Precision: `tl.dot` on float32 defaults to TF32 on NVIDIA GPUs (inputs rounded to a 10-bit
 mantissa, ~5e-4 relative), which float32 callers do not expect. So it is pinned: "ieee"
 (true float32 products) whenever x, A or B is float32; "tf32" when all three are 16-bit,
-which is exact for their products (bf16 and fp16 mantissas fit in TF32's) and rounds the
-float32 latent well below the 16-bit output's own rounding. `precision=` overrides.
+which is exact for their products (bf16 and fp16 mantissas fit in TF32's); the float32
+accumulator is then rounded to the 16-bit output (for bf16 far more coarsely than TF32's
+rounding; for fp16 about as coarsely). `precision=` overrides.
 (The CPU interpreter always computes in float32; only a GPU run tells the two apart.)
 """
 

@@ -9,7 +9,7 @@
     model.merge_and_unload()                         # loran; NotMergeableError for the non-linear ones
 
 How: nora's checkpoints already carry their own `peft_type` (NORA, NOLORA, AURORA, LORAN, LORA_MODULE).
-This module adds those names as keys of PEFT's four method tables (config class, tuner class,
+This module adds those names as keys of PEFT's three method tables (config class, tuner class,
 prefix) -- what `peft.utils.register_peft_method` does, minus its check that the name is a
 member of the closed `PeftType` enum. The tuner places adapters with nora's own `plan`/`apply`
 (so σ, init, dropout and the fused paths are nora's, not a copy), and the tuner-class hooks PEFT
@@ -305,9 +305,9 @@ def _register(ptype: str) -> None:
 
 def peft_types() -> list[str]:
     """The peft_type names nora writes for everything but plain weight-level LoRA."""
-    from nora.adapters import METHODS
+    from nora.checkpoint import nora_peft_types
 
-    return sorted({m.peft_type for m in METHODS.values()} - {"LORA"} | {"LORA_MODULE"})
+    return nora_peft_types()
 
 
 def register_methods() -> list[str]:
