@@ -76,13 +76,14 @@ class Metrics:
 
     def _rate(self, key: str, i: int) -> float:
         with self._lock:
+            now = time.monotonic()
+            while self._recent and now - self._recent[0][0] > self.window:
+                self._recent.popleft()  # steps older than the window (also while idle)
             if not self._recent:
                 return 0.0
-            now = time.monotonic()
             t0, n0 = self._recent[0][0], self._recent[0][i]
-            if now - t0 > self.window:  # idle since: no recent steps
-                return 0.0
-            return (self.engine.stats[key] - n0) / max(now - t0, 1e-3)
+            # at least 1 s: the first step after an idle spell must not read as a huge rate
+            return (self.engine.stats[key] - n0) / max(now - t0, 1.0)
 
     def tokens_per_second(self) -> float:
         return self._rate("generated_tokens", 1)
