@@ -317,6 +317,10 @@ class Engine:
                 self.step()
             except Exception:  # step() failed its requests already; keep serving
                 traceback.print_exc()
+            # Python locks are not fair: without a pause here this thread takes multi.lock
+            # back at once, and a load/unload waiting for it (a request for an adapter that
+            # is not resident) could wait until the whole batch has drained.
+            time.sleep(0)
 
     # ------------------------------------------------------------------ one step
 
