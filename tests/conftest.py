@@ -122,6 +122,19 @@ def make_tokenizer(template: str | None = SMOLLM2_TEMPLATE) -> PreTrainedTokeniz
 FAMILIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
 
 
+def save_model_dir(path, layers: int = 2):
+    """A tiny Llama + tokenizer saved in Hugging Face layout, as a user's local model folder."""
+    tok = make_tokenizer()
+    tiny_llama(vocab=len(tok), hidden=64, layers=layers).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -23,16 +23,6 @@ from nora.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama + tokenizer saved in Hugging Face layout, as a user's local model folder."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    tok = make_tokenizer()
-    tiny_llama(vocab=len(tok), hidden=64).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def run(*args):
     result = runner.invoke(app, [str(a) for a in args])
     return result.exit_code, result.output

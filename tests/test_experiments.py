@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import yaml
-from conftest import make_tokenizer, tiny_llama
+from conftest import make_tokenizer, save_model_dir
 from transformers import AutoModelForCausalLM
 
 from nora.experiments import SweepConfig, SweepError, probe_logistic, run_sweep
@@ -17,11 +17,7 @@ from nora.report import build_report
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tok = make_tokenizer()
-    tiny_llama(vocab=len(tok), hidden=64, layers=4).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_model_dir(tmp_path_factory.mktemp("tiny-model"), layers=4)
 
 
 def sweep_file(tmp_path, model_dir, **over):

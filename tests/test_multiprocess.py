@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_llama
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -31,15 +30,6 @@ ARGS = [
     "--data", "logistic-map", "--max-len", "300", "--n-train", "16", "--n-eval", "4",
     "--max-steps", "3", "--grad-accum", "2", "--save-every", "1",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tok = make_tokenizer()
-    tiny_llama(vocab=len(tok), hidden=64).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def launch(args: list[str]) -> str:

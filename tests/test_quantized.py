@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_llama
+from conftest import make_tokenizer
 from torch import nn
 from typer.testing import CliRunner
 
@@ -16,15 +16,6 @@ from nora.config import AdapterConfig
 from nora.quantize import QuantizationError, is_quantized, quantize_base
 
 bnb = pytest.importorskip("bitsandbytes")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tok = make_tokenizer()
-    tiny_llama(vocab=len(tok), hidden=64).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def load(model_dir, bits: int | None = None) -> nn.Module:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import make_tokenizer, tiny_llama
+from conftest import save_model_dir
 
 from nora.study.runner import (
     STUDY_PRESETS,
@@ -25,11 +25,7 @@ from nora.study.runner import (
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tok = make_tokenizer()
-    tiny_llama(vocab=len(tok), hidden=64, layers=4).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_model_dir(tmp_path_factory.mktemp("tiny-model"), layers=4)
 
 
 def study_dict(model_dir, **over):
