@@ -59,26 +59,43 @@ def test_source_rank_is_nearest_searched_rank():
     assert s.source_rank("nora", 128) == 16
 
 
-def test_plan_puts_the_default_rank_searches_first():
+def test_plan_puts_the_headline_comparison_first():
     cfg = StudyConfig.from_dict(STUDY_PRESETS["study"])
     steps = plan(cfg)
     assert steps[:4] == [
-        ("lr", "math", "lora", 16),
-        ("lr", "math", "nora", 16),
-        ("cell", "math", "lora", 16, 0),
-        ("cell", "math", "nora", 16, 0),
+        ("lr", "reasoning-mix", "lora", 16),
+        ("lr", "reasoning-mix", "nora", 16),
+        ("cell", "reasoning-mix", "lora", 16, 0),
+        ("cell", "reasoning-mix", "nora", 16, 0),
     ]
-    assert steps.index(("cell", "math", "nora", 128, 0)) < steps.index(
-        ("lr", "math", "lora-rslora", 16)
-    )
     assert len(steps) == len(set(steps))
-    # every headline cell, every seed, both datasets
+    # every headline cell, every seed, both datasets; every variant's search at r=16
     cells = {s[1:] for s in steps if s[0] == "cell"}
     assert len(cells) == 2 * 4 * 4 * 3
-    # seed 0 of both datasets comes before the other seeds
-    first_seed1 = min(i for i, s in enumerate(steps) if s[0] == "cell" and s[-1] == 1)
-    assert all(s[-1] == 0 for s in steps[:first_seed1] if s[0] == "cell")
-    assert ("cell", "reasoning-mix", "lora", 128, 0) in steps[:first_seed1]
+    assert {s[1:] for s in steps if s[0] == "lr" and s[3] == 16} == {
+        (d, v, 16) for d in cfg.datasets for v in cfg.variants
+    }
+    # tier 1: LoRA vs NoRA at r=16 with all seeds (and the base model) on both datasets
+    # before any other rank or variant
+    tier1 = {
+        ("cell", d, v, 16, s) for d in cfg.datasets for v in ("lora", "nora") for s in (0, 1, 2)
+    } | {("base", d) for d in cfg.datasets}
+    end = max(steps.index(s) for s in tier1)
+    assert all(s in tier1 or s[0] == "lr" and s[3] == 16 for s in steps[: end + 1])
+    # a search comes before the cells that use it; seed 0 before the other seeds
+    for d in cfg.datasets:
+        assert steps.index(("lr", d, "lora", 4)) < steps.index(("cell", d, "lora", 4, 0))
+        assert steps.index(("cell", d, "nora", 4, 0)) < steps.index(("cell", d, "nora", 4, 1))
+    # one worker per dataset: the same steps, split
+    split = [plan(cfg, [d]) for d in cfg.datasets]
+    assert sorted(split[0] + split[1]) == sorted(steps)
+    assert all(s[1] == "math" for s in split[1])
+
+
+def test_variant_specific_search_start():
+    s = LRSearch(start={"nora": [-5, -4, -3]})
+    assert s.start_of("nora") == [-5, -4, -3] and s.start_of("lora") == [-6, -5, -4]
+    assert LRSearch(start=[-4, -3]).start_of("nora") == [-4, -3]
 
 
 def test_bad_study_files(tmp_path, model_dir):
@@ -93,6 +110,8 @@ def test_bad_study_files(tmp_path, model_dir):
     assert isinstance(load_study(str(f)), StudyConfig)
     f.write_text(yaml.safe_dump({"variants": {}}))  # not a study: the sweep loader's business
     assert load_study(str(f)) is None
+    with pytest.raises(StudyError, match=r"no dataset\(s\) \['math'\]"):
+        run_study(StudyConfig.from_dict(study_dict(model_dir)), tmp_path / "o", datasets=["math"])
 
 
 def test_study_searches_resumes_and_keeps_per_example_scores(tmp_path, model_dir):

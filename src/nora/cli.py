@@ -412,6 +412,13 @@ def sweep(
         str | None, typer.Option(help="phases: lr,runs,ablations,probe,efficiency")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="study only: run only this dataset's steps (repeatable); "
+            "one worker per dataset can share --out"
+        ),
+    ] = None,
 ) -> None:
     """Methods × ranks × seeds (× ablations); resumable: finished runs are skipped."""
     import torch
@@ -424,8 +431,10 @@ def sweep(
     command = "nora sweep " + " ".join(sys.argv[2:])
     study = load_study(spec)
     if study is not None:
-        result = run_study(study, out, log=typer.echo, command=command)
+        result = run_study(study, out, log=typer.echo, command=command, datasets=dataset)
     else:
+        if dataset:
+            raise typer.BadParameter("--dataset is for studies (a preset or file with study: true)")
         result = run_sweep(spec, out, log=typer.echo, only=_split(only), command=command)
     if result["failed"]:
         typer.echo(f"{result['failed']} run(s) failed: see error.json files under {out}", err=True)

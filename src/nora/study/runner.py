@@ -20,6 +20,7 @@ diverges count as +inf. Order of work (see `plan`): the most informative runs fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -46,10 +47,16 @@ class StudyError(ValueError):
 class LRSearch:
     """Where and how each variant's learning rate is searched."""
 
-    start: list[int] = field(default_factory=lambda: [-6, -5, -4])  # k: lr = 10^(k/2)
+    # k: lr = 10^(k/2); one list for every variant, or variant -> list (missing: [-6, -5, -4])
+    start: list[int] | dict[str, list[int]] = field(default_factory=lambda: [-6, -5, -4])
     ranks: dict[str, list[int]] = field(default_factory=dict)  # variant -> searched ranks
     default_rank: int = 16
     max_values: int = 7  # a search that would need more says so instead of going on
+
+    def start_of(self, variant: str) -> list[int]:
+        if isinstance(self.start, dict):
+            return list(self.start.get(variant, [-6, -5, -4]))
+        return list(self.start)
 
     def ranks_of(self, variant: str) -> list[int]:
         return self.ranks.get(variant, [self.default_rank])
@@ -146,6 +153,19 @@ class RunKey:
             / _lr_name(self.k)
             / (f"s{self.seed}")
         )
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on `path` (created if missing) for a read-modify-write."""
+    import fcntl
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -331,7 +351,7 @@ class Study:
             (v[variant] for d, v in self.choices().items() if variant in v), None
         )
         if not found:
-            return list(self.cfg.lr_search.start)
+            return self.cfg.lr_search.start_of(variant)
         (r0, k0) = next(iter(found.items()))
         r0 = int(r0)
         kw = self.cfg.variants[variant]
@@ -345,6 +365,10 @@ class Study:
         return json.loads(f.read_text())["k"] if f.is_file() else {}
 
     def _record_choice(self, dataset, variant, r, ks, scores, best) -> None:
+        with _locked(self.out / "lr_choices.lock"):  # workers on other datasets write it too
+            self._record_choice_locked(dataset, variant, r, ks, scores, best)
+
+    def _record_choice_locked(self, dataset, variant, r, ks, scores, best) -> None:
         f = self.out / "lr_choices.json"
         data = json.loads(f.read_text()) if f.is_file() else {"k": {}, "searches": []}
         data["k"].setdefault(dataset, {}).setdefault(variant, {})[str(r)] = best
@@ -378,43 +402,57 @@ class Study:
 # --- the order of work ---------------------------------------------------------------------
 
 
-def plan(cfg: StudyConfig) -> list[tuple]:
-    """The order of work, most informative first (each step is cheap to skip once done).
+def plan(cfg: StudyConfig, datasets: list[str] | None = None) -> list[tuple]:
+    """The order of work, in tiers, the most informative first (a done step is cheap to skip).
 
-    Per dataset, first for the `first` variants (LoRA, NoRA), then for the others: the
-    learning-rate search at the default rank, seed 0 at that rank, the searches at the other
-    searched ranks, seed 0 at the other ranks (largest first). The base model's scores come
-    after the first group's default-rank cells. Then, per dataset, the remaining seeds: the
-    default rank first, the `first` variants first.
+    Tier 1, for every dataset in turn: the `first` variants (LoRA, NoRA) at the default rank:
+    their learning-rate searches, seed 0, the base model, the other seeds — the headline
+    paired comparison. Then per dataset, tier 2: the `first` variants at the other ranks
+    (searches where a variant searches that rank, seed 0 largest rank first, then the other
+    seeds); tier 3: the other variants, default rank first, the same way.
+    `datasets` keeps only those datasets' steps (one worker per dataset can share a folder).
     """
     lr = cfg.lr_search
-    groups = [list(cfg.first), [v for v in cfg.variants if v not in cfg.first]]
-    ranks = [lr.default_rank, *sorted((r for r in cfg.ranks if r != lr.default_rank), reverse=True)]
-    ranks = [r for r in ranks if r in cfg.ranks]
-    steps: list[tuple] = []
-    for d in cfg.datasets:
-        for i, group in enumerate(g for g in groups if g):
-            steps += [
-                ("lr", d, v, lr.default_rank) for v in group if lr.default_rank in lr.ranks_of(v)
-            ]
-            steps += [("cell", d, v, ranks[0], cfg.seeds[0]) for v in group]
-            if i == 0:
-                steps.append(("base", d))
-            steps += [
-                ("lr", d, v, r) for v in group for r in lr.ranks_of(v) if r != lr.default_rank
-            ]
-            steps += [("cell", d, v, r, cfg.seeds[0]) for r in ranks[1:] for v in group]
-    ordered = [v for g in groups for v in g]
-    for d in cfg.datasets:
-        for seed in cfg.seeds[1:]:
-            steps += [("cell", d, v, ranks[0], seed) for v in ordered]
-        for seed in cfg.seeds[1:]:
-            steps += [("cell", d, v, r, seed) for r in ranks[1:] for v in ordered]
+    first = [v for v in cfg.variants if v in cfg.first] or list(cfg.variants)
+    rest = [v for v in cfg.variants if v not in first]
+    r0 = lr.default_rank if lr.default_rank in cfg.ranks else cfg.ranks[0]
+    others = sorted((r for r in cfg.ranks if r != r0), reverse=True)
+    seed0, later = cfg.seeds[0], cfg.seeds[1:]
+
+    def searches(d, group, ranks):
+        return [("lr", d, v, r) for r in ranks for v in group if r in lr.ranks_of(v)]
+
+    def cells(d, group, ranks, seeds):
+        return [("cell", d, v, r, s) for s in seeds for r in ranks for v in group]
+
+    def at_r0(d, group, base=False):
+        steps = searches(d, group, [r0]) + cells(d, group, [r0], [seed0])
+        return steps + [("base", d)] * base + cells(d, group, [r0], later)
+
+    def at_others(d, group):
+        return (
+            searches(d, group, others)
+            + cells(d, group, others, [seed0])
+            + cells(d, group, others, later)
+        )
+
+    keep = [d for d in cfg.datasets if datasets is None or d in datasets]
+    steps = [s for d in keep for s in at_r0(d, first, base=True)]
+    for d in keep:
+        steps += at_others(d, first)
+        if rest:
+            steps += at_r0(d, rest) + at_others(d, rest)
     return steps
 
 
-def run_study(cfg: StudyConfig, out_dir: str | Path, log=print, command: str | None = None) -> dict:
-    """Run (or continue) a study into `out_dir`."""
+def run_study(
+    cfg: StudyConfig,
+    out_dir: str | Path,
+    log=print,
+    command: str | None = None,
+    datasets: list[str] | None = None,
+) -> dict:
+    """Run (or continue) a study into `out_dir`; `datasets`: only those datasets' runs."""
     from nora.study.sweep import machine_info
 
     out = Path(out_dir)
@@ -424,9 +462,11 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, log=print, command: str | N
         raise StudyError(f"{out} holds a study with another config; use another --out")
     if not saved.is_file():
         _write_json(saved, {"config": cfg.to_dict(), "command": command, "machine": machine_info()})
+    if datasets and (unknown := sorted(set(datasets) - set(cfg.datasets))):
+        raise StudyError(f"the study has no dataset(s) {unknown}; it has {cfg.datasets}")
     study = Study(cfg, out, log)
     t0 = time.perf_counter()
-    for step in plan(cfg):
+    for step in plan(cfg, datasets or None):
         if step[0] == "lr":
             study.search_lr(*step[1:])
         elif step[0] == "base":
@@ -448,9 +488,11 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
     # The rank-scaling study on the embedded default (issue 13), for a 2-core CPU over
     # several sessions: 240 steps x 8 examples (10x the first paper-mini runs' tokens),
     # one pass over 1920 training examples, the validation loss every 24 steps.
+    # `reasoning-mix` first: its runs cost ~6 CPU minutes (math ~25: longer examples and
+    # 200 greedy answers of up to 192 tokens), so its whole grid fits the budget first.
     "study": {
         "model": "smollm2-135m",
-        "datasets": ["math", "reasoning-mix"],
+        "datasets": ["reasoning-mix", "math"],
         "top_layers": 4,
         "train": {
             "max_steps": 240,
@@ -476,7 +518,13 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         "seeds": [0, 1, 2],
         # LoRA's scale 32/r moves its best learning rate with the rank: searched at 4, 16, 128
         # (r=64 takes 128's). The other variants' scales move less (rsLoRA) or not at all.
-        "lr_search": {"start": [-6, -5, -4], "ranks": {"lora": [4, 16, 128]}, "default_rank": 16},
+        # Searches start around earlier runs' best (the demo: LoRA 3.16e-3, NoRA 1e-2) and
+        # extend past an edge, so a wrong guess costs runs, not the answer.
+        "lr_search": {
+            "start": {"nora": [-5, -4, -3]},
+            "ranks": {"lora": [4, 16, 128]},
+            "default_rank": 16,
+        },
         "first": ["lora", "nora"],
         "analysis_tokens": 2048,
     },
