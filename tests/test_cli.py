@@ -155,6 +155,10 @@ def served(model_dir, adapters):
         (["params", "--layers", "a-b"], "--layers must look like"),
         (["inspect", "/nonexistent/adapter"], "not an adapter folder"),
         (["eval", "--model", "/nonexistent/model"], "no such model folder"),
+        # refused at start-up, before the model loads (the base named here does not exist)
+        (["serve", "--base", "/nonexistent/m", "--request-timeout", "0"], "request_timeout must"),
+        (["serve", "--base", "/nonexistent/m", "--max-batch", "0"], "max_batch must be an int"),
+        (["serve", "--base", "/nonexistent/m", "--grace", "-1"], "grace must be >= 0"),
     ],
 )
 def test_user_errors_are_one_line(args, msg, model_dir):

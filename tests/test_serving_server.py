@@ -388,3 +388,19 @@ def test_load_server_from_a_model_folder(root, tok, tmp_path):
             assert status == 200 and out["usage"]["completion_tokens"] == 5
     finally:
         engine.stop()
+
+
+def test_bad_server_options_are_refused_before_serving():
+    from nora.serving.server import check_options
+
+    check_options(max_n=1, request_timeout=0.5, max_tokens_limit=8, default_max_tokens=8)
+    for bad, msg in [
+        ({"max_n": 0}, "max_n must be an integer >= 1"),
+        ({"max_n": 2.5}, "max_n must be an integer"),
+        ({"request_timeout": 0}, "request_timeout must be a number of seconds > 0"),
+        ({"retry_after": float("nan")}, "retry_after must be"),
+        ({"max_waiting": -1}, "max_waiting must be >= 0"),
+        ({"max_tokens_limit": 8, "default_max_tokens": 9}, "default_max_tokens .9. is above"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            check_options(**bad)

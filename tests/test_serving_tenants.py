@@ -374,6 +374,7 @@ def test_the_per_request_time_limit(root, tok):
         assert "0.3 s limit" in out["error"]["message"] and time.monotonic() - t0 < 5
         events = c.sse("/v1/completions", body)
         assert "0.3 s limit" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+        assert events[-2]["error"]["type"] == "timeout_error" and events[-2]["error"]["code"] == 504
         wait_for(lambda: srv.engine.running == 0 and srv.engine.store.pins("nora") == 0)
         assert c.post("/v1/completions", {**body, "max_tokens": 3})[0] == 200  # still serving
 

@@ -180,6 +180,14 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     cfg, model, tok = setup(tmp_path, max_steps=3, lr=1e-4)
     with pytest.raises(TrainingError, match=r"different config \(differs in \['lr'\]\)"):
         train(cfg, model=model, tokenizer=tok, progress=False)
+    # a damaged train_config.json: a TrainingError naming the file, the folder left as it was
+    out = Path(cfg.output_dir)
+    f = out / "train_config.json"
+    f.write_text('{"lr": 0.01,')
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(TrainingError, match=r"train_config.json is not valid JSON"):
+        train(cfg, model=model, tokenizer=tok, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before and f.read_text() == '{"lr": 0.01,'
 
 
 @pytest.mark.parametrize(

@@ -232,6 +232,12 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PREFIX): v for k, v in raw.items()}
 
 
+def first_problems(problems: list[str], n: int = 8) -> str:
+    """The first `n` problems, joined, and how many more there are (errors stay readable)."""
+    more = f" (and {len(problems) - n} more)" if len(problems) > n else ""
+    return "; ".join(problems[:n]) + more
+
+
 def tensor_problems(wrappers: list, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Every way `tensors` fails to fit the planned (name, wrapper) pairs, one line each."""
     expected = {f"{n}.{k}": v for n, w in wrappers for k, v in w.adapter.state_dict().items()}
@@ -273,9 +279,8 @@ def load_adapter(
         raise CheckpointError(f"adapter in {path} does not fit this model: {e}") from None
     problems = tensor_problems(wrappers, tensors)
     if problems:
-        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise CheckpointError(
-            f"adapter in {path} does not fit this model: " + "; ".join(problems[:8]) + more
+            f"adapter in {path} does not fit this model: " + first_problems(problems)
         )
     with torch.no_grad():
         for n, w in wrappers:

@@ -244,9 +244,8 @@ class NoraTuner(BaseTuner):
             wrappers, {k.removeprefix(pre): v for k, v in state_dict.items()}
         )
         if problems:
-            more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
             raise checkpoint.CheckpointError(
-                "adapter does not fit this model: " + "; ".join(problems[:8]) + more
+                "adapter does not fit this model: " + checkpoint.first_problems(problems)
             )
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 

@@ -247,7 +247,13 @@ def _check_output(cfg: TrainConfig, resume: bool) -> Path | None:
     if (out / "train_config.json").is_file():
         if not resume:
             raise TrainingError(f"{out} already holds a run; pass resume or use another output_dir")
-        old = json.loads((out / "train_config.json").read_text())
+        try:
+            old = json.loads((out / "train_config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TrainingError(
+                f"{out / 'train_config.json'} is not valid JSON ({e}); the run there cannot be "
+                "resumed: fix the file or use another output_dir"
+            ) from None
         try:  # older runs lack newer fields: compare with their defaults filled in
             old = TrainConfig.from_dict(old).to_dict()
         except ConfigError:
@@ -567,9 +573,9 @@ def train(
     except KeyboardInterrupt:
         bar.close()
         path = _checkpoint(run, gather=False)  # no collective calls while being interrupted
+        where = f"checkpoint saved to {path}" if path else "the main process saves the checkpoint"
         raise TrainingError(
-            f"interrupted at step {run.step}; checkpoint saved to {path}; "
-            "run the same command again to resume"
+            f"interrupted at step {run.step}; {where}; run the same command again to resume"
         ) from None
     bar.close()
     return _finish(run, time.perf_counter() - t0, tokens, supervised, history)

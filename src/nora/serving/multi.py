@@ -24,7 +24,13 @@ import torch
 from torch import nn
 
 from nora.adapters import Packed
-from nora.checkpoint import CheckpointError, read_config, read_weights, tensor_problems
+from nora.checkpoint import (
+    CheckpointError,
+    first_problems,
+    read_config,
+    read_weights,
+    tensor_problems,
+)
 from nora.config import AdapterConfig, ConfigError
 from nora.inject import InjectionError, plan
 from nora.serving.layers import MultiAdapterLinear, ServingContext
@@ -113,8 +119,7 @@ class MultiAdapterModel(nn.Module):
                 if not torch.isfinite(v).all()
             ]
         if problems:
-            more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-            raise CheckpointError(bad + "; ".join(problems[:8]) + more)
+            raise CheckpointError(bad + first_problems(problems))
         packed: dict[str, Packed] = {}
         kinds = set()
         with torch.no_grad():

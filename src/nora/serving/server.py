@@ -72,6 +72,10 @@ _NOOP = {
 _STATUS = {"error": 500, "timeout": 504, "cancelled": 503}  # a failed request's HTTP status
 
 
+def _error_type(reason: str) -> str:
+    return {"timeout": "timeout_error"}.get(reason, "server_error")
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -428,8 +432,9 @@ class API:
         failed = next((r for r in reqs if r.finish_reason in _STATUS), None)
         if failed is not None:
             reason = failed.finish_reason
-            type_ = {"timeout": "timeout_error"}.get(reason, "server_error")
-            raise APIError(_STATUS[reason], failed.error or f"the request {reason}", type_)
+            raise APIError(
+                _STATUS[reason], failed.error or f"the request {reason}", _error_type(reason)
+            )
         return JSONResponse(meta.full(reqs))
 
     async def _sse(self, reqs: list[Request], queue: asyncio.Queue, meta: _Meta, state):
@@ -443,7 +448,11 @@ class API:
                 i, d = await queue.get()
                 if d.finish_reason in _STATUS:
                     state.status = _STATUS[d.finish_reason]
-                    err = {"message": reqs[i].error or d.finish_reason, "type": "server_error"}
+                    err = {
+                        "message": reqs[i].error or d.finish_reason,
+                        "type": _error_type(d.finish_reason),
+                        "code": state.status,
+                    }
                     yield _event({"error": err})
                     _cancel(reqs)
                     break
@@ -791,6 +800,32 @@ def _unknown(name: str, known: list[str]) -> str:
     return f"the model {name!r} does not exist; known models: {', '.join(known)}"
 
 
+# Server options that must be positive integers / numbers (None: the option's default rule).
+_POSITIVE_INTS = ("max_resident", "max_batch", "max_prefill_tokens", "max_model_len",
+                  "max_tokens_limit", "default_max_tokens", "max_prompt_tokens",
+                  "max_body_bytes", "max_n")  # fmt: skip
+_POSITIVE_NUMBERS = ("request_timeout", "retry_after")
+
+
+def check_options(**opts) -> None:
+    """Refuse bad server options at start-up (ValueError naming the option), not per request."""
+    for k in _POSITIVE_INTS:
+        v = opts.get(k)
+        if v is not None and (type(v) is not int or v < 1):
+            raise ValueError(f"{k} must be an integer >= 1, got {v!r}")
+    for k in _POSITIVE_NUMBERS:
+        v = opts.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not v > 0):
+            raise ValueError(f"{k} must be a number of seconds > 0, got {v!r}")
+    for k in ("max_waiting", "grace"):
+        v = opts.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
+            raise ValueError(f"{k} must be >= 0, got {v!r}")
+    limit, default = opts.get("max_tokens_limit"), opts.get("default_max_tokens")
+    if limit is not None and default is not None and default > limit:
+        raise ValueError(f"default_max_tokens ({default}) is above max_tokens_limit ({limit})")
+
+
 def build(
     model,
     tokenizer,
@@ -806,6 +841,11 @@ def build(
 ) -> tuple[Starlette, Engine]:
     """Engine + app over a loaded base model and an adapter directory (engine not started)."""
     from nora.serving.multi import MultiAdapterModel
+
+    check_options(
+        max_resident=max_resident, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens,
+        max_model_len=max_model_len, max_waiting=max_waiting, **limits,
+    )  # fmt: skip
     from nora.serving.store import AdapterStore
 
     store = AdapterStore(MultiAdapterModel(model), adapters_dir, max_resident=max_resident)
@@ -881,6 +921,7 @@ def serve(
     default_max_tokens, max_prompt_tokens, max_body_bytes, request_timeout, max_n,
     retry_after, dtype, device. The CLI's `nora serve` calls this.
     """
+    check_options(grace=grace, **opts)  # before minutes of model loading
     keys = load_keys(api_keys)
     warning = exposure_warning(keys, host)
     if warning:

@@ -21,7 +21,14 @@ from types import SimpleNamespace
 
 from nora.adapters import METHODS
 from nora.adapters.base import Packed
-from nora.checkpoint import CONFIG_NAME, CheckpointError, read_config, read_weights, tensor_problems
+from nora.checkpoint import (
+    CONFIG_NAME,
+    CheckpointError,
+    first_problems,
+    read_config,
+    read_weights,
+    tensor_problems,
+)
 
 PREFIX = "base_model.model."
 
@@ -93,8 +100,7 @@ def pack_folder(path: str | Path, max_rank: int) -> tuple[int, dict[str, Packed]
         f"unexpected tensor {k}" for k in tensors if not any(k.startswith(n + ".") for n in names)
     ]
     if problems:
-        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-        raise AdapterRefused(f"{path}: " + "; ".join(problems[:8]) + more)
+        raise AdapterRefused(f"{path}: " + first_problems(problems))
     return cfg.r, packs
 
 
@@ -128,10 +134,7 @@ def check_fit(path, shapes: dict, got: dict, strict: bool = True) -> None:
                 f"the adapter is {k}->{d}"
             )
     if problems:
-        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-        raise AdapterRefused(
-            f"{path} does not fit this base model: " + "; ".join(problems[:8]) + more
-        )
+        raise AdapterRefused(f"{path} does not fit this base model: " + first_problems(problems))
 
 
 def install() -> None:
