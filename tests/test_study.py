@@ -211,3 +211,29 @@ def test_prefix_cache_is_kept_on_disk_and_reused(tmp_path, model_dir, monkeypatc
     # batches carry the stored states
     b = second.batches(second.test_set[:2], 2)[0]
     assert b["inputs_embeds"].shape[:2] == b["input_ids"].shape
+
+
+def test_runner_stages_skip_when_done_and_record_failures(tmp_path):
+    from nora.study.context import Runner
+
+    logs, calls = [], []
+    runner = Runner(tmp_path, log=logs.append)
+
+    def boom():
+        calls.append("boom")
+        raise RuntimeError("diverged")
+
+    out = tmp_path / "a"
+    assert runner.guarded(out, out / "val.json", boom, "train a", retry_failed=False) is None
+    err = json.loads((out / "error.json").read_text())
+    assert err["error"] == "RuntimeError: diverged" and "Traceback" in err["traceback"]
+    assert runner.failed == 1 and logs[-1] == "FAILED train a: RuntimeError: diverged"
+    # not retried when told so; retried (and the error file removed) otherwise
+    assert runner.guarded(out, out / "val.json", boom, "train a", retry_failed=False) is None
+    assert calls == ["boom"]
+    res = runner.guarded(out, out / "val.json", lambda: {"ppl": 2.0}, "train a")
+    assert res["ppl"] == 2.0 and res["wall_s"] >= 0 and not (out / "error.json").exists()
+    assert json.loads((out / "val.json").read_text()) == res
+    assert logs[-1].startswith("done train a ppl=2.0000 in")
+    # done: the stored result, the job not called
+    assert runner.guarded(out, out / "val.json", boom, "train a") == res and calls == ["boom"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -159,3 +161,64 @@ class DataContext:
             "n_gen": len(correct),
             "max_new_tokens": max_new_tokens,
         }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically (a reader never sees half a file; a killed writer leaves the old one)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+class Runner:
+    """What the sweep and the study runners share: one dataset's `DataContext` at a time
+    (built on first use, so a rerun that skips every run loads nothing), and stages that are
+    skipped once their JSON exists and that record a failure instead of stopping the run."""
+
+    def __init__(self, out: Path, log=print):
+        self.out, self.log = out, log
+        self.ctx: DataContext | None = None
+        self.failed = 0
+
+    def build_context(self, dataset: str) -> DataContext:
+        raise NotImplementedError
+
+    def context(self, dataset: str) -> DataContext:
+        if self.ctx is None or self.ctx.dataset != dataset:
+            self.ctx = None  # free the previous dataset's cache first
+            self.log(f"[{dataset}] loading the model and data, building the prefix cache")
+            self.ctx = self.build_context(dataset)
+        return self.ctx
+
+    def guarded(
+        self, out: Path, done: Path, job, what: str, retry_failed: bool = True
+    ) -> dict | None:
+        """`done`'s JSON if it exists; else run `job`, write its result (+ wall_s) to `done`.
+        A failure writes out/error.json (message + traceback), is logged, returns None; a
+        later call tries again unless `retry_failed` is False."""
+        if done.is_file():
+            return json.loads(done.read_text())
+        error = out / "error.json"
+        if error.is_file() and not retry_failed:
+            return None
+        out.mkdir(parents=True, exist_ok=True)
+        error.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        try:
+            result = job()
+        except Exception as e:  # noqa: BLE001 - a failed run is reported, not fatal
+            write_json(
+                error, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            )
+            self.log(f"FAILED {what}: {type(e).__name__}: {e}")
+            self.failed += 1
+            if self.ctx is not None and getattr(self.ctx.model, "_nora_state", None) is not None:
+                import nora
+
+                nora.unload(self.ctx.model)  # the next run starts from the base model
+            return None
+        result["wall_s"] = time.perf_counter() - t0
+        write_json(done, result)
+        ppl = f" ppl={result['ppl']:.4f}" if isinstance(result.get("ppl"), float) else ""
+        self.log(f"done {what}{ppl} in {result['wall_s']:.0f} s")
+        return result

@@ -26,7 +26,6 @@ import json
 import math
 import shutil
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import torch
 
 import nora
 from nora.config import AdapterConfig
-from nora.study.context import DataContext
+from nora.study.context import DataContext, Runner, write_json
 from nora.train import TrainConfig, train
 
 
@@ -168,55 +167,37 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-class Study:
+class Study(Runner):
     """One call of `run_study`: runs stages on demand, skipping those already done."""
 
     def __init__(self, cfg: StudyConfig, out: Path, log=print):
-        self.cfg, self.out, self.log = cfg, out, log
-        self.ctx: DataContext | None = None
-        self.failed = 0
+        super().__init__(out, log)
+        self.cfg = cfg
 
-    def context(self, dataset: str) -> DataContext:
-        if self.ctx is None or self.ctx.dataset != dataset:
-            self.ctx = None  # free the previous dataset's cache first
-            self.log(f"[{dataset}] loading the model and data, building the prefix cache")
-            t = self.cfg.train
-            self.ctx = DataContext(
-                self.cfg.model,
-                dataset,
-                n_train=t.get("n_train", 512),
-                n_val=self.cfg.n_val,
-                n_test=self.cfg.n_test,
-                max_len=t.get("max_len", 256),
-                top_layers=self.cfg.top_layers,
-                data_path=self.cfg.data_path.get(dataset),
-                cache_dir=self.out / "prefix-cache",
-            )
-        return self.ctx
+    def build_context(self, dataset: str) -> DataContext:
+        t = self.cfg.train
+        return DataContext(
+            self.cfg.model,
+            dataset,
+            n_train=t.get("n_train", 512),
+            n_val=self.cfg.n_val,
+            n_test=self.cfg.n_test,
+            max_len=t.get("max_len", 256),
+            top_layers=self.cfg.top_layers,
+            data_path=self.cfg.data_path.get(dataset),
+            cache_dir=self.out / "prefix-cache",
+        )
 
     def base(self, dataset: str) -> None:
         """The base model's test scores, once per dataset (the reference row)."""
-        f = self.out / "runs" / dataset / "base" / "test.json"
-        if f.is_file():
-            return
-        f.parent.mkdir(parents=True, exist_ok=True)
-        c = self.context(dataset)
-        t0 = time.perf_counter()
-        _write_json(
-            f,
-            {
-                "variant": "base",
-                "dataset": dataset,
-                **c.score_test(c.model, self.cfg.n_gen, self.cfg.max_new(dataset)),
-                "wall_s": time.perf_counter() - t0,
-            },
-        )
+        out = self.out / "runs" / dataset / "base"
+
+        def job() -> dict:
+            c = self.context(dataset)
+            scores = c.score_test(c.model, self.cfg.n_gen, self.cfg.max_new(dataset))
+            return {"variant": "base", "dataset": dataset, **scores}
+
+        self.guarded(out, out / "test.json", job, f"base {dataset}")
 
     def _train_config(self, key: RunKey, out: Path) -> TrainConfig:
         c = self.ctx
@@ -236,11 +217,6 @@ class Study:
     def trained(self, key: RunKey) -> dict | None:
         """Stage 1 (train + validation); its result, or None if the run failed."""
         out = key.folder(self.out)
-        done = out / "val.json"
-        if done.is_file():
-            return json.loads(done.read_text())
-        if (out / "error.json").is_file():
-            return None  # a failed run (e.g. diverged) is not retried by a rerun
 
         def job() -> dict:
             c = self.context(key.dataset)
@@ -268,15 +244,14 @@ class Study:
                 "steps": summary["steps"],
             }
 
-        return self._guarded(out, done, job, f"train {key}")
+        # a failed training (e.g. diverged) is not retried: it would fail again
+        return self.guarded(out, out / "val.json", job, f"train {key}", retry_failed=False)
 
     def tested(self, key: RunKey) -> dict | None:
         """Stage 2 (test NLL per example, pass@1 per problem, spectra) after stage 1."""
         out = key.folder(self.out)
         done = out / "test.json"
-        if done.is_file():
-            return json.loads(done.read_text())
-        if self.trained(key) is None:
+        if not done.is_file() and self.trained(key) is None:
             return None
 
         def job() -> dict:
@@ -296,27 +271,7 @@ class Study:
                 nora.unload(c.model)
             return {**dataclasses.asdict(key), "lr": lr_of(key.k), **scores, "analysis": spectra}
 
-        return self._guarded(out, done, job, f"test {key}")
-
-    def _guarded(self, out: Path, done: Path, job, what: str) -> dict | None:
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        try:
-            result = job()
-        except Exception as e:  # noqa: BLE001 - a failed run is reported, not fatal
-            _write_json(
-                out / "error.json",
-                {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()},
-            )
-            self.log(f"FAILED {what}: {type(e).__name__}: {e}")
-            self.failed += 1
-            if self.ctx is not None and getattr(self.ctx.model, "_nora_state", None) is not None:
-                nora.unload(self.ctx.model)
-            return None
-        result["wall_s"] = time.perf_counter() - t0
-        _write_json(done, result)
-        self.log(f"done {what} in {result['wall_s']:.0f} s")
-        return result
+        return self.guarded(out, done, job, f"test {key}")
 
     # --- learning rates ----------------------------------------------------------------------
 
@@ -388,7 +343,7 @@ class Study:
                 "interior": ks[0] < best < ks[-1],
             }
         )
-        _write_json(f, data)
+        write_json(f, data)
 
     def lr_for(self, dataset: str, variant: str, r: int) -> int | None:
         return self.search_lr(dataset, variant, self.cfg.lr_search.source_rank(variant, r))
@@ -461,7 +416,7 @@ def run_study(
     if saved.is_file() and json.loads(saved.read_text())["config"] != cfg.to_dict():
         raise StudyError(f"{out} holds a study with another config; use another --out")
     if not saved.is_file():
-        _write_json(saved, {"config": cfg.to_dict(), "command": command, "machine": machine_info()})
+        write_json(saved, {"config": cfg.to_dict(), "command": command, "machine": machine_info()})
     if datasets and (unknown := sorted(set(datasets) - set(cfg.datasets))):
         raise StudyError(f"the study has no dataset(s) {unknown}; it has {cfg.datasets}")
     study = Study(cfg, out, log)

@@ -24,7 +24,6 @@ import platform
 import shutil
 import statistics
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 import nora
 from nora.config import AdapterConfig
 from nora.data import batches
-from nora.study.context import DataContext
+from nora.study.context import DataContext, Runner, write_json
 from nora.train import TrainConfig, train
 
 # The paper's Table 2 rows: each changes one design choice of NoRA.
@@ -346,58 +345,27 @@ def _run(
     return result
 
 
-def _guarded(out: Path, fn, log) -> dict | None:
-    """Run `fn` unless `out/result.json` exists; record failures without stopping the sweep."""
-    done = out / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "error.json").unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    try:
-        result = fn()
-    except Exception as e:  # noqa: BLE001 - a failed run is reported, not fatal
-        (out / "error.json").write_text(
-            json.dumps(
-                {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, indent=1
-            )
-        )
-        log(f"FAILED {out}: {type(e).__name__}: {e}")
-        return None
-    result["wall_s"] = time.perf_counter() - t0
-    tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(done)
-    log(f"done {out} ppl={result.get('ppl', float('nan')):.4f} ({result['wall_s']:.0f} s)")
-    return result
-
-
 # --- the sweep -----------------------------------------------------------------------------
 
 
-class _Sweep:
+class _Sweep(Runner):
     """One call of `run_sweep`: walks the phases, skipping runs that are already done."""
 
     def __init__(self, cfg: SweepConfig, out: Path, log):
-        self.cfg, self.out, self.log = cfg, out, log
-        self.ctx: DataContext | None = None
-        self.failed = 0
+        super().__init__(out, log)
+        self.cfg = cfg
 
-    def context(self, dataset: str) -> DataContext:
-        """Model, data and prefix cache for `dataset`, built on first use (not for skipped runs)."""
-        if self.ctx is None or self.ctx.dataset != dataset:
-            self.ctx = None  # free the previous dataset's cache first
-            self.log(f"[{dataset}] loading the model and data, building the prefix cache")
-            self.ctx = _context(self.cfg, dataset)
-            base = self.out / "runs" / dataset / "base" / "result.json"
-            if not base.is_file():
-                from nora.evaluate import perplexity
+    def build_context(self, dataset: str) -> DataContext:
+        """Model, data and prefix cache for `dataset`, and the base model's PPL (once)."""
+        c = _context(self.cfg, dataset)
+        base = self.out / "runs" / dataset / "base" / "result.json"
+        if not base.is_file():
+            from nora.evaluate import perplexity
 
-                c = self.ctx
-                ppl = perplexity(c.model, c.batches(c.test_set), context=c.forward_context).ppl
-                base.parent.mkdir(parents=True, exist_ok=True)
-                base.write_text(json.dumps({"method": "base", "dataset": dataset, "ppl": ppl}))
-        return self.ctx
+            ppl = perplexity(c.model, c.batches(c.test_set), context=c.forward_context).ppl
+            base.parent.mkdir(parents=True, exist_ok=True)
+            write_json(base, {"method": "base", "dataset": dataset, "ppl": ppl})
+        return c
 
     def run(
         self,
@@ -424,9 +392,7 @@ class _Sweep:
                 analyze,
             )
 
-        result = _guarded(run_dir, job, self.log)
-        self.failed += result is None
-        return result
+        return self.guarded(run_dir, run_dir / "result.json", job, str(run_dir))
 
     def choose_lrs(self, dataset: str) -> dict[str, float]:
         """Best learning rate per variant on the validation split (seed 0, one rank)."""
@@ -516,10 +482,11 @@ def run_sweep(
                     sweep.run(run_dir, dataset, name, kw, ab["rank"], seed, lr)
         if dataset == cfg.datasets[0] and "probe" in phases and cfg.probe:
             sweep.ctx = None
-            sweep.failed += _probe_phase(cfg, out, log)
+            _probe_phase(cfg, out, sweep)
     sweep.ctx = None
     if "efficiency" in phases and cfg.efficiency:
-        _guarded(out / "efficiency", lambda: measure_efficiency(cfg), log)
+        eff = out / "efficiency"
+        sweep.guarded(eff, eff / "result.json", lambda: measure_efficiency(cfg), "efficiency")
     total = time.perf_counter() - t_start
     log(f"sweep phase(s) {phases} finished in {total / 60:.1f} min, {sweep.failed} failed run(s)")
     with (out / "timing.jsonl").open("a") as f:
@@ -573,13 +540,12 @@ def probe_logistic(completion: str, r: float, x0: float, steps: int) -> dict:
     }
 
 
-def _probe_phase(cfg: SweepConfig, out: Path, log) -> int:
+def _probe_phase(cfg: SweepConfig, out: Path, sweep: Runner) -> None:
     from nora.data import load_examples
     from nora.data.tokenization import prompt_ids
     from nora.evaluate import generate
 
     p = cfg.probe
-    failed = 0
     ctx = None
     for name in p["variants"]:
         for seed in cfg.seeds:
@@ -635,8 +601,7 @@ def _probe_phase(cfg: SweepConfig, out: Path, log) -> int:
                     "n": len(probes),
                 }
 
-            failed += _guarded(run_dir, job, log) is None
-    return failed
+            sweep.guarded(run_dir, run_dir / "result.json", job, str(run_dir))
 
 
 def _chosen_lr(out: Path, name: str, cfg: SweepConfig) -> float:
