@@ -117,6 +117,9 @@ def test_results_load_as_typed_records(study_dir):
 def test_report_from_the_study_files(study_dir):
     report = build_study_report(study_dir)
     text = report.read_text()
+    # the headline section comes first: NoRA vs LoRA at the default rank, with its interval
+    head = text.split("## Headline: NoRA vs LoRA at r = 2")[1].split("## Compute plan")[0]
+    assert "NoRA − LoRA α=32, ΔPPL =" in head and "spread of mean test PPL over the 2" in head
     for needle in (
         "## Compute plan",
         "CPU hours",

@@ -46,7 +46,8 @@ def _header(res: StudyResults) -> list[str]:
         "# NoRA vs LoRA: the rank-scaling study (issue 13)",
         "",
         f"- **Machine**: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch "
-        f"{m.get('torch', '?')}; 1 torch thread, nice 5, sharing the CPU with other jobs",
+        f"{m.get('torch', '?')}; 1 torch thread per run, one worker per dataset running side "
+        "by side (`--dataset`), sharing the CPU with the session's other work",
         f"- **Model**: {c['model']}; adapted layers: top {c['top_layers']}, q_proj and v_proj",
         f"- **Training**: {t.get('max_steps')} steps × {t.get('batch_size')} examples "
         f"({t.get('n_train')} training examples, one pass), cosine schedule, warmup "
@@ -267,6 +268,35 @@ def _with_group(t: TestRun) -> dict:
     return {**t.spectra.summary, "group": _name(t.variant)}
 
 
+def _headline(res: StudyResults) -> list[str]:
+    """The paper's question first: NoRA vs LoRA α=32 at the default rank, per dataset, and
+    how far apart all variants are there once each has its own tuned learning rate."""
+    r = res.config["lr_search"].get("default_rank", 16)
+    lines = [f"## Headline: NoRA vs LoRA at r = {r}, each at its tuned learning rate", ""]
+    for d in res.config["datasets"]:
+        a, b = res.paired(d, "nora", "lora", r)
+        comp = _compare(
+            [t.per_example for t in a], [t.per_example for t in b], "nora", "lora", None
+        )
+        lines += [f"**{d}**:", ""]
+        lines += comp or ["- not finished yet for both"]
+        means = {
+            _name(v): statistics.mean(t.test_ppl for t in res.cell(d, v, r))
+            for v in res.config["variants"]
+            if res.cell(d, v, r)
+        }
+        if len(means) > 1:
+            lo, hi = min(means.values()), max(means.values())
+            lines.append(
+                f"- spread of mean test PPL over the {len(means)} finished variants at r={r}: "
+                f"{lo:.3f} – {hi:.3f} ({(hi - lo) / lo:.1%} of the best; "
+                + ", ".join(f"{k} {v:.3f}" for k, v in means.items())
+                + ")"
+            )
+        lines.append("")
+    return lines
+
+
 # --- the report ----------------------------------------------------------------------------
 
 
@@ -278,7 +308,7 @@ def build_study_report(folder: str | Path) -> Path:
     res = StudyResults.load(folder)
     figures = folder / "figures"
     figures.mkdir(exist_ok=True)
-    lines = _header(res) + _compute(res) + _learning_rates(res, figures)
+    lines = _header(res) + _headline(res) + _compute(res) + _learning_rates(res, figures)
     for d in res.config["datasets"]:
         lines += _dataset(res, d, figures)
     n = write_peft_results(res, folder / "peft")
