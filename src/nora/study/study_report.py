@@ -62,6 +62,9 @@ def _header(res: StudyResults) -> list[str]:
     ]
 
 
+BUDGET_CPU_HOURS = 10  # issue 13: "Budget about 10 CPU hours in total"
+
+
 def _compute(res: StudyResults) -> list[str]:
     """Minutes per run, CPU hours spent, what ran and what did not, what the rest costs."""
     c = res.config
@@ -95,8 +98,9 @@ def _compute(res: StudyResults) -> list[str]:
     else:
         rest = "(minutes per run: not measured yet, no stage of each kind has finished)"
     lines += [
-        f"- Spent so far: **{spent:.1f} CPU hours** (summed wall time of finished stages, one "
-        "thread each).",
+        f"- Spent so far: **{spent:.1f} CPU hours** of the about {BUDGET_CPU_HOURS} the issue "
+        "budgets (summed wall time of finished stages, one thread each; a worker's first stage "
+        "includes building its dataset's prefix cache).",
         f"- Headline cells finished: **{len(cells) - len(todo)} of {len(cells)}** "
         f"(datasets × {len(c['variants'])} variants × {len(c['ranks'])} ranks × "
         f"{len(c['seeds'])} seeds); learning-rate searches finished: {len(res.searches)}.",
