@@ -131,6 +131,41 @@ def test_lru_eviction_keeps_at_most_max_resident(store):
     assert all(len(layer.adapters) == 2 for layer in store.multi.layers().values())
 
 
+def test_a_load_reads_the_disk_without_the_model_lock(store, monkeypatch):
+    """Requests keep decoding while an adapter is read; never more than max_resident live."""
+    import threading
+
+    import nora.serving.multi as multi_mod
+
+    store.load("a")
+    store.load("b")
+    reading, go = threading.Event(), threading.Event()
+    real = multi_mod.read_weights
+
+    def slow_read(path):
+        reading.set()
+        assert go.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(multi_mod, "read_weights", slow_read)
+    live = []
+    real_install = store.multi.install
+    monkeypatch.setattr(
+        store.multi, "install", lambda p: live.append(len(store.multi.adapters)) or real_install(p)
+    )
+    t = threading.Thread(target=store.load, args=("c",))
+    t.start()
+    assert reading.wait(30)
+    # the loader is in the middle of its disk read: the engine's lock is free
+    got = store.lock.acquire(timeout=5)
+    assert got
+    store.lock.release()
+    assert store.resident() == ["a", "b"]  # nothing evicted before the read succeeded
+    go.set()
+    t.join(30)
+    assert store.resident() == ["b", "c"] and live == [1]  # "a" left before "c" came in
+
+
 def test_pinned_adapters_are_never_evicted_or_unloaded(store):
     store.acquire("a")
     store.acquire("b")

@@ -63,6 +63,17 @@ class AdapterInfo:
         }
 
 
+@dataclass
+class PreparedAdapter:
+    """An adapter read, validated and packed, not yet live (`MultiAdapterModel.install`)."""
+
+    name: str
+    config: AdapterConfig
+    packed: dict[str, Packed]
+    kind: Hashable
+    source: str = ""
+
+
 class UnknownAdapterError(KeyError):
     """The named adapter is not resident (or does not exist); `known` lists what is."""
 
@@ -89,17 +100,27 @@ class MultiAdapterModel(nn.Module):
 
     def add(self, name: str, path: str | os.PathLike) -> AdapterInfo:
         """Load the adapter folder `path` (PEFT layout) under `name`; fails closed."""
-        try:
-            cfg = read_config(path)
-            tensors = read_weights(path)
-        except CheckpointError as e:
-            raise CheckpointError(f"adapter {name!r}: {e}") from None
-        return self.add_weights(name, cfg, tensors, source=str(path))
+        return self.install(self.prepare(name, path))
 
     def add_weights(
         self, name: str, cfg: AdapterConfig, tensors: dict[str, torch.Tensor], source: str = ""
     ) -> AdapterInfo:
         """Add an adapter from its config and tensors keyed '<module path>.<param>'."""
+        return self.install(self.prepare_weights(name, cfg, tensors, source))
+
+    def prepare(self, name: str, path: str | os.PathLike) -> PreparedAdapter:
+        """Read, validate and pack the adapter folder `path` without taking the lock (the
+        slow part of a load: the engine keeps decoding meanwhile); `install` makes it live."""
+        try:
+            cfg = read_config(path)
+            tensors = read_weights(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"adapter {name!r}: {e}") from None
+        return self.prepare_weights(name, cfg, tensors, source=str(path))
+
+    def prepare_weights(
+        self, name: str, cfg: AdapterConfig, tensors: dict[str, torch.Tensor], source: str = ""
+    ) -> PreparedAdapter:
         bad = f"adapter {name!r} is refused: "
         if name in self.adapters:
             raise ValueError(bad + "an adapter of that name is already loaded")
@@ -121,32 +142,36 @@ class MultiAdapterModel(nn.Module):
         if problems:
             raise CheckpointError(bad + first_problems(problems))
         packed: dict[str, Packed] = {}
-        kinds = set()
         with torch.no_grad():
             for n, w in wrappers:
                 for k, p in w.adapter.state_dict().items():
                     p.copy_(tensors[f"{n}.{k}"])
                 packed[n] = w.adapter.eval().pack()
-                kinds.add(packed[n].kind)
+        kinds = {lw.kind for lw in packed.values()}
         assert len(kinds) == 1, kinds  # one method and one activation per adapter
+        return PreparedAdapter(name, cfg, packed, kinds.pop(), source)
+
+    def install(self, p: PreparedAdapter) -> AdapterInfo:
+        """Make a prepared adapter live (under the lock: between two forwards)."""
         with self.lock:
-            if name in self.adapters:
-                raise ValueError(bad + "an adapter of that name is already loaded")
+            if p.name in self.adapters:
+                raise ValueError(f"adapter {p.name!r} is refused: an adapter of that name is "
+                                 "already loaded")  # fmt: skip
             uid, self._next_uid = self._next_uid, self._next_uid + 1
-            for n, lw in packed.items():
+            for n, lw in p.packed.items():
                 self._wrap(n).adapters[uid] = lw
             info = AdapterInfo(
-                name,
+                p.name,
                 uid,
-                cfg.method,
-                cfg.r,
-                kinds.pop(),
-                cfg,
-                targets=list(packed),
-                nbytes=sum(lw.nbytes for lw in packed.values()),
-                source=source,
+                p.config.method,
+                p.config.r,
+                p.kind,
+                p.config,
+                targets=list(p.packed),
+                nbytes=sum(lw.nbytes for lw in p.packed.values()),
+                source=p.source,
             )
-            self.adapters[name] = info
+            self.adapters[p.name] = info
         return info
 
     def remove(self, name: str) -> None:

@@ -102,24 +102,36 @@ class AdapterStore:
 
         Fails closed: the adapter is read and validated before anything is evicted, so a
         folder that is missing, corrupted or unreadable (deleted mid-load, a full or failing
-        disk) leaves the resident set exactly as it was.
+        disk) leaves the resident set exactly as it was. The read and validation run without
+        the model lock (unless the caller holds it), so running requests keep decoding; the
+        evicted adapter leaves before the new one comes in, so at most `max_resident` are
+        ever resident.
         """
         with self.lock:
             if name in self._lru:
                 self._lru.move_to_end(name)
                 return self.multi.adapters[name]
             path = self.path(name)
-            if len(self._lru) >= self.max_resident and self._victim() is None:
-                raise StoreFullError(
-                    f"all {self.max_resident} resident adapters are in use; cannot load {name!r}"
-                )
-            info = self.multi.add(name, path)  # raises before touching the resident set
+            self._check_room(name)
+        prepared = self.multi.prepare(name, path)  # raises before touching the resident set
+        with self.lock:
+            if name in self._lru:  # another thread loaded it meanwhile
+                self._lru.move_to_end(name)
+                return self.multi.adapters[name]
+            self._check_room(name)  # requests may have pinned the rest meanwhile
             while len(self._lru) >= self.max_resident:
                 self._drop(self._victim())
                 self.evictions += 1
+            info = self.multi.install(prepared)
             self._lru[name] = None
             self.loads += 1
             return info
+
+    def _check_room(self, name: str) -> None:
+        if len(self._lru) >= self.max_resident and self._victim() is None:
+            raise StoreFullError(
+                f"all {self.max_resident} resident adapters are in use; cannot load {name!r}"
+            )
 
     def _victim(self) -> str | None:
         """The least recently used adapter no request holds."""
