@@ -103,16 +103,16 @@ def test_folder_failing_while_loading_leaves_the_resident_set_alone(
         c, store = Client(srv), srv.engine.store
         for a in ("nora", "lora"):
             assert c.post("/v1/adapters/load", {"name": a})[0] == 200
-        add = store.multi.add
+        prepare = store.multi.prepare
 
-        def failing_add(name, path):  # the fault strikes between the checks and the read
+        def failing_prepare(name, path):  # the fault strikes between the checks and the read
             if name == "aurora":
                 if fault == "enospc":
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
                 fault(Path(path))
-            return add(name, path)
+            return prepare(name, path)
 
-        store.multi.add = failing_add
+        store.multi.prepare = failing_prepare
         for path, body in [("/v1/completions", greedy(model="aurora", prompt="a")),
                            ("/v1/adapters/load", {"name": "aurora"})]:  # fmt: skip
             got, headers, out = c.post(path, body)
@@ -121,7 +121,7 @@ def test_folder_failing_while_loading_leaves_the_resident_set_alone(
             assert store.resident() == ["nora", "lora"] and store.evictions == 0
         for a in ("nora", "lora"):  # nothing was evicted for the failed load; all still right
             assert text(complete(c, a)) == ref(adapters, tok, "hello", a, 10)
-        store.multi.add = add
+        store.multi.prepare = prepare
         if fault == "enospc":  # the disk recovers: the same adapter loads
             assert text(complete(c, "aurora")) == ref(adapters, tok, "hello", "aurora", 10)
         assert Client(srv).call("GET", "/health")[0] == 200
