@@ -401,6 +401,8 @@ def test_bad_server_options_are_refused_before_serving():
         ({"retry_after": float("nan")}, "retry_after must be"),
         ({"max_waiting": -1}, "max_waiting must be >= 0"),
         ({"max_tokens_limit": 8, "default_max_tokens": 9}, "default_max_tokens .9. is above"),
+        ({"max_tokens_limit": 100}, r"default_max_tokens \(256\) is above"),  # the default
+        ({"retry_after": float("inf")}, "retry_after must be"),
     ]:
         with pytest.raises(ValueError, match=msg):
             check_options(**bad)

@@ -166,6 +166,35 @@ def test_a_load_reads_the_disk_without_the_model_lock(store, monkeypatch):
     assert store.resident() == ["b", "c"] and live == [1]  # "a" left before "c" came in
 
 
+def test_two_threads_loading_one_adapter_get_the_same_one(store, monkeypatch):
+    import threading
+
+    import nora.serving.multi as multi_mod
+
+    both, real = threading.Barrier(2, timeout=30), multi_mod.read_weights
+
+    def read_together(path):  # both loaders are past the first check before either installs
+        both.wait()
+        return real(path)
+
+    monkeypatch.setattr(multi_mod, "read_weights", read_together)
+    got, errors = [], []
+
+    def load():
+        try:
+            got.append(store.load("a").uid)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(got) == 2 and got[0] == got[1]
+    assert store.resident() == ["a"] and store.loads == 1
+
+
 def test_pinned_adapters_are_never_evicted_or_unloaded(store):
     store.acquire("a")
     store.acquire("b")

@@ -237,3 +237,13 @@ def test_runner_stages_skip_when_done_and_record_failures(tmp_path):
     assert logs[-1].startswith("done train a ppl=2.0000 in")
     # done: the stored result, the job not called
     assert runner.guarded(out, out / "val.json", boom, "train a") == res and calls == ["boom"]
+    # Ctrl-C inside a training stops the whole run (the command resumes), not a failed stage
+    from nora.train import TrainingInterrupted
+
+    def interrupted():
+        raise TrainingInterrupted("interrupted at step 3")
+
+    b = tmp_path / "b"
+    with pytest.raises(TrainingInterrupted):
+        runner.guarded(b, b / "val.json", interrupted, "train b", retry_failed=False)
+    assert not (b / "error.json").exists() and runner.failed == 1

@@ -56,6 +56,11 @@ class TrainingError(RuntimeError):
     """Training cannot start or continue; the message says why and what was kept."""
 
 
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C: a checkpoint was saved and the same command resumes (callers that run many
+    trainings, like the study, stop on it instead of recording a failed run)."""
+
+
 # --- data order: a pure function of (seed, micro-batch index) --------------------------------
 
 
@@ -574,7 +579,7 @@ def train(
         bar.close()
         path = _checkpoint(run, gather=False)  # no collective calls while being interrupted
         where = f"checkpoint saved to {path}" if path else "the main process saves the checkpoint"
-        raise TrainingError(
+        raise TrainingInterrupted(
             f"interrupted at step {run.step}; {where}; run the same command again to resume"
         ) from None
     bar.close()

@@ -122,8 +122,6 @@ class MultiAdapterModel(nn.Module):
         self, name: str, cfg: AdapterConfig, tensors: dict[str, torch.Tensor], source: str = ""
     ) -> PreparedAdapter:
         bad = f"adapter {name!r} is refused: "
-        if name in self.adapters:
-            raise ValueError(bad + "an adapter of that name is already loaded")
         if cfg.placement != "weight":
             raise CheckpointError(
                 bad + f"placement {cfg.placement!r} is not served (only weight-level adapters)"

@@ -815,14 +815,16 @@ def check_options(**opts) -> None:
             raise ValueError(f"{k} must be an integer >= 1, got {v!r}")
     for k in _POSITIVE_NUMBERS:
         v = opts.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not v > 0):
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf
+        ):
             raise ValueError(f"{k} must be a number of seconds > 0, got {v!r}")
     for k in ("max_waiting", "grace"):
         v = opts.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
             raise ValueError(f"{k} must be >= 0, got {v!r}")
-    limit, default = opts.get("max_tokens_limit"), opts.get("default_max_tokens")
-    if limit is not None and default is not None and default > limit:
+    limit, default = opts.get("max_tokens_limit") or 1024, opts.get("default_max_tokens") or 256
+    if default > limit:  # (API's defaults when not given)
         raise ValueError(f"default_max_tokens ({default}) is above max_tokens_limit ({limit})")
 
 

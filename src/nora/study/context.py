@@ -204,8 +204,12 @@ class Runner:
         out.mkdir(parents=True, exist_ok=True)
         error.unlink(missing_ok=True)
         t0 = time.perf_counter()
+        from nora.train import TrainingInterrupted
+
         try:
             result = job()
+        except TrainingInterrupted:
+            raise  # Ctrl-C stops the whole run; the same command resumes from the checkpoint
         except Exception as e:  # noqa: BLE001 - a failed run is reported, not fatal
             write_json(
                 error, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}

@@ -413,10 +413,12 @@ def run_study(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "study.json"
-    if saved.is_file() and json.loads(saved.read_text())["config"] != cfg.to_dict():
-        raise StudyError(f"{out} holds a study with another config; use another --out")
-    if not saved.is_file():
-        write_json(saved, {"config": cfg.to_dict(), "command": command, "machine": machine_info()})
+    with _locked(out / "study.lock"):  # workers for other datasets may start at the same time
+        if saved.is_file() and json.loads(saved.read_text())["config"] != cfg.to_dict():
+            raise StudyError(f"{out} holds a study with another config; use another --out")
+        if not saved.is_file():
+            info = {"config": cfg.to_dict(), "command": command, "machine": machine_info()}
+            write_json(saved, info)
     if datasets and (unknown := sorted(set(datasets) - set(cfg.datasets))):
         raise StudyError(f"the study has no dataset(s) {unknown}; it has {cfg.datasets}")
     study = Study(cfg, out, log)
