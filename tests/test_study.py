@@ -154,6 +154,12 @@ def test_study_searches_resumes_and_keeps_per_example_scores(tmp_path, model_dir
     cfgs = list((tmp_path / "exported").rglob("adapter_config.json"))
     assert cfgs and all(c.parent.name.startswith("s") for c in cfgs)  # beside val.json
     assert export_results(out, tmp_path / "exported") == 0  # nothing new
+    # a run still training (no finished stage yet) is not exported
+    busy = out / "runs/logistic-map/nora/r2/lr9.99/s0"
+    busy.mkdir(parents=True)
+    (busy / "train_config.json").write_text("{}")
+    (busy / "metrics.jsonl").write_text("")
+    assert export_results(out, tmp_path / "exported") == 0
     with pytest.raises(StudyError, match="another config"):
         run_study(StudyConfig.from_dict(study_dict(model_dir, seeds=[0])), out, log=logs.append)
 
@@ -233,6 +239,7 @@ def test_runner_stages_skip_when_done_and_record_failures(tmp_path):
     assert calls == ["boom"]
     res = runner.guarded(out, out / "val.json", lambda: {"ppl": 2.0}, "train a")
     assert res["ppl"] == 2.0 and res["wall_s"] >= 0 and not (out / "error.json").exists()
+    assert res["cpu_s"] >= 0  # CPU seconds: what the compute plan sums
     assert json.loads((out / "val.json").read_text()) == res
     assert logs[-1].startswith("done train a ppl=2.0000 in")
     # done: the stored result, the job not called

@@ -28,3 +28,17 @@ def test_verdict_follows_the_interval():
 def test_table_shows_the_interval():
     table = format_table(rows(0.1, 0.3))
     assert "+20.0% [+10.0%, +30.0%]" in table and "30.0%" in table
+
+
+def test_the_demo_rates_are_the_studys_choices():
+    """TUNED_LR's comment says the rates come from the committed study's searches."""
+    import json
+    from pathlib import Path
+
+    from nora.study.runner import lr_of
+
+    f = Path(__file__).parent.parent / "results/study/lr_choices.json"
+    chosen = json.loads(f.read_text())["k"]["reasoning-mix"]
+    cfg = DemoConfig()
+    assert cfg.data == "reasoning-mix" and cfg.r == 16
+    assert {m: lr_of(chosen[m][str(cfg.r)]) for m in cfg.methods} == TUNED_LR

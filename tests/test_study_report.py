@@ -114,6 +114,15 @@ def test_results_load_as_typed_records(study_dir):
     assert res.base["logistic-map"].r is None
 
 
+def test_the_recorded_command_is_made_generic_per_dataset():
+    from nora.study.study_report import _command
+
+    assert _command("nora sweep study --out s") == "`nora sweep study --out s`"
+    assert _command("nora sweep study --dataset math --threads 1") == (
+        "`nora sweep study --dataset D --threads 1` (one worker per dataset D)"
+    )
+
+
 def test_report_from_the_study_files(study_dir):
     report = build_study_report(study_dir)
     text = report.read_text()

@@ -203,9 +203,9 @@ class Runner:
             return None
         out.mkdir(parents=True, exist_ok=True)
         error.unlink(missing_ok=True)
-        t0 = time.perf_counter()
         from nora.train import TrainingInterrupted
 
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             result = job()
         except TrainingInterrupted:
@@ -222,6 +222,7 @@ class Runner:
                 nora.unload(self.ctx.model)  # the next run starts from the base model
             return None
         result["wall_s"] = time.perf_counter() - t0
+        result["cpu_s"] = time.process_time() - c0  # all threads: 1 per worker in the study
         write_json(done, result)
         ppl = f" ppl={result['ppl']:.4f}" if isinstance(result.get("ppl"), float) else ""
         self.log(f"done {what}{ppl} in {result['wall_s']:.0f} s")

@@ -39,6 +39,12 @@ class Spectra:
         )
 
 
+def _cost(d: dict) -> float:
+    """A stage's CPU seconds: what it cost whatever else ran beside it or paused it (stages
+    written before `cpu_s` was recorded fall back to their wall time)."""
+    return d.get("cpu_s", d.get("wall_s", 0.0))
+
+
 @dataclass(frozen=True)
 class TrainedRun:
     """Stage 1 of a run: training + validation (also what a learning-rate search reads)."""
@@ -52,6 +58,7 @@ class TrainedRun:
     val_ppl: float
     train_time_s: float
     wall_s: float
+    cost_s: float  # CPU seconds of the stage (older results: its wall time)
     trainable_params: int
     steps: int
     folder: Path
@@ -69,6 +76,7 @@ class TrainedRun:
             d["val_ppl"],
             d["train_time_s"],
             d.get("wall_s", 0.0),
+            _cost(d),
             d["trainable_params"],
             d["steps"],
             f.parent,
@@ -102,6 +110,7 @@ class TestRun:
     accuracy: float | None
     per_example: PerExample
     wall_s: float
+    cost_s: float  # CPU seconds of the stage (older results: its wall time)
     spectra: Spectra | None
     samples: list[str] = field(default_factory=list)
 
@@ -118,6 +127,7 @@ class TestRun:
             d["accuracy"],
             PerExample.from_dict(d["per_example"]),
             d.get("wall_s", 0.0),
+            _cost(d),
             Spectra.from_summary(d["analysis"]) if "analysis" in d else None,
             d.get("samples", []),
         )

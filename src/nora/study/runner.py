@@ -506,6 +506,7 @@ def load_study(spec: str) -> StudyConfig | None:
     return None
 
 
+STAGES = ("val.json", "test.json")  # a run folder's finished stages
 # Files a report needs; adapter weights and checkpoints stay behind.
 EXPORTED = ("*.json", "*.jsonl", "adapter/adapter_config.json")
 
@@ -520,6 +521,9 @@ def export_results(src: str | Path, dst: str | Path) -> int:
         rel = f.relative_to(src)
         if "checkpoints" in rel.parts or rel.parts[0] in ("figures", "peft"):
             continue
+        run = f.parent.parent if f.parent.name == "adapter" else f.parent
+        if rel.parts[0] == "runs" and not any((run / d).is_file() for d in STAGES):
+            continue  # a run still training: its files come with its first finished stage
         if rel.parent.name == "adapter":  # adapter/ folders are git-ignored: keep the config
             rel = rel.parent.parent / rel.name
         out = dst / rel

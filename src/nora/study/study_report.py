@@ -39,6 +39,17 @@ def _mean(values: list[float], fmt: str = "{:.3f}") -> str:
 # --- sections ------------------------------------------------------------------------------
 
 
+def _command(command: str | None) -> str:
+    """The sweep command as a worker recorded it; with `--dataset`, made generic."""
+    import re
+
+    command = command or "nora sweep study"
+    if "--dataset" not in command:
+        return f"`{command}`"
+    generic = re.sub(r"--dataset \S+", "--dataset D", command)
+    return f"`{generic}` (one worker per dataset D)"
+
+
 def _header(res: StudyResults) -> list[str]:
     c, m = res.config, res.machine
     t = c["train"]
@@ -57,7 +68,7 @@ def _header(res: StudyResults) -> list[str]:
         f"pass@1 on the first {c['n_gen']} of them (max new tokens: "
         + ", ".join(f"{d} {n}" for d, n in c["max_new_tokens"].items())
         + ")",
-        f"- **Command**: `{res.command or 'nora sweep study'}`, then `nora report {res.folder}`",
+        f"- **Command**: {_command(res.command)}, then `nora report {res.folder}`",
         "",
     ]
 
@@ -68,9 +79,9 @@ BUDGET_CPU_HOURS = 10  # issue 13: "Budget about 10 CPU hours in total"
 def _compute(res: StudyResults) -> list[str]:
     """Minutes per run, CPU hours spent, what ran and what did not, what the rest costs."""
     c = res.config
-    train_min = [r.wall_s / 60 for r in res.trained]
-    test_min = [t.wall_s / 60 for t in res.tested]
-    spent = (sum(train_min) + sum(test_min) + sum(b.wall_s / 60 for b in res.base.values())) / 60
+    train_min = [r.cost_s / 60 for r in res.trained]
+    test_min = [t.cost_s / 60 for t in res.tested]
+    spent = (sum(train_min) + sum(test_min) + sum(b.cost_s / 60 for b in res.base.values())) / 60
     cells = [
         (d, v, r, s)
         for d in c["datasets"]
@@ -92,15 +103,15 @@ def _compute(res: StudyResults) -> list[str]:
         lines.append(
             f"- Training stage (train + validation curve): median **{per_train:.1f} min** per run "
             f"over {len(train_min)} runs; test stage (per-example NLL, pass@1, spectra): median "
-            f"**{per_test:.1f} min** over {len(test_min)} runs (wall time, one thread, under "
-            "the shared load)."
+            f"**{per_test:.1f} min** over {len(test_min)} runs (CPU time, one thread; stages "
+            "from before CPU time was recorded count their wall time)."
         )
     else:
         rest = "(minutes per run: not measured yet, no stage of each kind has finished)"
     lines += [
         f"- Spent so far: **{spent:.1f} CPU hours** of the about {BUDGET_CPU_HOURS} the issue "
-        "budgets (summed wall time of finished stages, one thread each; a worker's first stage "
-        "includes building its dataset's prefix cache).",
+        "budgets (summed over finished stages; a worker's first stage includes building its "
+        "dataset's prefix cache).",
         f"- Headline cells finished: **{len(cells) - len(todo)} of {len(cells)}** "
         f"(datasets × {len(c['variants'])} variants × {len(c['ranks'])} ranks × "
         f"{len(c['seeds'])} seeds); learning-rate searches finished: {len(res.searches)}.",
