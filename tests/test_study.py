@@ -254,3 +254,36 @@ def test_runner_stages_skip_when_done_and_record_failures(tmp_path):
     with pytest.raises(TrainingInterrupted):
         runner.guarded(b, b / "val.json", interrupted, "train b", retry_failed=False)
     assert not (b / "error.json").exists() and runner.failed == 1
+
+
+def test_a_variant_that_is_the_same_adapter_reuses_the_runs(tmp_path, model_dir, monkeypatch):
+    """rsLoRA α=16 at r=4 has scale 16/√4 = 8 = LoRA α=32's 32/4: the same adapter; at r=2
+    (16/√2 vs 16) it is not."""
+    from nora.study.results import StudyResults
+    from nora.study.runner import Study
+    from nora.study.study_report import build_study_report
+
+    variants = {
+        "lora": {"method": "lora", "alpha": 32},
+        "rs": {"method": "lora", "alpha": 16, "rslora": True},
+    }
+    spec = study_dict(model_dir, variants=variants, seeds=[0], n_gen=0)
+    # one rate for both (a one-value grid), so the twin's runs are at the same key
+    spec["lr_search"] = {"start": [-4], "default_rank": 2, "max_values": 1}
+    cfg = StudyConfig.from_dict(spec)
+    study = Study(cfg, tmp_path / "x")
+    assert study.twin("rs", 4) == "lora" and study.twin("rs", 2) is None
+    assert study.twin("lora", 4) is None
+    logs: list[str] = []
+    run_study(cfg, tmp_path / "out", log=logs.append)
+    res = StudyResults.load(tmp_path / "out")
+    (rs4,), (lora4,) = res.cell("logistic-map", "rs", 4), res.cell("logistic-map", "lora", 4)
+    assert rs4.same_as == "lora" and rs4.cost_s == 0 and rs4.test_ppl == lora4.test_ppl
+    assert res.cell("logistic-map", "rs", 2)[0].same_as is None
+    # the claim behind the reuse: trained for real, the twin gives the very same numbers
+    monkeypatch.setattr(Study, "twin", lambda self, v, r: None)
+    run_study(cfg, tmp_path / "real", log=logs.append)
+    real = StudyResults.load(tmp_path / "real").cell("logistic-map", "rs", 4)[0]
+    assert real.same_as is None and real.test_ppl == rs4.test_ppl
+    text = build_study_report(tmp_path / "out").read_text()
+    assert "logistic-map, r=4: rs is LoRA α=32 (its runs are LoRA α=32's, reused)" in text

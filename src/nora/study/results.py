@@ -62,6 +62,7 @@ class TrainedRun:
     trainable_params: int
     steps: int
     folder: Path
+    same_as: str | None = None  # another variant's identical run, reused (runner.Study.twin)
 
     @classmethod
     def from_file(cls, f: Path) -> TrainedRun:
@@ -80,6 +81,7 @@ class TrainedRun:
             d["trainable_params"],
             d["steps"],
             f.parent,
+            d.get("same_as"),
         )
 
     def curve(self) -> tuple[list[int], list[float]]:
@@ -113,6 +115,7 @@ class TestRun:
     cost_s: float  # CPU seconds of the stage (older results: its wall time)
     spectra: Spectra | None
     samples: list[str] = field(default_factory=list)
+    same_as: str | None = None  # another variant's identical run, reused (runner.Study.twin)
 
     @classmethod
     def from_file(cls, f: Path) -> TestRun:
@@ -130,6 +133,7 @@ class TestRun:
             _cost(d),
             Spectra.from_summary(d["analysis"]) if "analysis" in d else None,
             d.get("samples", []),
+            d.get("same_as"),
         )
 
 

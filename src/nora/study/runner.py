@@ -167,6 +167,26 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def twin_of(variants: dict[str, dict], variant: str, r: int) -> str | None:
+    """An earlier variant that is the same adapter as `variant` at rank `r`: the same
+    method and settings and the same effective scale (rsLoRA's 8/√16 and LoRA α=32's 32/16
+    are both 2), so the same key trains the same weights: a run of the twin's with the
+    same rate and seed stands for this variant's (see `Study._twin_done`)."""
+
+    def norm(v: str) -> tuple[dict, float]:
+        c = AdapterConfig(**{**variants[v], "r": r})
+        d = {k: x for k, x in c.to_dict().items() if k not in ("alpha", "rslora", "scale")}
+        return d, c.effective_scale
+
+    mine = norm(variant)
+    for other in variants:
+        if other == variant:
+            return None
+        if norm(other) == mine:
+            return other
+    return None
+
+
 class Study(Runner):
     """One call of `run_study`: runs stages on demand, skipping those already done."""
 
@@ -214,9 +234,46 @@ class Study(Runner):
             **self.cfg.train,
         )
 
+    def twin(self, variant: str, r: int) -> str | None:
+        return twin_of(self.cfg.variants, variant, r)
+
+    def _twin_done(self, key: RunKey, stage: str) -> dict | None:
+        """`stage` of `key` when its twin has already run that key (same rate, same seed):
+        copied into this key's folder with `same_as` naming the twin; else None."""
+        other = self.twin(key.variant, key.r)
+        if other is None:
+            return None
+        src = dataclasses.replace(key, variant=other).folder(self.out)
+        if not (src / stage).is_file():
+            return None
+        out = key.folder(self.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if stage == "test.json" and not (out / "val.json").is_file():
+            self._twin_done(key, "val.json")  # stage 1 comes with it (curves, compute plan)
+        for f in ("metrics.jsonl", "train_config.json", "summary.json"):
+            if (src / f).is_file() and not (out / f).is_file():
+                shutil.copyfile(src / f, out / f)
+        res = json.loads((src / stage).read_text())
+        # the twin's run cost the CPU once: the copy costs nothing in the compute plan
+        res = {**res, "variant": key.variant, "same_as": other, "wall_s": 0.0, "cpu_s": 0.0}
+        write_json(out / stage, res)
+        return res
+
+    def _adapter_dir(self, key: RunKey) -> Path:
+        """Where stage 1 left the adapter: this key's folder, or its twin's if reused."""
+        out = key.folder(self.out)
+        twin = json.loads((out / "val.json").read_text()).get("same_as")
+        return (
+            dataclasses.replace(key, variant=twin).folder(self.out) / "adapter"
+            if twin
+            else out / "adapter"
+        )
+
     def trained(self, key: RunKey) -> dict | None:
         """Stage 1 (train + validation); its result, or None if the run failed."""
         out = key.folder(self.out)
+        if not (out / "val.json").is_file() and (res := self._twin_done(key, "val.json")):
+            return res
 
         def job() -> dict:
             c = self.context(key.dataset)
@@ -251,6 +308,8 @@ class Study(Runner):
         """Stage 2 (test NLL per example, pass@1 per problem, spectra) after stage 1."""
         out = key.folder(self.out)
         done = out / "test.json"
+        if not done.is_file() and (res := self._twin_done(key, "test.json")):
+            return res
         if not done.is_file() and self.trained(key) is None:
             return None
 
@@ -258,7 +317,7 @@ class Study(Runner):
             from nora.analysis import analyze
 
             c = self.context(key.dataset)
-            nora.load_adapter(c.model, out / "adapter")
+            nora.load_adapter(c.model, self._adapter_dir(key))
             try:
                 scores = c.score_test(c.model, self.cfg.n_gen, self.cfg.max_new(key.dataset))
                 spectra = analyze(

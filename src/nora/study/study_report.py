@@ -79,8 +79,8 @@ BUDGET_CPU_HOURS = 10  # issue 13: "Budget about 10 CPU hours in total"
 def _compute(res: StudyResults) -> list[str]:
     """Minutes per run, CPU hours spent, what ran and what did not, what the rest costs."""
     c = res.config
-    train_min = [r.cost_s / 60 for r in res.trained]
-    test_min = [t.cost_s / 60 for t in res.tested]
+    train_min = [r.cost_s / 60 for r in res.trained if r.same_as is None]
+    test_min = [t.cost_s / 60 for t in res.tested if t.same_as is None]
     spent = (sum(train_min) + sum(test_min) + sum(b.cost_s / 60 for b in res.base.values())) / 60
     cells = [
         (d, v, r, s)
@@ -91,7 +91,10 @@ def _compute(res: StudyResults) -> list[str]:
     ]
     done = {(t.dataset, t.variant, t.r, t.seed) for t in res.tested}
     trained_keys = {(t.dataset, t.variant, t.r, t.seed, t.lr) for t in res.trained}
-    todo = [k for k in cells if k not in done]
+    from nora.study.runner import twin_of
+
+    # a cell whose variant is the same adapter as an earlier one's reuses its runs (no cost)
+    todo = [k for k in cells if k not in done and not twin_of(c["variants"], k[1], k[2])]
     # a missing cell needs a test stage, and a training unless its search already trained it
     need_train = sum(
         1 for d, v, r, s in todo if (d, v, r, s, res.chosen_lr(d, v, r)) not in trained_keys
@@ -112,11 +115,12 @@ def _compute(res: StudyResults) -> list[str]:
         f"- Spent so far: **{spent:.1f} CPU hours** of the about {BUDGET_CPU_HOURS} the issue "
         "budgets (summed over finished stages; a worker's first stage includes building its "
         "dataset's prefix cache).",
-        f"- Headline cells finished: **{len(cells) - len(todo)} of {len(cells)}** "
+        f"- Headline cells finished: **{sum(k in done for k in cells)} of {len(cells)}** "
         f"(datasets × {len(c['variants'])} variants × {len(c['ranks'])} ranks × "
         f"{len(c['seeds'])} seeds); learning-rate searches finished: {len(res.searches)}.",
         f"- Left: {len(todo)} test stages and about {need_train} trainings {rest} at the "
-        "medians above (plus any learning-rate searches not yet run). "
+        "medians above (plus any learning-rate searches not yet run; cells that reuse an "
+        "identical variant's runs cost nothing and are not counted). "
         "Rerunning the sweep command continues where it stopped.",
     ]
     if res.errors:
@@ -162,6 +166,20 @@ def _learning_rates(res: StudyResults, figures: Path) -> list[str]:
         )
     if not res.searches:
         lines.append("| – | – | – | no search has finished yet | – | – |")
+    twins = sorted(
+        {(t.dataset, t.variant, t.r, t.same_as) for t in [*res.trained, *res.tested] if t.same_as}
+    )
+    if twins:
+        lines += [
+            "",
+            "Variants that are the same adapter at a rank (same method, same effective "
+            "scale) reuse the earlier variant's runs instead of training them again:",
+            "",
+        ]
+        lines += [
+            f"- {d}, r={r}: {_name(v)} is {_name(o)} (its runs are {_name(o)}'s, reused)"
+            for d, v, r, o in twins
+        ]
     for d in res.config["datasets"]:
         runs = [t for t in res.trained if t.dataset == d and t.seed == 0]
         if runs:
