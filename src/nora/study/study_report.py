@@ -96,18 +96,30 @@ def _compute(res: StudyResults) -> list[str]:
     # a cell whose variant is the same adapter as an earlier one's reuses its runs (no cost)
     todo = [k for k in cells if k not in done and not twin_of(c["variants"], k[1], k[2])]
     # a missing cell needs a test stage, and a training unless its search already trained it
-    need_train = sum(
-        1 for d, v, r, s in todo if (d, v, r, s, res.chosen_lr(d, v, r)) not in trained_keys
-    )
+    need_train = [
+        d for d, v, r, s in todo if (d, v, r, s, res.chosen_lr(d, v, r)) not in trained_keys
+    ]
     lines = ["## Compute plan", ""]
     if train_min and test_min:
         per_train, per_test = statistics.median(train_min), statistics.median(test_min)
-        rest = f"≈ **{(need_train * per_train + len(todo) * per_test) / 60:.1f} CPU hours**"
+        # each dataset's own medians where it has finished stages (math runs cost ~4x more)
+        med_train, med_test = {}, {}
+        for d in c["datasets"]:
+            tr = [r.cost_s / 60 for r in res.trained if r.dataset == d and r.same_as is None]
+            te = [t.cost_s / 60 for t in res.tested if t.dataset == d and t.same_as is None]
+            med_train[d] = statistics.median(tr) if tr else per_train
+            med_test[d] = statistics.median(te) if te else per_test
+            if tr or te:
+                lines.append(
+                    f"- {d}: median **{med_train[d]:.1f} CPU min** per training "
+                    f"({len(tr)} runs), **{med_test[d]:.1f}** per test stage ({len(te)})"
+                    + ("" if te else " (no test stage yet: the overall median is used)")
+                )
+        minutes = sum(med_train[d] for d in need_train) + sum(med_test[k[0]] for k in todo)
+        rest = f"≈ **{minutes / 60:.1f} CPU hours**"
         lines.append(
-            f"- Training stage (train + validation curve): median **{per_train:.1f} min** per run "
-            f"over {len(train_min)} runs; test stage (per-example NLL, pass@1, spectra): median "
-            f"**{per_test:.1f} min** over {len(test_min)} runs (CPU time, one thread; stages "
-            "from before CPU time was recorded count their wall time)."
+            "- (CPU time, one thread; stages from before CPU time was recorded count their wall "
+            "time.)"
         )
     else:
         rest = "(minutes per run: not measured yet, no stage of each kind has finished)"
@@ -118,7 +130,7 @@ def _compute(res: StudyResults) -> list[str]:
         f"- Headline cells finished: **{sum(k in done for k in cells)} of {len(cells)}** "
         f"(datasets × {len(c['variants'])} variants × {len(c['ranks'])} ranks × "
         f"{len(c['seeds'])} seeds); learning-rate searches finished: {len(res.searches)}.",
-        f"- Left: {len(todo)} test stages and about {need_train} trainings {rest} at the "
+        f"- Left: {len(todo)} test stages and about {len(need_train)} trainings {rest} at the "
         "medians above (plus any learning-rate searches not yet run; cells that reuse an "
         "identical variant's runs cost nothing and are not counted). "
         "Rerunning the sweep command continues where it stopped.",
