@@ -168,7 +168,10 @@ def _from_peft_lora(d: dict[str, Any]) -> AdapterConfig:
     )
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` to a unique temporary file beside `path`, then rename it over `path`: a
+    reader never sees half a file, a failed write leaves the old one, concurrent writers
+    never share a temporary file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -197,8 +200,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         raise CheckpointError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return out
 
 

@@ -97,7 +97,7 @@ class _NoraConfigBase(PeftConfig):
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2) + "\n"
-        checkpoint._atomic_write(out / checkpoint.CONFIG_NAME, lambda p: Path(p).write_text(text))
+        checkpoint.atomic_write(out / checkpoint.CONFIG_NAME, lambda p: Path(p).write_text(text))
 
 
 def _field(f: dataclasses.Field) -> dataclasses.Field:

@@ -20,6 +20,8 @@ def _encode(prefix, features: list[dict], pad_id: int, cache_dir, key: list) -> 
     so that a resumed sweep does not run the lower layers over every example again."""
     from safetensors.torch import load_file, save_file
 
+    from nora.checkpoint import atomic_write
+
     path = None
     if cache_dir is not None:
         digest = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
@@ -38,9 +40,8 @@ def _encode(prefix, features: list[dict], pad_id: int, cache_dir, key: list) -> 
     prefix.encode(sorted(features, key=lambda f: len(f["input_ids"])), pad_id)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({str(i): prefix.hidden[id(f)].contiguous() for i, f in enumerate(features)}, tmp)
-        tmp.replace(path)
+        states = {str(i): prefix.hidden[id(f)].contiguous() for i, f in enumerate(features)}
+        atomic_write(path, lambda tmp: save_file(states, tmp))
 
 
 class DataContext:
@@ -164,10 +165,11 @@ class DataContext:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write atomically (a reader never sees half a file; a killed writer leaves the old one)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    """Write atomically (`checkpoint.atomic_write`)."""
+    from nora.checkpoint import atomic_write
+
+    text = json.dumps(data, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class Runner:
