@@ -204,8 +204,12 @@ def test_a_failing_run_is_reported_not_fatal(tmp_path, model_dir):
 def test_bad_sweep_files(tmp_path, model_dir):
     with pytest.raises(SweepError, match="neither a preset"):
         SweepConfig.load(str(tmp_path / "missing.yaml"))
-    with pytest.raises(SweepError, match="unknown sweep fields"):
+    with pytest.raises(SweepError, match=r"unknown config fields \['colour'\] in sweep"):
         SweepConfig.load(sweep_file(tmp_path, model_dir, colour="red"))
+    with pytest.raises(SweepError, match="did you mean 'seeds'"):
+        SweepConfig.load(sweep_file(tmp_path, model_dir, seed=[0, 1]))
+    with pytest.raises(SweepError, match="sweep.ranks must look like '20-29' or '1,3,5', got 'big'"):
+        SweepConfig.load(sweep_file(tmp_path, model_dir, ranks="big"))
     with pytest.raises(SweepError, match="variant 'x'.*unknown method"):
         SweepConfig.load(sweep_file(tmp_path, model_dir, variants={"x": {"method": "dora"}}))
     spec = sweep_file(

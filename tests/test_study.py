@@ -99,8 +99,20 @@ def test_variant_specific_search_start():
 
 
 def test_bad_study_files(tmp_path, model_dir):
-    with pytest.raises(StudyError, match="unknown study fields"):
-        StudyConfig.from_dict(study_dict(model_dir, epochs=3))
+    with pytest.raises(
+        StudyError, match=r"unknown config fields \['n_tset'\] in study.*did you mean 'n_test'"
+    ):
+        StudyConfig.from_dict(study_dict(model_dir, n_tset=300))
+    with pytest.raises(StudyError, match="study.n_test must be an int, got 'many'"):
+        StudyConfig.from_dict(study_dict(model_dir, n_test="many"))
+    with pytest.raises(StudyError, match=r"lr_search.start must be .*, got \{'nora': 'high'\}"):
+        StudyConfig.from_dict(study_dict(model_dir, lr_search={"start": {"nora": "high"}}))
+    with pytest.raises(StudyError, match="unknown config fields .'begin'. in study.lr_search"):
+        StudyConfig.from_dict(study_dict(model_dir, lr_search={"begin": [-5]}))
+    per_variant = StudyConfig.from_dict(
+        study_dict(model_dir, lr_search={"start": {"nora": [-5, -4]}})
+    )
+    assert per_variant.lr_search.start_of("nora") == [-5, -4]
     with pytest.raises(StudyError, match="unknown train setting 'steps' .did you mean 'max_steps'"):
         StudyConfig.from_dict(study_dict(model_dir, train={"steps": 3}))
     with pytest.raises(StudyError, match="variant 'x'"):

@@ -364,6 +364,13 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be {_describe(tp)}, got {value!r}")
         return [_convert(args[0], v, name) for v in value]
+    if origin is dict:  # a study's `variants`, `lr_search.start` per variant, ...
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name} must be {_describe(tp)}, got {value!r}")
+        return {
+            _convert(args[0], k, name): _convert(args[1], v, _join(name, str(k)))
+            for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{name} must be {_describe(tp)}, got {value!r}")
@@ -436,6 +443,8 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(args[0])}s"
     if origin is tuple:
         return f"({', '.join(_describe(a) for a in args)})"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
     return {type(None): "none", bool: "true/false", int: "an int", float: "a number"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )

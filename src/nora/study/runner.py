@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import nora
-from nora.config import AdapterConfig
+from nora.config import AdapterConfig, ConfigError, from_mapping
 from nora.study.context import DataContext, Runner, write_json
 from nora.train import TrainConfig, train
 
@@ -86,17 +86,10 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(d) - known):
-            raise StudyError(f"unknown study fields {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        search = d.get("lr_search") or {}
-        if isinstance(search, dict):
-            known_s = {f.name for f in dataclasses.fields(LRSearch)}
-            if unknown := sorted(set(search) - known_s):
-                raise StudyError(f"unknown lr_search fields {unknown}; known: {sorted(known_s)}")
-            d["lr_search"] = LRSearch(**search)
-        cfg = cls(**d)
+        try:  # unknown fields (with the nearest name) and wrong types, as for any config file
+            cfg = from_mapping(cls, d, where="study")
+        except ConfigError as e:
+            raise StudyError(str(e)) from None
         cfg.check()
         return cfg
 

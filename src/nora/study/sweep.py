@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 import nora
-from nora.config import AdapterConfig
+from nora.config import AdapterConfig, ConfigError, from_mapping
 from nora.data import batches
 from nora.study.context import DataContext, Runner, write_json
 from nora.train import TrainConfig, train
@@ -203,15 +203,12 @@ class SweepConfig:
                 d = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
             except yaml.YAMLError as e:
                 raise SweepError(f"{p} is not valid YAML/JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise SweepError("a sweep file must hold a mapping")
         return cls.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(d) - known):
-            raise SweepError(f"unknown sweep fields {unknown}; known: {sorted(known)}")
+        if not isinstance(d, dict):
+            raise SweepError("a sweep file must hold a mapping")
         d = dict(d)
         train = dict(d.get("train") or {})
         # Names of sweep files written before the train settings took TrainConfig's names.
@@ -221,7 +218,10 @@ class SweepConfig:
         if "n_val" in train:
             d.setdefault("n_val", train.pop("n_val"))
         d["train"] = train
-        cfg = cls(**d)
+        try:  # unknown fields (with the nearest name) and wrong types, as for any config file
+            cfg = from_mapping(cls, d, where="sweep")
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
         cfg.check()
         return cfg
 
