@@ -383,6 +383,26 @@ def test_sweep_plots(tmp_path):
         plots.plot_effective_rank_vs_rank({}, tmp_path / "x.png")
 
 
+def test_metrics_vs_rank_figure(tmp_path):
+    """Fig. 2/3: mean ± std over seeds per rank; the base model a dashed line, or named in the
+    title when a line would squash the adapters (PPL 28 against 3)."""
+    from nora.study.plots import metrics_figure, plot_metrics_vs_rank
+
+    ppl = {"LoRA": {4: [3.0, 3.2], 16: [2.9, 2.9, 2.9]}, "NoRA": {4: [], 16: [2.8]}}
+    acc = {"LoRA": {16: [20.0, 24.0]}}
+    fig = metrics_figure([("PPL", ppl, 28.0), ("pass@1", acc, 0.0)], "t")
+    ax_ppl, ax_acc = fig.axes
+    lora = ax_ppl.containers[0]  # ErrorbarContainer: (data line, caps, bars)
+    assert list(lora.lines[0].get_xdata()) == [4, 16]
+    assert list(lora.lines[0].get_ydata()) == pytest.approx([3.1, 2.9])
+    seg = lora.lines[2][0].get_segments()[0]  # the r=4 bar spans mean ± population std
+    assert seg[:, 1] == pytest.approx([3.0, 3.2])
+    assert list(ax_ppl.containers[1].lines[0].get_xdata()) == [16]  # NoRA r=4: no seed yet
+    assert "base model: 28 (off the scale)" in ax_ppl.get_title()
+    assert [ln.get_ydata()[0] for ln in ax_acc.get_lines() if ln.get_linestyle() == "--"] == [0.0]
+    assert plot_metrics_vs_rank([("PPL", ppl, None)], tmp_path / "m.png").stat().st_size > 5000
+
+
 def test_module_level_placement():
     """ParallelAdapter (paper ablation row (a)): the adapter reads the block's hidden states."""
     m = _model("nora", targets=("self_attn", "mlp"), placement="module")

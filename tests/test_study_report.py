@@ -148,6 +148,7 @@ def test_report_from_the_study_files(study_dir):
     assert lines and all("[" in x and ("is better" in x or "no difference" in x) for x in lines)
     for png in (
         "learning_curves_logistic-map.png",
+        "metrics_vs_rank_logistic-map.png",
         "effective_rank_logistic-map.png",
         "spectrum_logistic-map.png",
     ):

@@ -13,6 +13,7 @@ from "lora α/r fixed"; runs sharing group and r are seeds, averaged (± std whe
     plot_spectra_comparison      Fig. 4/7: mean spectrum of each run at one rank
     plot_effective_rank_vs_rank  Fig. 5/8: ER vs r per group, mean ± std over seeds
     plot_cumulative_energy       Fig. 6/9: energy curves, and AUC-90 vs r per group
+Test metrics vs rank (Fig. 2/3): plot_metrics_vs_rank, one panel per metric.
 """
 
 from __future__ import annotations
@@ -308,6 +309,50 @@ def plot_cumulative_energy(runs: Runs, path: str | Path, view: str = "latent") -
 
 
 # ---------------------------------------------------------------- training (a study)
+
+
+def plot_metrics_vs_rank(
+    panels: Sequence[tuple[str, Mapping[str, Mapping[int, Sequence[float]]], float | None]],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Paper Fig. 2/3: a test metric vs r, one panel per (ylabel, {group: {r: per-seed values}},
+    base-model value or None); mean ± std over seeds, the base model as a dashed line (named
+    in the panel's title instead when it is more than twice the largest value)."""
+    return _save(metrics_figure(panels, title), path)
+
+
+def metrics_figure(panels, title: str = ""):
+    """The matplotlib Figure that `plot_metrics_vs_rank` saves."""
+    fig, axes = _figure(len(panels), width=5.2, height=3.8)
+    for ax, (ylabel, groups, base) in zip(axes, panels, strict=True):
+        ranks = sorted({r for by_r in groups.values() for r in by_r if by_r[r]})
+        for i, (group, by_r) in enumerate(groups.items()):
+            rs = [r for r in sorted(by_r) if by_r[r]]
+            if rs:
+                ax.errorbar(
+                    rs,
+                    [np.mean(by_r[r]) for r in rs],
+                    yerr=[np.std(by_r[r]) for r in rs],
+                    marker="o",
+                    capsize=3,
+                    color=f"C{i % 10}",
+                    label=group,
+                )
+        values = [v for by_r in groups.values() for vs in by_r.values() for v in vs]
+        if base is not None and values and base <= 2 * max(values):
+            ax.axhline(base, color="grey", ls="--", lw=1, label="base model")
+        elif base is not None:  # a line far off would squash the adapters' differences flat
+            ax.set_title(f"base model: {base:.3g} (off the scale)", fontsize=8)
+        if ranks:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set(xlabel="rank r", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def plot_learning_curves(runs: Sequence[Any], path: str | Path, title: str = "") -> Path:

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from nora.study.plots import VIEWS
+from nora.study.plots import VIEWS, plot_metrics_vs_rank
 
 
 def _load(path: Path) -> Any:
@@ -87,35 +87,6 @@ def collect(sweep_dir: Path) -> SweepData:
     )
 
 
-def _plot_ppl(
-    runs: dict[str, dict[int, list[dict]]], base: float | None, title: str, path: Path
-) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    for variant, by_r in sorted(runs.items()):
-        rs = sorted(by_r)
-        means = [statistics.mean(x["ppl"] for x in by_r[r]) for r in rs]
-        stds = [
-            statistics.stdev([x["ppl"] for x in by_r[r]]) if len(by_r[r]) > 1 else 0 for r in rs
-        ]
-        style = "-" if variant.startswith(("lora", "nora")) else ":"
-        ax.errorbar(rs, means, yerr=stds, marker="o", ls=style, capsize=3, label=variant)
-    if base is not None:
-        ax.axhline(base, color="gray", ls="--", lw=1, label="base model")
-    ax.set_xscale("log", base=2)
-    ranks = sorted({r for by_r in runs.values() for r in by_r})
-    ax.set_xticks(ranks, [str(r) for r in ranks])
-    ax.set_xlabel("rank r")
-    ax.set_ylabel("held-out perplexity (test split)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def _headline(runs: dict[str, dict[int, list[dict]]], dataset: str) -> list[str]:
     """Plain statements, NoRA vs LoRA at each rank both ran, difference vs seed spread."""
     out = []
@@ -183,7 +154,14 @@ def _ppl_section(data: SweepData, dataset: str, sweep_dir: Path) -> list[str]:
     if heads:
         L += ["**NoRA vs LoRA** (test perplexity, lower is better):", "", *heads, ""]
     fig = sweep_dir / "figures" / f"ppl_vs_rank_{dataset}.png"
-    _plot_ppl(runs, data.base.get(dataset), f"Perplexity vs rank — {dataset} (paper Fig. 2/3)", fig)
+    ppl = {
+        v: {r: [x["ppl"] for x in xs] for r, xs in by_r.items()} for v, by_r in sorted(runs.items())
+    }
+    plot_metrics_vs_rank(
+        [("held-out perplexity (test split)", ppl, data.base.get(dataset))],
+        fig,
+        f"Perplexity vs rank — {dataset} (paper Fig. 2/3)",
+    )
     L += [f"![ppl vs rank]({fig.relative_to(sweep_dir)})", ""]
     ranks = sorted({r for v in runs.values() for r in v})
     L += [

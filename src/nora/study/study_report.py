@@ -278,6 +278,7 @@ def _base_comparisons(res: StudyResults, d: str) -> list[str]:
 def _dataset(res: StudyResults, d: str, figures: Path) -> list[str]:
     lines = [f"## {d}", "", "Test perplexity and greedy pass@1, mean ± std over seeds:", ""]
     lines += _table(res, d)
+    lines += _rank_figure(res, d, figures)
     comps = _comparisons(res, d)
     lines += [
         "",
@@ -292,6 +293,42 @@ def _dataset(res: StudyResults, d: str, figures: Path) -> list[str]:
         "",
     ]
     return lines + _spectral(res, d, figures)
+
+
+def _rank_figure(res: StudyResults, d: str, figures: Path) -> list[str]:
+    """Test PPL and pass@1 vs rank per variant (the paper's Fig. 2/3), once a cell finished."""
+    from nora.study.plots import plot_metrics_vs_rank
+
+    c, base = res.config, res.base.get(d)
+    panels = []
+    for metric, label, scale in (
+        ("test_ppl", "test perplexity", 1),
+        ("accuracy", "pass@1 (%)", 100),
+    ):
+        groups = {
+            _name(v): {
+                r: [
+                    getattr(t, metric) * scale
+                    for t in res.cell(d, v, r)
+                    if getattr(t, metric) is not None
+                ]
+                for r in c["ranks"]
+            }
+            for v in c["variants"]
+        }
+        b = getattr(base, metric) if base is not None else None
+        panels.append((label, groups, b * scale if b is not None else None))
+    if not any(vs for _, groups, _ in panels for by_r in groups.values() for vs in by_r.values()):
+        return []
+    p = plot_metrics_vs_rank(
+        panels, figures / f"metrics_vs_rank_{d}.png", f"{d}: test metrics vs rank"
+    )
+    return [
+        "",
+        "Mean ± std over the finished seeds (the table above says how many):",
+        "",
+        f"![test metrics vs rank]({p.relative_to(figures.parent)})",
+    ]
 
 
 def _spectral(res: StudyResults, d: str, figures: Path) -> list[str]:
