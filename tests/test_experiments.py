@@ -208,7 +208,9 @@ def test_bad_sweep_files(tmp_path, model_dir):
         SweepConfig.load(sweep_file(tmp_path, model_dir, colour="red"))
     with pytest.raises(SweepError, match="did you mean 'seeds'"):
         SweepConfig.load(sweep_file(tmp_path, model_dir, seed=[0, 1]))
-    with pytest.raises(SweepError, match="sweep.ranks must look like '20-29' or '1,3,5', got 'big'"):
+    with pytest.raises(
+        SweepError, match="sweep.ranks must look like '20-29' or '1,3,5', got 'big'"
+    ):
         SweepConfig.load(sweep_file(tmp_path, model_dir, ranks="big"))
     with pytest.raises(SweepError, match="variant 'x'.*unknown method"):
         SweepConfig.load(sweep_file(tmp_path, model_dir, variants={"x": {"method": "dora"}}))
