@@ -107,3 +107,15 @@ def test_quantize_after_inject_and_bad_bits_are_refused(model_dir):
         quantize_base(model, 4)
     with pytest.raises(QuantizationError, match="4 or 8"):
         quantize_base(load(model_dir), 3)
+
+
+def test_bitsandbytes_kernels_warning_is_quiet_without_the_cli():
+    """`import nora` (not only `nora.cli`) silences bitsandbytes' "pip install kernels" warning,
+    so `python -c "...export_results(...)"` and library users do not see it either."""
+    import logging
+    import subprocess
+    import sys
+
+    code = "import nora, logging; print(logging.getLogger('bitsandbytes.backends.cpu.ops').level)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == logging.ERROR

@@ -9,6 +9,8 @@ Hugging Face causal language models.
     nora.merge(model); nora.unload(model)
 """
 
+import logging
+
 from nora.adapters import METHODS, NotMergeableError
 from nora.checkpoint import CheckpointError, load_adapter, read_config, save_adapter
 from nora.config import AdapterConfig, ConfigError
@@ -27,6 +29,11 @@ from nora.inject import (
     set_adapters_enabled,
     unload,
 )
+
+# bitsandbytes' CPU backend (imported by peft, later, when installed) logs a warning on
+# AVX-512-bf16 machines when the optional `kernels` package, which fetches kernels from the hub
+# at run time, is missing; nora never uses it, so keep it quiet for every entry point.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

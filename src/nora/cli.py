@@ -23,16 +23,11 @@ import dataclasses
 import functools
 import inspect as pyinspect
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-# bitsandbytes' CPU backend logs a warning on import when the optional `kernels` package (which
-# fetches kernels from the hub at run time) is missing; nora never uses it, so keep it quiet.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 app = typer.Typer(
     add_completion=False,
