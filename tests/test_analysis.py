@@ -412,3 +412,22 @@ def test_module_level_placement():
         assert c.latent.shape == (10, 4) and c.output.shape == (10, 32)
     s = analyze(m, _batches(), max_tokens=10)
     assert s["config"]["placement"] == "module" and s["n_layers"] == 4
+
+
+def test_learning_curves_wrap_and_log_scale(tmp_path):
+    """More than 4 (variant, rank) panels wrap onto rows (a diverged rate among them)."""
+    import struct
+    from types import SimpleNamespace
+
+    from nora.study.plots import plot_learning_curves
+
+    def run(variant, r, lr, loss):
+        return SimpleNamespace(variant=variant, r=r, lr=lr, curve=lambda: ([24, 48], loss))
+
+    runs = [run("lora", r, 1e-2, [1.5, 1.2]) for r in (2, 4, 8, 16)] + [
+        run("nora", 4, 1e-2, [1.5, 1.2]),
+        run("nora", 4, 1e-1, [20.0, 9.0]),
+    ]
+    png = plot_learning_curves(runs, tmp_path / "c.png").read_bytes()
+    width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR size
+    assert width < 3 * height  # 5 panels: 4 + 1 on two rows, not 5 side by side

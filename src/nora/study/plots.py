@@ -33,12 +33,13 @@ VIEW_TITLES = {
 Runs = Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]]
 
 
-def _figure(ncols: int, width: float = 4.8, height: float = 3.8):
+def _figure(ncols: int, width: float = 4.8, height: float = 3.8, nrows: int = 1):
+    """A figure of nrows × ncols panels, returned as one flat list of axes (row by row)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # indices, ranks, layers
     return fig, axes
@@ -363,8 +364,11 @@ def plot_learning_curves(runs: Sequence[Any], path: str | Path, title: str = "")
     for run in runs:
         panels.setdefault((run.variant, run.r), []).append(run)
     keys = sorted(panels)
-    fig, axes = _figure(len(keys), width=4.2, height=3.4)
-    for ax, key in zip(axes, keys, strict=True):
+    ncols = min(4, len(keys))  # wrap: 8 panels in one row are unreadable
+    fig, axes = _figure(ncols, width=4.2, height=3.4, nrows=-(-len(keys) // ncols))
+    for ax in axes[len(keys) :]:
+        ax.set_visible(False)
+    for ax, key in zip(axes, keys, strict=False):
         finals = {}
         for i, run in enumerate(sorted(panels[key], key=lambda r: r.lr)):
             steps, loss = run.curve()
@@ -376,6 +380,9 @@ def plot_learning_curves(runs: Sequence[Any], path: str | Path, title: str = "")
             for line in ax.get_lines():
                 if line.get_label() == f"lr {best:.3g}":
                     line.set_linewidth(2.6)
+        ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+        if ys and min(ys) > 0 and max(ys) / min(ys) > 4:  # a diverged rate would flatten the rest
+            ax.set_yscale("log")
         ax.set(title=f"{key[0]} r={key[1]}", xlabel="step", ylabel="validation loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
