@@ -141,6 +141,7 @@ def test_report_from_the_study_files(study_dir):
         "vs the base model",
         "nora sweep tiny",
         "PEFT method_comparison",
+        "would exclude 0 by chance",  # the multiple-comparisons caveat
     ):
         assert needle in text, needle
     # every comparison line carries an interval and a verdict

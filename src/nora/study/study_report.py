@@ -286,6 +286,16 @@ def _dataset(res: StudyResults, d: str, figures: Path) -> list[str]:
         "examples; negative ΔPPL and positive Δpass@1 favour NoRA):",
         "",
         *(comps or ["- no cell has finished for both yet"]),
+        *(
+            [
+                "",
+                f"Each interval is 95 % on its own: of these {len(comps)}, about "
+                f"{len(comps) / 20:.1f} would exclude 0 by chance if there were no difference, "
+                "so a single verdict that stands alone among its neighbours is weak evidence.",
+            ]
+            if len(comps) > 2
+            else []
+        ),
         "",
         "**Each adapter vs the base model** (same intervals):",
         "",
