@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from nora.checkpoint import atomic_write
 from nora.data import batches
 
 
@@ -19,8 +20,6 @@ def _encode(prefix, features: list[dict], pad_id: int, cache_dir, key: list) -> 
     `cache_dir`, the hidden states are also kept on disk (safetensors, one file per `key`)
     so that a resumed sweep does not run the lower layers over every example again."""
     from safetensors.torch import load_file, save_file
-
-    from nora.checkpoint import atomic_write
 
     path = None
     if cache_dir is not None:
@@ -166,8 +165,6 @@ class DataContext:
 
 def write_json(path: Path, data: dict) -> None:
     """Write atomically (`checkpoint.atomic_write`)."""
-    from nora.checkpoint import atomic_write
-
     text = json.dumps(data, indent=1)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
