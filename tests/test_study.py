@@ -159,7 +159,8 @@ def test_study_searches_resumes_and_keeps_per_example_scores(tmp_path, model_dir
     # the files a report needs, without adapter weights
     from nora.study.runner import export_results
 
-    assert export_results(out, tmp_path / "exported") > 0
+    n = export_results(out, tmp_path / "exported")
+    assert n == sum(1 for f in (tmp_path / "exported").rglob("*") if f.is_file())  # one per file
     assert not list((tmp_path / "exported").rglob("*.safetensors"))
     assert len(list((tmp_path / "exported").rglob("test.json"))) == len(tests) + 1  # + base
     assert (tmp_path / "exported" / "study.json").is_file()

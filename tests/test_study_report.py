@@ -161,7 +161,11 @@ def test_report_from_the_study_files(study_dir):
     assert rec["run_info"]["peft_config"]["r"] in (2, 4)
     m = rec["train_info"]["metrics"]
     assert "valid loss" in m[0] and "test perplexity" in m[-1] and "test accuracy" in m[-1]
-    assert rec["train_info"]["num_trainable_params"] > 0
+    # A and B of q_proj (64 -> 64) and v_proj (64 -> 32, grouped-query) in the top 2 layers
+    for path in peft:
+        rec = json.loads(path.read_text())
+        r = rec["run_info"]["peft_config"]["r"]
+        assert rec["train_info"]["num_trainable_params"] == 2 * r * ((64 + 64) + (64 + 32))
 
 
 def test_cli_sweep_resumes_a_study_and_report_dispatches(study_dir):
