@@ -4,6 +4,7 @@ method_comparison layout, and the report built from a tiny study's files."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -166,6 +167,39 @@ def test_report_from_the_study_files(study_dir):
         rec = json.loads(path.read_text())
         r = rec["run_info"]["peft_config"]["r"]
         assert rec["train_info"]["num_trainable_params"] == 2 * r * ((64 + 64) + (64 + 32))
+
+
+def test_at_a_glance_table_agrees_with_every_interval(study_dir):
+    text = build_study_report(study_dir).read_text()
+    glance = text.split("## At a glance")[1].split("## Compute plan")[0]
+    rows = [x.split(" | ") for x in glance.splitlines() if x.startswith("| logistic-map")]
+    assert [(r[1], r[2]) for r in rows] == [("LoRA α=32", "test PPL"), ("LoRA α=32", "pass@1")]
+    for row in rows:
+        label = "ΔPPL" if row[2] == "test PPL" else "Δpass@1"
+        for r, cell in zip((2, 4), row[3:], strict=True):
+            line = next(
+                x
+                for x in text.splitlines()
+                if x.startswith(f"- r={r}, NoRA − LoRA α=32, {label} =")
+            )
+            estimate = line.split(" = ")[1].split(" ")[0]
+            assert f"({estimate}" in cell and "seeds" not in cell  # all seeds: none noted
+            if cell.startswith("**"):
+                assert f"{cell[2:].split('**')[0]} is better" in line
+            else:
+                assert cell.startswith("no difference") and "no difference" in line
+
+
+def test_means_over_fewer_seeds_are_marked(study_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(study_dir, partial)
+    (test_json,) = partial.glob("runs/logistic-map/nora/r2/*/s1/test.json")
+    test_json.unlink()
+    text = build_study_report(partial).read_text()
+    glance = text.split("## At a glance")[1].split("## Compute plan")[0]
+    assert glance.count("1 of 2 seeds") == 2  # r=2's PPL and pass@1 cells, not r=4's
+    spread = next(x for x in text.splitlines() if "spread of mean test PPL" in x)
+    assert "NoRA" in spread and spread.count("(1 of 2 seeds)") == 1
 
 
 def test_cli_sweep_resumes_a_study_and_report_dispatches(study_dir):

@@ -103,9 +103,15 @@ def paired_difference(
     return Interval(float(np.mean(point)), float(low), float(high), tuple(map(float, point)))
 
 
+def winner(iv: Interval, a: str, b: str, lower_is_better: bool) -> str | None:
+    """The better of A and B by the interval, or None when it contains 0."""
+    if not iv.excludes_zero:
+        return None
+    return a if (iv.estimate < 0) == lower_is_better else b
+
+
 def verdict(iv: Interval, a: str, b: str, lower_is_better: bool) -> str:
     """One sentence that follows from the interval: which is better, or no difference."""
-    if not iv.excludes_zero:
+    if (w := winner(iv, a, b, lower_is_better)) is None:
         return f"no difference detected between {a} and {b} (the interval contains 0)"
-    a_better = (iv.estimate < 0) == lower_is_better
-    return f"{a if a_better else b} is better (the interval excludes 0)"
+    return f"{w} is better (the interval excludes 0)"

@@ -1,7 +1,7 @@
 """`nora report STUDY_DIR`: the study's report (issue 13), regenerated from its JSON files.
 
-Sections: what ran (and the compute plan), the learning-rate searches with their learning
-curves, then per dataset the test PPL / pass@1 table, the paired comparisons (every verdict
+Sections: what ran, the headline comparison, every NoRA-vs-LoRA verdict in one table, the
+compute plan, the learning-rate searches with their learning curves, then per dataset the test PPL / pass@1 table, the paired comparisons (every verdict
 sentence follows from its 95 % interval, see `nora.study.stats`), and the spectral figures.
 Each finished run is also written in the layout of PEFT's method_comparison results
 (`peft/`, see `nora.study.peft_layout`).
@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from nora.study.results import StudyResults, TestRun
-from nora.study.stats import paired_difference, verdict
+from nora.study.stats import paired_difference, verdict, winner
 
 NAMES = {
     "lora": "LoRA α=32",
@@ -239,13 +239,14 @@ def _comparisons(res: StudyResults, d: str, against: str = "nora") -> list[str]:
     return lines
 
 
+# metric, lower is better, digits, scale, unit
+METRICS = (("ppl", True, 3, 1.0, ""), ("accuracy", False, 1, 100.0, " pp"))
+
+
 def _compare(a, b, name_a: str, name_b: str, r: int | None) -> list[str]:
     out = []
     where = f"r={r}, " if r is not None else ""
-    for metric, lower, digits, scale, unit in (
-        ("ppl", True, 3, 1.0, ""),
-        ("accuracy", False, 1, 100.0, " pp"),
-    ):
+    for metric, lower, digits, scale, unit in METRICS:
         iv = paired_difference(a, b, metric)
         if iv is None:
             continue
@@ -372,21 +373,61 @@ def _headline(res: StudyResults) -> list[str]:
         )
         lines += [f"**{d}**:", ""]
         lines += comp or ["- not finished yet for both"]
-        means = {
-            _name(v): statistics.mean(t.test_ppl for t in res.cell(d, v, r))
-            for v in res.config["variants"]
-            if res.cell(d, v, r)
-        }
+        runs = {_name(v): res.cell(d, v, r) for v in res.config["variants"]}
+        means = {k: statistics.mean(t.test_ppl for t in ts) for k, ts in runs.items() if ts}
         if len(means) > 1:
             lo, hi = min(means.values()), max(means.values())
+            want = len(res.config["seeds"])
+            # a mean over fewer seeds than the others is marked: the spread mixes them
+            seeds = {
+                k: "" if len(runs[k]) == want else f" ({len(runs[k])} of {want} seeds)"
+                for k in means
+            }
             lines.append(
                 f"- spread of mean test PPL over the {len(means)} finished variants at r={r}: "
                 f"{lo:.3f} – {hi:.3f} ({(hi - lo) / lo:.1%} of the best; "
-                + ", ".join(f"{k} {v:.3f}" for k, v in means.items())
+                + ", ".join(f"{k} {v:.3f}{seeds[k]}" for k, v in means.items())
                 + ")"
             )
         lines.append("")
     return lines
+
+
+def _glance(res: StudyResults, against: str = "nora") -> list[str]:
+    """Every NoRA-vs-LoRA verdict of the report in one table: the better one per rank (its
+    Δ in brackets), "no difference" where the interval contains 0, – where a cell is missing."""
+    c = res.config
+    lines = [
+        "## At a glance: NoRA vs each LoRA variant, per rank",
+        "",
+        "Each cell names the better of the two where the 95 % interval of the paired "
+        'difference (NoRA − the other) excludes 0, and says "no difference" where it '
+        "contains 0; the intervals themselves are in each dataset's section.",
+        "",
+        "| dataset | NoRA vs | metric | " + " | ".join(f"r={r}" for r in c["ranks"]) + " |",
+        "|---|---|---|" + "---|" * len(c["ranks"]),
+    ]
+    for d in c["datasets"]:
+        for other in [v for v in c["variants"] if v != against]:
+            for metric, lower, digits, scale, unit in METRICS:
+                cells = []
+                for r in c["ranks"]:
+                    a, b = res.paired(d, against, other, r)
+                    pa, pb = [t.per_example for t in a], [t.per_example for t in b]
+                    iv = paired_difference(pa, pb, metric)
+                    if iv is None:
+                        cells.append("–")
+                        continue
+                    w = winner(iv, _name(against), _name(other), lower_is_better=lower)
+                    est = f"{iv.estimate * scale:+.{digits}f}{unit}"
+                    n, want = len(a), len(c["seeds"])
+                    seeds = "" if n == want else f", {n} of {want} seeds"
+                    cells.append(f"{f'**{w}**' if w else 'no difference'} ({est}{seeds})")
+                label = "test PPL" if metric == "ppl" else "pass@1"
+                row = f"| {d} | {_name(other)} | {label} | " + " | ".join(cells) + " |"
+                if any(x != "–" for x in cells):
+                    lines.append(row)
+    return [*lines, ""]
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -400,7 +441,8 @@ def build_study_report(folder: str | Path) -> Path:
     res = StudyResults.load(folder)
     figures = folder / "figures"
     figures.mkdir(exist_ok=True)
-    lines = _header(res) + _headline(res) + _compute(res) + _learning_rates(res, figures)
+    lines = _header(res) + _headline(res) + _glance(res) + _compute(res)
+    lines += _learning_rates(res, figures)
     for d in res.config["datasets"]:
         lines += _dataset(res, d, figures)
     n = write_peft_results(res, folder / "peft")
