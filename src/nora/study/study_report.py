@@ -284,7 +284,9 @@ def _dataset(res: StudyResults, d: str, figures: Path) -> list[str]:
     lines += [
         "",
         "**NoRA vs each LoRA variant** (paired over seeds, 95 % bootstrap interval over test "
-        "examples; negative ΔPPL and positive Δpass@1 favour NoRA):",
+        "examples; negative ΔPPL and positive Δpass@1 favour NoRA). The interval is the "
+        "uncertainty from which test examples were drawn, for these seeds; it does not "
+        "resample training seeds, whose spread the per-seed values show:",
         "",
         *(comps or ["- no cell has finished for both yet"]),
         *(
