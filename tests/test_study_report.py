@@ -170,6 +170,17 @@ def test_report_from_the_study_files(study_dir):
         assert rec["train_info"]["num_trainable_params"] == 2 * r * ((64 + 64) + (64 + 32))
 
 
+def test_the_report_says_where_each_rate_was_searched():
+    from nora.study.runner import STUDY_PRESETS
+    from nora.study.study_report import _searched_ranks
+
+    cfg = StudyConfig.from_dict(STUDY_PRESETS["study"]).to_dict()
+    assert _searched_ranks(cfg).startswith(
+        "LoRA α=32: searched at r = 4, 16, 128 (r = 64 takes r = 128's); "
+        "LoRA α=r, rsLoRA, NoRA: searched at r = 16 (its rate used at every rank)."
+    )
+
+
 def test_at_a_glance_table_agrees_with_every_interval(study_dir):
     text = build_study_report(study_dir).read_text()
     glance = text.split("## At a glance")[1].split("## Compute plan")[0]

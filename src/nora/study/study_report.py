@@ -156,6 +156,30 @@ def _cell_table(res: StudyResults, by_cell: dict[tuple, list[int]]) -> str:
     return "\n".join(rows)
 
 
+def _searched_ranks(config: dict) -> str:
+    """Which ranks each variant's rate is searched at, and where the other ranks' come from."""
+    from nora.study.runner import LRSearch
+
+    lr = LRSearch(**config["lr_search"])
+    groups: dict[tuple, list[str]] = {}  # searched ranks -> the variants searched there
+    for v in config["variants"]:
+        groups.setdefault(tuple(lr.ranks_of(v)), []).append(v)
+    parts = []
+    for ranks, variants in groups.items():
+        took = [
+            f"r = {r} takes r = {lr.source_rank(variants[0], r)}'s"
+            for r in config["ranks"]
+            if r not in ranks
+        ]
+        if len(ranks) == 1:  # one rate for every rank
+            took = ["its rate used at every rank"] if took else []
+        parts.append(
+            f"{', '.join(map(_name, variants))}: searched at r = {', '.join(map(str, ranks))}"
+            + (f" ({'; '.join(took)})" if took else "")
+        )
+    return "; ".join(parts) + ". (An unsearched rank takes the nearest searched rank's rate.)"
+
+
 def _learning_rates(res: StudyResults, figures: Path) -> list[str]:
     from nora.study.plots import plot_learning_curves
 
@@ -164,9 +188,19 @@ def _learning_rates(res: StudyResults, figures: Path) -> list[str]:
         "",
         "Each variant's rate is searched on the validation split (seed 0) on a half-decade grid "
         "that is extended past an edge while the best value sits on it, so the chosen rate is "
-        "interior. LoRA α=32 is searched at r = 4, 16, 128 (its scale 32/r moves the best "
-        "rate with the rank; r = 64 takes r = 128's).",
+        "interior. " + _searched_ranks(res.config),
         "",
+    ]
+    if {"lora-alpha-r", "lora-rslora"} & set(res.config["variants"]):
+        lines += [
+            "With Adam, one step moves B·A roughly by the rate "
+            "times the adapter's scale times the rank: LoRA α=32's scale 32/r keeps that steady "
+            "across ranks, while LoRA α=r's 1 and rsLoRA's 8/√r do not, so a rate carried from "
+            "r = 16 to a larger rank takes larger steps there (rsLoRA's argument) — the learning "
+            "curves below show whether such a run is still well tuned.",
+            "",
+        ]
+    lines += [
         "| dataset | variant | r | grid (val NLL) | chosen | interior |",
         "|---|---|---|---|---|---|",
     ]
@@ -404,7 +438,8 @@ def _glance(res: StudyResults, against: str = "nora") -> list[str]:
         "",
         "Each cell names the better of the two where the 95 % interval of the paired "
         'difference (NoRA − the other) excludes 0, and says "no difference" where it '
-        "contains 0; the intervals themselves are in each dataset's section.",
+        "contains 0; the intervals themselves are in each dataset's section. Learning rates: "
+        + _searched_ranks(c),
         "",
         "| dataset | NoRA vs | metric | " + " | ".join(f"r={r}" for r in c["ranks"]) + " |",
         "|---|---|---|" + "---|" * len(c["ranks"]),
