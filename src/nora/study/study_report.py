@@ -1,8 +1,9 @@
 """`nora report STUDY_DIR`: the study's report (issue 13), regenerated from its JSON files.
 
 Sections: what ran, the headline comparison, every NoRA-vs-LoRA verdict in one table, the
-compute plan, the learning-rate searches with their learning curves, then per dataset the test PPL / pass@1 table, the paired comparisons (every verdict
-sentence follows from its 95 % interval, see `nora.study.stats`), and the spectral figures.
+compute plan, the learning-rate searches with their learning curves, then per dataset the
+test PPL / pass@1 table, the paired comparisons (every verdict sentence follows from its 95 %
+interval, see `nora.study.stats`), and the spectral figures.
 Each finished run is also written in the layout of PEFT's method_comparison results
 (`peft/`, see `nora.study.peft_layout`).
 """
@@ -166,17 +167,16 @@ def _searched_ranks(config: dict) -> str:
         groups.setdefault(tuple(lr.ranks_of(v)), []).append(v)
     parts = []
     for ranks, variants in groups.items():
-        took = [
-            f"r = {r} takes r = {lr.source_rank(variants[0], r)}'s"
-            for r in config["ranks"]
-            if r not in ranks
-        ]
-        if len(ranks) == 1:  # one rate for every rank
-            took = ["its rate used at every rank"] if took else []
-        parts.append(
-            f"{', '.join(map(_name, variants))}: searched at r = {', '.join(map(str, ranks))}"
-            + (f" ({'; '.join(took)})" if took else "")
-        )
+        unsearched = [r for r in config["ranks"] if r not in ranks]
+        if not unsearched:
+            took = ""
+        elif len(ranks) == 1:  # one rate for every rank
+            took = " (its rate used at every rank)"
+        else:
+            src = (f"r = {r} takes r = {lr.source_rank(variants[0], r)}'s" for r in unsearched)
+            took = f" ({'; '.join(src)})"
+        searched = ", ".join(map(str, ranks))
+        parts.append(f"{', '.join(map(_name, variants))}: searched at r = {searched}{took}")
     return "; ".join(parts) + ". (An unsearched rank takes the nearest searched rank's rate.)"
 
 
