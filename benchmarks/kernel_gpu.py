@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from nora.experiments import machine_info
 from nora.kernels import segmented_delta, segmented_delta_reference, stack_adapters, tiles
+from nora.study.sweep import machine_info
 
 FP32_TOL = 1e-5  # max |error| / max |reference|
 BF16_TOL = 2**-7  # one bf16 ulp at the top of a binade: the output's storage rounding

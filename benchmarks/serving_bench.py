@@ -38,10 +38,10 @@ from peft.tuners.lora import LoraLayer
 from transformers import DynamicCache
 
 import nora
-from nora.experiments import machine_info
 from nora.inject import plan
 from nora.models import load_base_model
 from nora.serving import MultiAdapterLinear, MultiAdapterModel
+from nora.study.sweep import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["q_proj", "v_proj"]

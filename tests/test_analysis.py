@@ -340,28 +340,33 @@ def test_analyze_summary(method):
     assert set(agg) == {"mean", "median", "std", "min", "max"}
 
 
-def test_analyze_adapter_writes_json_and_plots(tmp_path):
+def test_analyze_adapter_loads_analyzes_unloads_and_writes_nothing(tmp_path):
     m = _model("nora", r=4)
     nora.save_adapter(m, tmp_path / "adapter")
+    before = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     base = tiny_llama()
-    s = analyze_adapter(tmp_path / "adapter", base, _batches(), tmp_path / "out", max_tokens=32)
+    s = analyze_adapter(tmp_path / "adapter", base, _batches(), max_tokens=32)
     assert not nora.adapter_modules(base)  # unloaded: the base model comes back as it was
-    data = json.loads((tmp_path / "out" / "analysis.json").read_text())
-    assert data == json.loads(json.dumps(s))
-    assert {"method", "r", "config", "layers", "aggregate", "plots", "adapter_dir"} <= set(data)
-    assert set(data["aggregate"]) == {"latent", "output", "weight"}
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == before  # no file written
+    assert {"method", "r", "config", "layers", "aggregate", "adapter_dir"} <= set(s)
+    assert set(s["aggregate"]) == {"latent", "output", "weight"}
     # the same numbers as analysing the in-memory model directly
     direct = analyze(m, _batches(), max_tokens=32)
-    assert data["aggregate"]["latent"]["effective_rank"]["mean"] == pytest.approx(
+    assert s["aggregate"]["latent"]["effective_rank"]["mean"] == pytest.approx(
         direct["aggregate"]["latent"]["effective_rank"]["mean"], rel=1e-6
     )
-    for name in data["plots"].values():
-        f = tmp_path / "out" / name
-        assert f.stat().st_size > 5000 and f.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_run_draws_every_plot(tmp_path):
+    from nora.study.plots import plot_run
+
+    s = analyze(_model("nora", r=4), _batches(), max_tokens=32)
+    for p in plot_run(s, tmp_path).values():
+        assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sweep_plots(tmp_path):
-    from nora import plots
+    from nora.study import plots
 
     runs = {}
     for method in ("lora", "nora"):

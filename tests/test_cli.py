@@ -102,7 +102,11 @@ def test_train_eval_inspect_end_to_end(model_dir, tmp_path):
         tmp_path / "an",
     )
     assert code == 0, out
-    agg = json.loads((tmp_path / "an" / "analysis.json").read_text())["aggregate"]
+    written = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert written["plots"] and all(
+        (tmp_path / "an" / p).is_file() for p in written["plots"].values()
+    )
+    agg = written["aggregate"]
     for view in ("latent", "output", "weight"):
         er, auc = agg[view]["effective_rank"]["mean"], agg[view]["auc90"]["mean"]
         assert f"{view:<7} effective rank {er:8.2f}   AUC-90 {auc:7.1f} of r=4" in out
@@ -182,7 +186,13 @@ def test_sweep_then_report(model_dir, tmp_path):
                 "model": str(model_dir),
                 "datasets": ["logistic-map"],
                 "top_layers": 1,
-                "train": {"steps": 2, "batch_size": 4, "n_train": 8, "n_test": 4, "max_len": 300},
+                "train": {
+                    "max_steps": 2,
+                    "batch_size": 4,
+                    "n_train": 8,
+                    "n_eval": 4,
+                    "max_len": 300,
+                },
                 "variants": {"nora": {"method": "nora"}},
                 "ranks": [2],
                 "seeds": [0],

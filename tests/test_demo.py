@@ -11,8 +11,8 @@ from conftest import make_tokenizer, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from nora.data import batches, build_splits
-from nora.demo import DemoConfig, run_demo
 from nora.evaluate import perplexity
+from nora.study.demo import DemoConfig, run_demo
 
 
 def parse_table(lines: list[str]) -> dict[str, list[str]]:

@@ -11,8 +11,8 @@ import yaml
 from conftest import make_tokenizer, save_model_dir
 from transformers import AutoModelForCausalLM
 
-from nora.experiments import SweepConfig, SweepError, probe_logistic, run_sweep
-from nora.report import build_report
+from nora.study.report import build_report
+from nora.study.sweep import SweepConfig, SweepError, probe_logistic, run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,12 @@ def sweep_file(tmp_path, model_dir, **over):
         "model": str(model_dir),
         "datasets": ["logistic-map"],
         "top_layers": 2,
+        "n_val": 4,
         "train": {
-            "steps": 3,
+            "max_steps": 3,
             "batch_size": 4,
             "n_train": 12,
-            "n_val": 4,
-            "n_test": 4,
+            "n_eval": 4,
             "max_len": 300,
         },
         "variants": {"lora": {"method": "lora", "alpha": 32}, "nora": {"method": "nora"}},

@@ -69,7 +69,7 @@ def test_training_with_the_cache_gives_the_same_adapter(data, tmp_path):
             splits=(train_set, eval_set),
             prefix=prefix,
         )
-        results.append((s["eval_ppl"], nora.adapter_state_dict(model)))
+        results.append((s.eval_ppl, nora.adapter_state_dict(model)))
     (ppl0, w0), (ppl1, w1) = results
     assert ppl1 == pytest.approx(ppl0, rel=1e-5)
     for k in w0:

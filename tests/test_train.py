@@ -78,8 +78,8 @@ def test_run_writes_metrics_summary_and_adapter(reference):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     steps = [eval(line.replace("null", "None"))["step"] for line in lines]
     assert steps[:12] == list(range(1, 13))
-    assert summary["steps"] == 12 and summary["trainable_params"] == 2 * 8 * (64 + 64 + 64 + 32)
-    assert math.isfinite(summary["eval_ppl"]) and summary["tok_per_s"] > 0
+    assert summary.steps == 12 and summary.trainable_params == 2 * 8 * (64 + 64 + 64 + 32)
+    assert math.isfinite(summary.eval_ppl) and summary.tok_per_s > 0
     assert len(list((out / "checkpoints").glob("step-*"))) == cfg.keep_checkpoints
     model = nora.load_adapter(tiny_llama(vocab=len(make_tokenizer()), hidden=64), out / "adapter")
     assert nora.get_config(model).method == "nora"
@@ -90,7 +90,7 @@ def test_training_lowers_heldout_perplexity(tmp_path):
     _, eval_set, _ = build_splits(tok, cfg.data, cfg.n_train, cfg.n_eval, cfg.max_len, seed=0)
     base = perplexity(model, [collate(eval_set, tok.pad_token_id)]).ppl
     summary = train(cfg, model=model, tokenizer=tok, progress=False)
-    assert summary["eval_ppl"] < 0.9 * base
+    assert summary.eval_ppl < 0.9 * base
 
 
 WORKER = textwrap.dedent("""
@@ -134,7 +134,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(reference, tmp_path):
     assert not (tmp_path / "run" / "adapter").exists()  # it really died mid-run
     cfg, summary, ran = resumed_run(tmp_path)
     assert ran == list(range(7, 13))  # it started after the checkpoint, not from step 0
-    assert summary["steps"] == 12
+    assert summary.steps == 12
     assert_same_weights(final_weights(cfg.output_dir), ref_weights)
 
 

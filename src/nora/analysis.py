@@ -30,13 +30,12 @@ layer; padding (attention_mask == 0) is skipped. Memory: about max_tokens·(r + 
 layer. SVDs run in float64 on the CPU.
 
     summary = analyze(model, batches)                        # JSON-able dict
-    analyze_adapter("out/adapter", base_model, batches, "out/analysis")  # + analysis.json, PNGs
+    summary = analyze_adapter("out/adapter", base_model, batches)  # loads, analyzes, unloads
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping
@@ -428,6 +427,7 @@ def analyze(
         "method": config["method"],
         "r": config["r"],
         "scale": first.scale,
+        "weight_space": not first.shrinks,  # ΔW is delta_weight(), not s·B·A (LoRAN)
         "config": config,
         "max_tokens": max_tokens,
         "seed": seed,
@@ -446,27 +446,20 @@ def analyze_adapter(
     adapter_dir: str | Path,
     base_model: nn.Module,
     batches: Iterable[Mapping[str, Tensor] | Tensor],
-    out_dir: str | Path,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     seed: int = 0,
     keep_singular_values: int | None = DEFAULT_KEEP_SINGULAR_VALUES,
 ) -> dict[str, Any]:
-    """Load the adapter in `adapter_dir` onto `base_model`, `analyze` it, write the results.
+    """Load the adapter in `adapter_dir` onto `base_model` and `analyze` it.
 
-    Writes out_dir/analysis.json and the plots of `nora.plots.plot_run` (spectrum,
-    cumulative energy, effective rank per layer). The adapter is unloaded afterwards, so
-    `base_model` is returned to the caller as it came. Returns the summary.
+    Returns the summary (with `adapter_dir`) and writes nothing: `nora analyze` saves it as
+    analysis.json and draws it with `nora.study.plots.plot_run`. The adapter is unloaded
+    afterwards, so `base_model` is returned to the caller as it came.
     """
-    from nora import plots  # matplotlib only when plotting
-
     load_adapter(base_model, adapter_dir)
     try:
         summary = analyze(base_model, batches, max_tokens, seed, keep_singular_values)
     finally:
         unload(base_model)
     summary["adapter_dir"] = str(adapter_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary["plots"] = {k: p.name for k, p in plots.plot_run(summary, out).items()}
-    (out / "analysis.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     return summary

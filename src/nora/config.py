@@ -124,7 +124,7 @@ class AdapterConfig:
             raise ConfigError(
                 f"activation {self.activation!r} is not available for method {self.method!r}; "
                 f"choose one of {list(cls.activations)}"
-                + ("  (for a non-linear LoRA use method='nora')" if self.method == "lora" else "")
+                + ("  (for a non-linear LoRA use method='nora')" if cls.linear else "")
             )
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")

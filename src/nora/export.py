@@ -110,7 +110,7 @@ def lora_to_gguf(adapter_dir: str | os.PathLike, out_file: str | os.PathLike, ba
     import gguf
 
     cfg = read_config(adapter_dir)
-    if cfg.method != "lora" or cfg.placement != "weight":
+    if not METHODS[cfg.method].linear or cfg.placement != "weight":
         if METHODS[cfg.method].mergeable and cfg.placement == "weight":
             raise ExportError(
                 f"method {cfg.method!r} has a full-rank ΔW, not a LoRA pair: export a merged model "
@@ -191,7 +191,7 @@ def export(
 
     cfg = read_config(adapter_dir)
     if gguf:
-        if cfg.method != "lora" or cfg.placement != "weight":
+        if not METHODS[cfg.method].linear or cfg.placement != "weight":
             return lora_to_gguf(adapter_dir, out, None)  # raises the method's ExportError
         base, _ = load_base_model(model, dtype="float32", device="cpu")
         return lora_to_gguf(adapter_dir, out, base.config)

@@ -199,13 +199,6 @@ class TrainResult:
             del d["data"]
         return d
 
-    def __getitem__(self, key: str) -> Any:
-        # Callers written for the former summary dict (summary["eval_ppl"]) keep working;
-        # new code reads attributes.
-        if key not in {f.name for f in dataclasses.fields(self)}:
-            raise KeyError(key)
-        return getattr(self, key)
-
 
 # --- setup ---------------------------------------------------------------------------------------
 

@@ -213,17 +213,17 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, log=print) ->
         rows.append(
             {
                 "name": name,
-                "trainable_params": summary["trainable_params"],
+                "trainable_params": summary.trainable_params,
                 **row,
                 "acc_vs_base": {**asdict(iv), "per_seed": list(iv.per_seed)} if iv else None,
                 "lr": tcfg.lr,
-                "train_time_s": summary["train_time_s"],
-                "tok_per_s": summary["tok_per_s"],
+                "train_time_s": summary.train_time_s,
+                "tok_per_s": summary.tok_per_s,
             }
         )
         log(
             f"{name} (lr {tcfg.lr:g}): held-out PPL {row['ppl']:.3f}, accuracy "
-            f"{row['accuracy']:.1%} after {cfg.max_steps} steps ({summary['train_time_s']:.0f} s)"
+            f"{row['accuracy']:.1%} after {cfg.max_steps} steps ({summary.train_time_s:.0f} s)"
         )
         spectra[name] = analyze(model, ctx.token_batches(held[:32]), max_tokens=1024)
         runs[name] = out / method

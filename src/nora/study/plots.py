@@ -53,8 +53,8 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def _view_title(summary: Mapping[str, Any], view: str) -> str:
-    if view == "weight" and summary["method"] == "loran":
-        return "weight ΔW = s·Sinter(B·A)"
+    if view == "weight" and summary.get("weight_space"):  # ΔW is the method's own (LoRAN)
+        return "weight ΔW = delta_weight()"
     return VIEW_TITLES[view]
 
 

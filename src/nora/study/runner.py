@@ -284,14 +284,14 @@ class Study(Runner):
             return {
                 **dataclasses.asdict(key),
                 "lr": lr_of(key.k),
-                "val_ppl": summary["eval_ppl"],
-                "val_nll": summary["eval_loss"],
-                "val_tokens": summary["eval_tokens"],
-                "final_train_loss": summary["final_train_loss"],
-                "trainable_params": summary["trainable_params"],
-                "train_time_s": summary["train_time_s"],
-                "tok_per_s": summary["tok_per_s"],
-                "steps": summary["steps"],
+                "val_ppl": summary.eval_ppl,
+                "val_nll": summary.eval_loss,
+                "val_tokens": summary.eval_tokens,
+                "final_train_loss": summary.final_train_loss,
+                "trainable_params": summary.trainable_params,
+                "train_time_s": summary.train_time_s,
+                "tok_per_s": summary.tok_per_s,
+                "steps": summary.steps,
             }
 
         # a failed training (e.g. diverged) is not retried: it would fail again

@@ -151,7 +151,6 @@ class SweepError(ValueError):
     """The sweep file or folder is not usable; the message says why."""
 
 
-_LEGACY_TRAIN = {"steps": "max_steps", "n_test": "n_eval"}
 # TrainConfig fields a sweep sets per run (not in its `train` mapping).
 PER_RUN_FIELDS = frozenset({"adapter", "model", "data", "data_path", "seed", "lr", "output_dir"})
 
@@ -211,12 +210,6 @@ class SweepConfig:
             raise SweepError("a sweep file must hold a mapping")
         d = dict(d)
         train = dict(d.get("train") or {})
-        # Names of sweep files written before the train settings took TrainConfig's names.
-        for old, new in _LEGACY_TRAIN.items():
-            if old in train:
-                train.setdefault(new, train.pop(old))
-        if "n_val" in train:
-            d.setdefault("n_val", train.pop("n_val"))
         d["train"] = train
         try:  # unknown fields (with the nearest name) and wrong types, as for any config file
             cfg = from_mapping(cls, d, where="sweep")
@@ -326,12 +319,12 @@ def _run(
         "r": tcfg.adapter.r,
         "seed": tcfg.seed,
         "lr": tcfg.lr,
-        "ppl": summary["eval_ppl"],
-        "nll": summary["eval_loss"],
-        "trainable_params": summary["trainable_params"],
-        "train_time_s": summary["train_time_s"],
-        "tok_per_s": summary["tok_per_s"],
-        "steps": summary["steps"],
+        "ppl": summary.eval_ppl,
+        "nll": summary.eval_loss,
+        "trainable_params": summary.trainable_params,
+        "train_time_s": summary.train_time_s,
+        "tok_per_s": summary.tok_per_s,
+        "steps": summary.steps,
     }
     if analyze:
         from nora.analysis import analyze as spectral
