@@ -17,7 +17,8 @@ LAYER_OF = {
     ),
     "quantize": "core",
     **dict.fromkeys(
-        ["train", "evaluate", "data", "models", "prefix_cache", "tracking", "peft", "export"],
+        ["train", "evaluate", "data", "models", "prefix_cache", "tracking", "peft", "export"]
+        + ["lmeval"],
         "training",
     ),
     "study": "study",

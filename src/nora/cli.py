@@ -303,8 +303,22 @@ def eval_cmd(
     ] = 0,
     max_new_tokens: int = 256,
     samples: Annotated[Path | None, typer.Option(help="JSONL file for sample outputs")] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="lm-evaluation-harness tasks instead, e.g. gsm8k,arc_easy"),
+    ] = None,
+    limit: Annotated[float | None, typer.Option(help="lm-eval: examples per task")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: few-shot examples")] = None,
+    include_path: Annotated[
+        Path | None, typer.Option(help="lm-eval: a folder of your own task YAMLs")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="lm-eval: folder for lm_eval_results.json (default: the adapter's)"),
+    ] = None,
 ) -> None:
-    """Held-out perplexity (token-weighted) and optional greedy accuracy, base or adapter."""
+    """Held-out perplexity (token-weighted) and optional greedy accuracy, base or adapter; or
+    with --tasks, lm-evaluation-harness's benchmarks (its table, its results JSON)."""
     import nora
     from nora.data import batches, build_splits, load_examples
     from nora.evaluate import accuracy as score
@@ -314,6 +328,16 @@ def eval_cmd(
     base, tok = load_base_model(model)
     if adapter is not None:
         nora.load_adapter(base, adapter)
+    if tasks:
+        from nora.lmeval import format_table, run_tasks, write_results
+
+        n = int(limit) if limit is not None and limit >= 1 else limit  # lm-eval: count or share
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        res = run_tasks(base, tok, names, n, num_fewshot, batch_size, include_path)
+        typer.echo(format_table(res))
+        dest = out or adapter or Path("lm-eval-out")
+        typer.echo(f"written: {write_results(res, dest)}")
+        return
     kw = {"path": data_path} if data_path else {}
     _, eval_set, _ = build_splits(tok, data, 0, n_eval, max_len, seed=seed, **kw)
     result = perplexity(base, batches(eval_set, tok.pad_token_id, batch_size), progress=True)
