@@ -146,6 +146,15 @@ def ids():
     return torch.randint(0, VOCAB, (2, 9), generator=g)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every adapter parameter random non-zero values (B = 0 would hide bugs)."""
     import nora

@@ -9,11 +9,14 @@ import threading
 import pytest
 import torch
 from conftest import tiny_llama
-from test_serving_forward import char_tokenizer, make_dir, one_thread  # noqa: F401
+from test_serving_forward import char_tokenizer, make_dir  # noqa: F401
 
 import nora
 from nora.serving import AdapterStore, Engine, MultiAdapterModel, SamplingParams
 from nora.serving.engine import OverloadedError, _draw
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
+
 
 SPECS = {
     "nora": dict(method="nora", r=4),

@@ -22,11 +22,14 @@ from pathlib import Path
 
 import pytest
 from test_serving_engine import SPECS, hf_generate
-from test_serving_forward import char_tokenizer, make_dir, one_thread  # noqa: F401
+from test_serving_forward import char_tokenizer, make_dir  # noqa: F401
 from test_serving_tenants import BASE, Client, greedy, paced, serving, wait_for
 
 from nora.checkpoint import WEIGHTS_NAME
 from nora.serving import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
+
 
 SRC = Path(__file__).parents[1] / "src"
 

@@ -16,6 +16,9 @@ from transformers import PreTrainedTokenizerFast
 import nora
 from nora.serving import BatchPlan, MultiAdapterLinear, MultiAdapterModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
+
+
 # Every method, several activations, mixed ranks (2 … 8), scales != 1.
 SPECS = {
     "lora-r2": dict(method="lora", r=2),
@@ -78,15 +81,6 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     return tok
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and lose a lot on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,10 @@ import openai
 import pytest
 import torch
 from test_serving_engine import SPECS
-from test_serving_forward import char_tokenizer, make_dir, one_thread, solo  # noqa: F401
+from test_serving_forward import char_tokenizer, make_dir, solo  # noqa: F401
 from test_serving_tenants import BASE, Client, greedy, paced, serving, wait_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
 
 
 @pytest.fixture(scope="module")

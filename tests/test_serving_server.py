@@ -10,7 +10,7 @@ import threading
 import pytest
 from conftest import tiny_llama
 from test_serving_engine import SPECS, hf_generate
-from test_serving_forward import char_tokenizer, make_dir, one_thread, save_random  # noqa: F401
+from test_serving_forward import char_tokenizer, make_dir, save_random  # noqa: F401
 
 from nora.serving import (
     AdapterStore,
@@ -20,6 +20,9 @@ from nora.serving import (
     create_app,
     load_server,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
+
 
 BASE = "tiny-base"
 

@@ -18,6 +18,9 @@ from conftest import VOCAB, randomize, tiny_llama
 import nora
 from nora.serving import MultiAdapterModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
+
+
 # kind -> adapters of that kind (different ranks; sinter's a, ω differ per adapter)
 CASES = {
     "nolora": [
@@ -45,14 +48,6 @@ CASES = {
 # kind's segments are uneven and padded, and a base row rides along
 ROWS = [0, 1, None, 2, 0]
 T = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def trained(base, cfg: dict, seed: int):

@@ -17,10 +17,13 @@ import pytest
 from conftest import tiny_llama
 from prometheus_client.parser import text_string_to_metric_families
 from test_serving_engine import SPECS, hf_generate
-from test_serving_forward import char_tokenizer, make_dir, one_thread  # noqa: F401
+from test_serving_forward import char_tokenizer, make_dir  # noqa: F401
 
 from nora.serving import AdapterStore, Engine, MultiAdapterModel, ServerThread, create_app
 from nora.serving.tenants import KeyConfigError, Keys, exposure_warning, load_keys
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
+
 
 BASE = "tiny-base"
 ACME, BETA, OPS = "sk-acme-0123456789", "sk-beta-0123456789", "sk-ops-00123456789"
