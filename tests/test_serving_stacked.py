@@ -17,6 +17,7 @@ from conftest import VOCAB, randomize, tiny_llama
 
 import nora
 from nora.serving import MultiAdapterModel
+from nora.serving.backend import BACKENDS, select_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
 
@@ -58,12 +59,14 @@ def trained(base, cfg: dict, seed: int):
     return model.eval()
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))  # each against the injected model
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_one_kind_at_different_ranks_stacked_in_one_batch(case):
+def test_one_kind_at_different_ranks_stacked_in_one_batch(case, backend):
     specs = CASES[case]
     base = tiny_llama(layers=1)
     refs = [trained(base, cfg, seed=i + 1) for i, cfg in enumerate(specs)]
     mm = MultiAdapterModel(copy.deepcopy(base))
+    mm.ctx.backend = select_backend(backend)
     names = [f"{case}-{i}" for i in range(len(specs))]
     for name, cfg, ref in zip(names, specs, refs, strict=True):
         mm.add_weights(name, nora.AdapterConfig(**cfg), nora.adapter_state_dict(ref))
@@ -90,3 +93,30 @@ def test_one_kind_at_different_ranks_stacked_in_one_batch(case):
             assert torch.allclose(out[b], alone, atol=1e-5, rtol=1e-4), (rows[b], "vs alone")
             if i is not None:  # the adapter really changes the output
                 assert not torch.allclose(ref, base(x).logits[0], atol=1e-3)
+
+
+def test_backends_agree_on_a_mixed_batch_of_every_kind():
+    """Linear, element-wise and dense kinds side by side (single, looped and stacked paths)."""
+    specs = [
+        dict(method="lora", r=2),
+        dict(method="lora", r=4),
+        dict(method="nora", r=3),
+        dict(method="loran", r=2),
+        *CASES["nolora"][:2],
+    ]
+    base = tiny_llama(layers=1)
+    mm = MultiAdapterModel(copy.deepcopy(base))
+    names = [f"a{i}" for i in range(len(specs))]
+    for i, (name, cfg) in enumerate(zip(names, specs, strict=True)):
+        ref = trained(base, cfg, seed=i + 1)
+        mm.add_weights(name, nora.AdapterConfig(**cfg), nora.adapter_state_dict(ref))
+    rows = [*names, None, names[0]]
+    ids = torch.randint(0, VOCAB, (len(rows), T), generator=torch.Generator().manual_seed(1))
+    outs = {}
+    with torch.no_grad():
+        for backend in sorted(BACKENDS):
+            mm.ctx.backend = select_backend(backend)
+            outs[backend] = mm(ids, adapters=rows).logits
+    assert torch.allclose(outs["torch"], outs["reference"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown serving backend 'triton'"):
+        select_backend("triton")

@@ -10,7 +10,8 @@ The scale goes into B, never into A: SiLU(s·Ax) ≠ s·SiLU(Ax). Dense methods 
 non-linearity acts on the weight update) pack ΔWᵀ (k, d) once at load instead.
 
 This module knows no method by name: σ is `METHODS[kind[0]].sigma(kind, z, p)`, the same
-function the adapter trains with, and stacking is `METHODS[kind[0]].stack`. Adapters of one
+function the adapter trains with, and stacking is `METHODS[kind[0]].stack`; the math itself
+is the step's backend's (`serving.backend`: each op documented by its reference loop). Adapters of one
 *kind* (same σ code and static settings) run together: their A, B and σ-tensors are stacked
 into (n, k, R), (n, R, d), … with ranks zero-padded to R (zero columns of A and rows of B add
 exactly nothing), and the step's tokens, gathered into a padded (n, L, k) layout, go through
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nora.adapters import METHODS, Packed, Stack
+from nora.serving.backend import BACKENDS
 from nora.serving.plan import BatchPlan, Segments
 
 
@@ -45,20 +47,12 @@ def method_of(kind: Hashable):
     return cls
 
 
-def activate(kind: Hashable, z: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """σ on the latent: z (M, r) with one adapter's p, or (n, L, R) with stacked p."""
-    return method_of(kind).sigma(kind, z, p)
-
-
-def is_dense(kind: Hashable) -> bool:
-    return not method_of(kind).shrinks
-
-
 class ServingContext:
     """What the engine hands every MultiAdapterLinear for the current step."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend=None) -> None:
         self.plan: BatchPlan | None = None
+        self.backend = backend or BACKENDS["torch"]  # serving.backend: the step's LoRA math
 
 
 class MultiAdapterLinear(nn.Linear):
@@ -113,27 +107,8 @@ class MultiAdapterLinear(nn.Linear):
         return out
 
     def _add_delta(self, kind: Hashable, seg: Segments, xf: torch.Tensor, of: torch.Tensor):
-        dense = is_dense(kind)
-        if seg.all_rows:  # one adapter for the whole batch: two matmuls, no gather/scatter
-            w = self.adapters[seg.uids[0]]
-            if dense:
-                of.addmm_(xf, w.W)
-            else:
-                of.addmm_(activate(kind, xf @ w.A, w.p), w.B)  # (N, r) -> (N, d)
-            return
-        if dense or seg.loop or len(seg.uids) == 1:
-            for u, s, c in zip(seg.uids, seg.starts, seg.counts, strict=True):
-                w, rows = self.adapters[u], seg.rows[s : s + c]
-                xs = xf[rows]  # (c, k)
-                y = xs @ w.W if dense else activate(kind, xs @ w.A, w.p) @ w.B
-                of.index_add_(0, rows, y)  # (c, d)
-            return
-        st = self._stack(kind, seg.uids)
-        n, L = len(seg.uids), seg.L
-        idx = seg.gather if seg.gather is not None else seg.rows
-        xg = xf[idx].view(n, L, -1)  # (n, L, k)
-        h = activate(kind, torch.bmm(xg, st.A), st.p)  # (n, L, R)
-        y = torch.bmm(h, st.B).view(n * L, -1)  # (n·L, d)
-        if seg.valid is not None:
-            y = y[seg.valid]  # (M, d)
-        of.index_add_(0, seg.rows, y)
+        method_of(kind)  # an unknown method is refused, never guessed
+        backend = self.ctx.backend
+        if not backend.supports(kind):
+            backend = BACKENDS["torch"]  # a kind the backend lacks falls back to Torch
+        backend.add_delta(kind, seg, xf, of, self.adapters, lambda: self._stack(kind, seg.uids))
