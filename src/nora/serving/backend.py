@@ -34,13 +34,31 @@ def _sigma(kind: Hashable, z: torch.Tensor, p: dict[str, torch.Tensor]) -> torch
     return METHODS[kind[0]].sigma(kind, z, p)  # z (M, r) one adapter, or (n, L, R) stacked
 
 
-class ReferenceBackend:
-    """The definition, a token at a time: slow, for tests only."""
+class Backend:
+    """What a backend implements: `add_delta` (the module docstring's loop) for the kinds it
+    `supports`."""
 
-    name = "reference"
+    name: str
 
     def supports(self, kind: Hashable) -> bool:
         return True
+
+    def add_delta(
+        self,
+        kind: Hashable,
+        seg: Segments,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        adapters: dict[int, Packed],
+        stack: StackFn,
+    ) -> None:
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    """The definition, a token at a time: slow, for tests only."""
+
+    name = "reference"
 
     def add_delta(
         self,
@@ -60,13 +78,10 @@ class ReferenceBackend:
                 out[t] += y[0]
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """PyTorch ops: what every device runs (and the fallback of any other backend)."""
 
     name = "torch"
-
-    def supports(self, kind: Hashable) -> bool:
-        return True
 
     def add_delta(
         self,
