@@ -537,6 +537,36 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         "first": ["lora", "nora"],
         "analysis_tokens": 2048,
     },
+    # Study v2 pilots (issue 21): which setting makes LoRA's quality depend on its rank?
+    # One variant (LoRA α=32) at r=4 and r=128, each rank's rate searched, seeds 0 and 1 (the
+    # second seed says how large a seed-to-seed difference is). No generation: the question
+    # is the test NLL.
+    "pilot-logistic": {
+        # (c) the logistic-map task (the paper's Table 1 case study) as a rank sweep: ~56
+        # supervised tokens per example of 4-decimal arithmetic, against reasoning-mix's 4
+        "model": "smollm2-135m",
+        "datasets": ["logistic-map"],
+        "top_layers": 4,
+        "train": {
+            "max_steps": 240,
+            "batch_size": 8,
+            "n_train": 1920,
+            "max_len": 256,
+            "warmup_ratio": 0.05,
+            "eval_every": 24,
+            "save_every": 48,
+            "keep_checkpoints": 1,
+        },
+        "n_val": 64,
+        "n_test": 300,
+        "n_gen": 0,
+        "variants": {"lora": {"method": "lora", "alpha": 32}},
+        "ranks": [4, 128],
+        "seeds": [0, 1],
+        "lr_search": {"start": [-6, -5, -4], "ranks": {"lora": [4, 128]}, "default_rank": 4},
+        "first": ["lora"],
+        "analysis_tokens": 2048,
+    },
 }
 
 
