@@ -300,3 +300,35 @@ def test_a_variant_that_is_the_same_adapter_reuses_the_runs(tmp_path, model_dir,
     assert real.same_as is None and real.test_ppl == rs4.test_ppl
     text = build_study_report(tmp_path / "out").read_text()
     assert "logistic-map, r=4: rs is LoRA α=32 (its runs are LoRA α=32's, reused)" in text
+
+
+def test_a_distillation_study_fits_its_teacher_once_and_scores_the_kl(tmp_path, model_dir):
+    spec = study_dict(
+        model_dir,
+        variants={"lora": {"method": "lora", "alpha": 32}},
+        ranks=[2],
+        seeds=[0],
+        n_gen=0,
+        distill={"steps": 4, "lr": 1e-2},
+    )
+    cfg = StudyConfig.from_dict(spec)
+    out = tmp_path / "out"
+    assert run_study(cfg, out, log=[].append)["failed"] == 0
+    meta = json.loads((out / "teachers/logistic-map/teacher.json").read_text())
+    assert sorted(meta["modules"]) == sorted(meta["delta"])  # q/v of the 2 adapted layers
+    assert len(meta["modules"]) == 4 and meta["val_kl_base"] > 0
+    test = json.loads(next(out.glob("runs/logistic-map/lora/r2/lr*/s0/test.json")).read_text())
+    kl = test["per_example_kl"]
+    assert len(kl["kl"]) == test["n_test"] and test["test_kl"] >= 0
+    assert math.isclose(test["test_kl"], sum(kl["kl"]) / sum(kl["positions"]))
+    run_cfg = json.loads(
+        next(out.glob("runs/logistic-map/lora/r2/lr*/s0/train_config.json")).read_text()
+    )
+    assert run_cfg["teacher"] == str(out / "teachers/logistic-map/teacher.safetensors")
+    base = json.loads((out / "runs/logistic-map/base/test.json").read_text())
+    assert math.isclose(
+        base["test_kl"],
+        sum(base["per_example_kl"]["kl"]) / sum(base["per_example_kl"]["positions"]),
+    )
+    with pytest.raises(StudyError, match="unknown keys"):
+        StudyConfig.from_dict({**spec, "distill": {"stepz": 3}})

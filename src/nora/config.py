@@ -206,6 +206,13 @@ class TrainConfig:
     data_path: str | None = field(
         default=None, metadata={"help": "local file for slimorca / mathinstruct"}
     )
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "distil: match this teacher's next-token distributions (KL) instead of "
+            "the labels (a safetensors file of fine-tuned base weights, nora.distill)"
+        },
+    )
     n_train: int = field(default=512, metadata={"help": "training examples"})
     n_eval: int = field(
         default=64,

@@ -59,11 +59,17 @@ def supports_fast_nll(model: nn.Module, batch: dict) -> bool:
     )
 
 
+def position_logits(model: nn.Module, batch: dict, mask: torch.Tensor, fast: bool = True):
+    """(N, V) next-token logits at the N positions where `mask` (B, T-1) is set; `fast`: the LM
+    head runs on those positions only (see `supports_fast_nll`)."""
+    return (_head_logits if fast else _full_logits)(model, batch, mask)
+
+
 def batch_nll(model: nn.Module, batch: dict, fast: bool = True) -> tuple[torch.Tensor, int]:
     """(sum of next-token NLL over supervised tokens, number of those tokens) for one batch."""
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     mask = labels != -100
-    logits = (_head_logits if fast else _full_logits)(model, batch, mask)  # (N, V)
+    logits = position_logits(model, batch, mask, fast)  # (N, V)
     nll = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
     return nll, int(mask.sum())
 

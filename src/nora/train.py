@@ -158,7 +158,7 @@ class StepLog:
     """One optimizer step, as written to metrics.jsonl (tokens summed over all processes)."""
 
     step: int
-    loss: float  # token-weighted mean NLL over the global batch
+    loss: float  # token-weighted mean NLL over the global batch (KL to the teacher: distil)
     lr: float
     grad_norm: float
     tokens: int  # input tokens (attention_mask == 1)
@@ -227,6 +227,7 @@ class _Run:
     data: _Data
     out: Path
     fast: bool = False  # head-only NLL (one process only: it bypasses DDP's gradient sync)
+    teacher: Any = None  # nora.distill.Teacher: the loss is KL to it instead of the labels' NLL
     step: int = 0
     rng: dict[str, torch.Tensor] | None = None  # generators' state at the last step boundary
 
@@ -353,6 +354,15 @@ def _setup(cfg, model, tokenizer, resume, splits, prefix) -> _Run:
     accel = _accelerator(cfg)
     torch.manual_seed(cfg.seed)
     model, data = _load(cfg, accel, model, tokenizer, splits, prefix)
+    teacher = None
+    if cfg.teacher:  # checked before the model is touched
+        from nora.distill import DistillError, Teacher
+
+        try:
+            teacher = Teacher.load(cfg.teacher)
+            teacher.check(model)
+        except DistillError as e:
+            raise TrainingError(str(e)) from None
     torch.manual_seed(cfg.seed)  # adapter init depends only on the seed
     if getattr(model, "_nora_state", None) is None:
         nora.inject(model, cfg.adapter)
@@ -375,6 +385,7 @@ def _setup(cfg, model, tokenizer, resume, splits, prefix) -> _Run:
         params,
         data,
         Path(cfg.output_dir),
+        teacher=teacher,
     )
     if last is not None:
         _restore(run, last)
@@ -431,17 +442,27 @@ def _train_step(run: _Run) -> tuple[float, float, int, int]:
     supervised tokens), the loss token-weighted over the global batch."""
     cfg, accel = run.cfg, run.accel
     micro = [_micro_batch(run, run.step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
+    if run.teacher is not None:  # distillation: every position with a real next token counts
+        from nora.distill import batch_kl, positions
+
+        counted = [int(positions(b).sum()) for b in micro]
+    else:
+        counted = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
     n_tok, n_in = _global_sum(
         run,
-        sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+        sum(counted),
         sum(int(b["attention_mask"].sum()) for b in micro),  # all input tokens
     )
     loss_sum = 0.0
+    student = run.raw if run.fast else run.model
     for j, b in enumerate(micro):
         # DDP averages gradients over processes: × world makes that the global token mean.
         sync = accel.no_sync(run.model) if j < len(micro) - 1 else contextlib.nullcontext()
         with sync, accel.autocast(), run.data.context():
-            nll, _ = batch_nll(run.raw if run.fast else run.model, b, fast=run.fast)
+            if run.teacher is not None:
+                nll, _ = batch_kl(student, b, run.teacher, fast=run.fast, raw=run.raw)
+            else:
+                nll, _ = batch_nll(student, b, fast=run.fast)
             accel.backward(nll * run.world / max(n_tok, 1))
         loss_sum += float(nll.detach())
     (loss_sum,) = _global_sum(run, loss_sum)
@@ -465,12 +486,13 @@ def _evaluate(run: _Run):
     """Held-out perplexity (every process computes the same; the main one logs it)."""
     from nora.data import batches
 
-    ev = perplexity(
-        run.raw,
-        batches(run.data.eval, run.data.pad_id, run.cfg.batch_size, run.data.collate),
-        fast=run.fast,
-        context=run.data.context,
-    )
+    held = batches(run.data.eval, run.data.pad_id, run.cfg.batch_size, run.data.collate)
+    if run.teacher is not None:  # eval_loss is then the mean KL to the teacher per position
+        from nora.distill import kl_eval
+
+        ev = kl_eval(run.raw, held, run.teacher, fast=run.fast, context=run.data.context)
+    else:
+        ev = perplexity(run.raw, held, fast=run.fast, context=run.data.context)
     run.model.train()
     rec = EvalLog(run.step, ev.nll, ev.ppl)
     if run.accel.is_main_process:

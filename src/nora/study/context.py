@@ -99,6 +99,11 @@ class DataContext:
         """Collated token batches (for the spectral analysis, which runs the whole model)."""
         return batches(split, self.tok.pad_token_id, size)
 
+    def collate(self, features: list[dict]) -> dict:
+        from nora.data import collate
+
+        return (self.prefix.collate if self.prefix else collate)(features, self.tok.pad_token_id)
+
     def forward_context(self):
         return self.prefix.top_only() if self.prefix else contextlib.nullcontext()
 
@@ -126,6 +131,24 @@ class DataContext:
             model.train(was_training)
         return nll, tokens
 
+    @torch.no_grad()
+    def example_kl(self, model, teacher) -> tuple[list[float], list[int]]:
+        """Per test example: (summed KL(teacher ‖ model) over its positions, their number)."""
+        from nora.distill import batch_kl
+
+        was_training = model.training
+        model.eval()
+        kl, n = [], []
+        try:
+            for b in self.batches(self.test_set, size=1):
+                with self.forward_context():
+                    s, k = batch_kl(model, b, teacher)
+                kl.append(float(s))
+                n.append(k)
+        finally:
+            model.train(was_training)
+        return kl, n
+
     def gen_examples(self, n_gen: int) -> list:
         """The first `n_gen` test problems with a gold answer, as raw examples."""
         from nora.data import load_examples
@@ -144,14 +167,24 @@ class DataContext:
         outs = generate(model, self.tok, prompts, max_new_tokens=max_new_tokens, batch_size=16)
         return [score_answer(e, o) for e, o in zip(examples, outs, strict=True)], outs
 
-    def score_test(self, model, n_gen: int, max_new_tokens: int, keep_samples: int = 10) -> dict:
+    def score_test(
+        self, model, n_gen: int, max_new_tokens: int, keep_samples: int = 10, teacher=None
+    ) -> dict:
         """Per-example test NLL and pass@1, their aggregates (PPL, accuracy), and the first
-        `keep_samples` completions."""
+        `keep_samples` completions; with a `teacher`, also the KL to it per example."""
         import math
 
         nll, tokens = self.example_nll(model)
         correct, outs = self.pass_at_1(model, n_gen, max_new_tokens) if n_gen else ([], [])
+        distill = {}
+        if teacher is not None:
+            kl, positions = self.example_kl(model, teacher)
+            distill = {
+                "test_kl": sum(kl) / sum(positions),
+                "per_example_kl": {"kl": kl, "positions": positions},
+            }
         return {
+            **distill,
             "test_ppl": math.exp(sum(nll) / sum(tokens)),
             "test_nll": sum(nll) / sum(tokens),
             "accuracy": sum(correct) / len(correct) if correct else None,

@@ -82,6 +82,9 @@ class StudyConfig:
     first: list[str] = field(default_factory=list)  # variants searched/run before the rest
     analysis_tokens: int = 2048
     data_path: dict[str, str] = field(default_factory=dict)
+    # distillation (nora.distill): every dataset's adapters match a teacher fitted on it —
+    # {"steps", "lr", "target_modules"}; empty: adapters learn the labels
+    distill: dict[str, Any] = field(default_factory=dict)
     study: bool = True  # marks a file as a study (not a `nora.experiments` sweep)
 
     @classmethod
@@ -110,9 +113,26 @@ class StudyConfig:
         check_train_keys(self.train, StudyError, PER_RUN_FIELDS | {"n_eval"})
         if unknown := sorted(set(self.first) - set(self.variants)):
             raise StudyError(f"`first` names unknown variants {unknown}")
+        if unknown := sorted(set(self.distill) - set(TEACHER_DEFAULTS)):
+            raise StudyError(
+                f"`distill` has unknown keys {unknown}; known: {list(TEACHER_DEFAULTS)}"
+            )
+
+    def teacher_settings(self) -> dict[str, Any]:
+        return {**TEACHER_DEFAULTS, **self.distill}
 
     def max_new(self, dataset: str) -> int:
         return self.max_new_tokens.get(dataset, 256)
+
+
+# how a distillation study's teacher is fitted: every weight of these modules in the adapted
+# layers, by next-token NLL on the dataset's training split (nora.distill.fit_teacher)
+TEACHER_DEFAULTS: dict[str, Any] = {
+    "steps": 480,
+    "lr": 1e-4,
+    "batch_size": 8,
+    "target_modules": ["q_proj", "v_proj"],
+}
 
 
 def lr_of(k: int) -> float:
@@ -206,13 +226,40 @@ class Study(Runner):
         out = self.out / "runs" / dataset / "base"
 
         def job() -> dict:
+            teacher = self.teacher(dataset)
             c = self.context(dataset)
-            scores = c.score_test(c.model, self.cfg.n_gen, self.cfg.max_new(dataset))
+            scores = c.score_test(
+                c.model, self.cfg.n_gen, self.cfg.max_new(dataset), teacher=teacher
+            )
             return {"variant": "base", "dataset": dataset, **scores}
 
         self.guarded(out, out / "test.json", job, f"base {dataset}")
 
+    def teacher(self, dataset: str):
+        """The dataset's teacher (`nora.distill.Teacher`), fitted on first use and kept in
+        teachers/<dataset>/; None unless the study distils."""
+        if not self.cfg.distill:
+            return None
+        from nora.distill import Teacher
+
+        path = self.teacher_path(dataset)
+        c = self.context(dataset)
+        if path.is_file():
+            return Teacher.load(path).check(c.model)
+        self.log(f"[{dataset}] fitting the teacher")
+        t0, c0 = time.perf_counter(), time.process_time()
+        teacher = fit_study_teacher(c, self.cfg.teacher_settings(), log=self.log)
+        teacher.meta.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
+        teacher.save(path)
+        write_json(path.with_suffix(".json"), teacher.meta)
+        return teacher
+
+    def teacher_path(self, dataset: str) -> Path:
+        return self.out / "teachers" / dataset / "teacher.safetensors"
+
     def _train_config(self, key: RunKey, out: Path) -> TrainConfig:
+        if self.cfg.distill:
+            self.teacher(key.dataset)  # fitted before the first student
         c = self.ctx
         kw = self.cfg.variants[key.variant]
         adapter = AdapterConfig(**{**kw, "r": key.r, "layers_to_transform": c.layers})
@@ -224,6 +271,7 @@ class Study(Runner):
             lr=lr_of(key.k),
             n_eval=len(c.val_set),
             output_dir=str(out),
+            teacher=str(self.teacher_path(key.dataset)) if self.cfg.distill else None,
             **self.cfg.train,
         )
 
@@ -309,10 +357,13 @@ class Study(Runner):
         def job() -> dict:
             from nora.analysis import analyze
 
+            teacher = self.teacher(key.dataset)
             c = self.context(key.dataset)
             nora.load_adapter(c.model, self._adapter_dir(key))
             try:
-                scores = c.score_test(c.model, self.cfg.n_gen, self.cfg.max_new(key.dataset))
+                scores = c.score_test(
+                    c.model, self.cfg.n_gen, self.cfg.max_new(key.dataset), teacher=teacher
+                )
                 spectra = analyze(
                     c.model,
                     c.token_batches(c.test_set),
@@ -404,6 +455,44 @@ class Study(Runner):
         k = self.lr_for(dataset, variant, r)
         if k is not None:
             self.tested(RunKey(dataset, variant, r, k, seed))
+
+
+def fit_study_teacher(c: DataContext, settings: dict[str, Any], log=print):
+    """Fit a teacher on `c`'s training split: every weight of `settings["target_modules"]`
+    in the adapted layers; its meta records the update's spectra and how far it moved the
+    model (validation KL to the base, the task NLL of both)."""
+    from nora.distill import fit_teacher, kl_eval
+    from nora.evaluate import perplexity
+    from nora.inject import find_targets
+    from nora.train import micro_batch_indices
+
+    probe = AdapterConfig(
+        method="lora", r=1, target_modules=settings["target_modules"], layers_to_transform=c.layers
+    )
+    modules = [name for name, _ in find_targets(c.model, probe)]
+    b, n = settings["batch_size"], len(c.train_set)
+
+    def batches(step: int) -> dict:
+        idx = micro_batch_indices(n, b, 0, step)
+        return c.collate([c.train_set[i] for i in idx])
+
+    teacher = fit_teacher(
+        c.model, batches, modules, settings["steps"], settings["lr"], c.forward_context, log=log
+    ).check(c.model)
+    val = c.batches(c.val_set)
+    with c.forward_context():
+        base_nll = perplexity(c.model, val).nll
+        with teacher.active(c.model):
+            teacher_nll = perplexity(c.model, val).nll
+    kl = kl_eval(c.model, val, teacher, context=c.forward_context).nll
+    teacher.meta.update(
+        settings=settings,
+        val_nll_base=base_nll,
+        val_nll_teacher=teacher_nll,
+        val_kl_base=kl,
+        delta=teacher.delta_spectra(c.model),
+    )
+    return teacher
 
 
 # --- the order of work ---------------------------------------------------------------------
@@ -566,6 +655,34 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         "lr_search": {"start": [-6, -5, -4], "ranks": {"lora": [4, 128]}, "default_rank": 4},
         "first": ["lora"],
         "analysis_tokens": 2048,
+    },
+    "pilot-distill": {
+        # (a) distillation of a fully fine-tuned teacher: q/v of the top 4 layers fine-tuned
+        # on reasoning-mix (every weight: a full-rank update), adapters on the same modules
+        # trained to match its next-token distributions at every position (nora.distill)
+        "model": "smollm2-135m",
+        "datasets": ["reasoning-mix"],
+        "top_layers": 4,
+        "train": {
+            "max_steps": 240,
+            "batch_size": 8,
+            "n_train": 1920,
+            "max_len": 256,
+            "warmup_ratio": 0.05,
+            "eval_every": 24,
+            "save_every": 48,
+            "keep_checkpoints": 1,
+        },
+        "n_val": 64,
+        "n_test": 300,
+        "n_gen": 0,
+        "variants": {"lora": {"method": "lora", "alpha": 32}},
+        "ranks": [4, 128],
+        "seeds": [0, 1],
+        "lr_search": {"start": [-6, -5, -4], "ranks": {"lora": [4, 128]}, "default_rank": 4},
+        "first": ["lora"],
+        "analysis_tokens": 2048,
+        "distill": {"steps": 480, "lr": 1e-4},
     },
 }
 
