@@ -332,3 +332,23 @@ def test_a_distillation_study_fits_its_teacher_once_and_scores_the_kl(tmp_path, 
     )
     with pytest.raises(StudyError, match="unknown keys"):
         StudyConfig.from_dict({**spec, "distill": {"stepz": 3}})
+    # the run folder reproduces its run: `nora train --config <run>/train_config.json` trains
+    # on the same examples (validation, the test split left out, then training) and the same
+    # teacher, so every step's loss is the study's
+    from nora.train import TrainConfig, train
+
+    run_dir = next(out.glob("runs/logistic-map/lora/r2/lr*/s0"))
+    again = TrainConfig.from_dict({**run_cfg, "output_dir": str(tmp_path / "again")})
+    train(again, progress=False)
+
+    def losses(d):
+        lines = (d / "metrics.jsonl").read_text().splitlines()
+        return [
+            (r["step"], r["loss"], r["supervised_tokens"])
+            for r in map(json.loads, lines)
+            if "loss" in r
+        ]
+
+    want, got = losses(run_dir), losses(tmp_path / "again")
+    assert [w[::2] for w in want] == [g[::2] for g in got] and len(want) == 3
+    assert [g[1] for g in got] == pytest.approx([w[1] for w in want], rel=1e-4)

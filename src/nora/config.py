@@ -214,6 +214,13 @@ class TrainConfig:
         },
     )
     n_train: int = field(default=512, metadata={"help": "training examples"})
+    n_skip: int = field(
+        default=0,
+        metadata={"help": "examples left out between the eval and train splits (a test split)"},
+    )
+    data_seed: int | None = field(
+        default=None, metadata={"help": "seed of the data order (unset: the run's seed)"}
+    )
     n_eval: int = field(
         default=64,
         metadata={"help": "held-out examples for perplexity", "formerly": ("n_test",)},
@@ -270,7 +277,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "max_len", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_train", "n_eval", "eval_every", "save_every"):
+        for name in ("n_train", "n_eval", "n_skip", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

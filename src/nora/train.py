@@ -319,8 +319,9 @@ def _load(cfg: TrainConfig, accel, model, tokenizer, splits, prefix) -> tuple[nn
         (train_set, eval_set), stats = splits, None
     else:
         kw = {"path": cfg.data_path} if cfg.data_path else {}
+        seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         train_set, eval_set, stats = build_splits(
-            tokenizer, cfg.data, cfg.n_train, cfg.n_eval, cfg.max_len, seed=cfg.seed, **kw
+            tokenizer, cfg.data, cfg.n_train, cfg.n_eval, cfg.max_len, seed, cfg.n_skip, **kw
         )
     layers = cfg.adapter.layers_to_transform
     if prefix is not None and (layers is None or min(layers) < prefix.first):

@@ -16,17 +16,19 @@ def build_splits(
     n_eval: int,
     max_len: int,
     seed: int = 0,
+    skip: int = 0,
     **kw,
 ) -> tuple[list[dict], list[dict], DataStats]:
-    """Load `n_eval + n_train` examples in seeded order; eval = the first n_eval, train = the
-    next n_train. The order does not depend on n, so the eval split stays the same when
-    n_train changes. Examples too long for `max_len` are dropped from their split (not
-    replaced), so a split never borrows from the other.
+    """Load `n_eval + skip + n_train` examples in seeded order; eval = the first n_eval, then
+    `skip` examples left out (e.g. a study's test split), train = the next n_train. The order
+    does not depend on n, so the eval split stays the same when n_train changes. Examples too
+    long for `max_len` are dropped from their split (not replaced), so a split never borrows
+    from the other.
     """
-    if n_train < 0 or n_eval < 0 or n_train + n_eval == 0:
+    if n_train < 0 or n_eval < 0 or skip < 0 or n_train + n_eval == 0:
         raise DataError(f"need n_train, n_eval >= 0 and not both 0 (got {n_train}, {n_eval})")
-    loaded = load(source, n_eval + n_train, seed, **kw)
-    examples = loaded.examples
+    loaded = load(source, n_eval + skip + n_train, seed, **kw)
+    examples = loaded.examples[:n_eval] + loaded.examples[n_eval + skip :]
     if n_train and len(examples) <= n_eval:
         raise DataError(
             f"{source!r} has only {len(examples)} examples: none left for training after "

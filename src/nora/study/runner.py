@@ -269,7 +269,12 @@ class Study(Runner):
             data=key.dataset,
             seed=key.seed,
             lr=lr_of(key.k),
-            n_eval=len(c.val_set),
+            # the study's splits, so that `nora train --config <run>/train_config.json` trains
+            # on the same examples: validation, then the test split left out, then training
+            n_eval=self.cfg.n_val,
+            n_skip=self.cfg.n_test,
+            data_seed=0,
+            data_path=self.cfg.data_path.get(key.dataset),
             output_dir=str(out),
             teacher=str(self.teacher_path(key.dataset)) if self.cfg.distill else None,
             **self.cfg.train,
