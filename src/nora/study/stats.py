@@ -2,13 +2,18 @@
 
 Two variants are compared on the same held-out examples and the same seeds: seed s of A is
 paired with seed s of B (same data order, same initialisation seed). The statistic is the
-mean over the shared seeds of (metric of A − metric of B); its 95 % interval resamples the
-*examples* (the same resample for every seed and both variants, which keeps the pairing).
-The interval therefore covers the sampling of test examples; the spread over seeds is shown
-beside it (each seed's own difference), and with one seed the report says so.
+mean over the shared seeds of (metric of A − metric of B). Its 95 % interval comes from a
+**hierarchical bootstrap** (Saravanan et al. 2020): each draw resamples the seeds with
+replacement, then, for each drawn seed, the examples (one resample shared by A and B, which
+keeps the pairing). So the interval covers both what another seed and what other test
+examples would give; with one seed it covers the examples only, and the report says so.
+`over="examples"` gives the examples-only interval (v1's) for comparison.
+
+Each interval carries a two-sided bootstrap p-value (twice the smaller tail beyond 0);
+`holm` adjusts a table's p-values for the number of comparisons in it (Holm 1979).
 
 Perplexity of a resample = exp(Σ NLL / Σ tokens) over its examples (token-weighted, like the
-point estimate); accuracy = the mean of the 0/1 scores.
+point estimate); KL = Σ KL / Σ positions (nora.distill); accuracy = the mean of the 0/1 scores.
 """
 
 from __future__ import annotations
@@ -26,14 +31,27 @@ class PerExample:
     nll: np.ndarray  # (n,) summed NLL of each example's response tokens
     tokens: np.ndarray  # (n,) response tokens per example
     correct: np.ndarray  # (m,) 0/1 greedy pass@1 per problem
+    kl: np.ndarray | None = None  # (n,) summed KL to the teacher (distillation studies)
+    positions: np.ndarray | None = None  # (n,) positions the KL is summed over
 
     @classmethod
-    def from_dict(cls, d: dict) -> PerExample:
+    def from_dict(cls, d: dict, kl: dict | None = None) -> PerExample:
+        """From a test.json's `per_example` (and `per_example_kl` when distilling)."""
         return cls(
             np.asarray(d["nll"], dtype=float),
             np.asarray(d["tokens"], dtype=float),
             np.asarray(d["correct"], dtype=float),
+            np.asarray(kl["kl"], dtype=float) if kl else None,
+            np.asarray(kl["positions"], dtype=float) if kl else None,
         )
+
+    def ratio(self, metric: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(numerators, denominators, exp?) of a token-weighted metric: ppl or kl."""
+        if metric == "ppl":
+            return self.nll, self.tokens, True
+        if self.kl is None:
+            raise ValueError("no per-example KL: this run was not distilled")
+        return self.kl, self.positions, False
 
     def ppl(self) -> float:
         return math.exp(self.nll.sum() / self.tokens.sum())
@@ -50,6 +68,8 @@ class Interval:
     low: float
     high: float
     per_seed: tuple[float, ...]
+    p_value: float = 1.0  # two-sided bootstrap p-value of "no difference"
+    over: str = "seeds+examples"  # what the bootstrap resampled
 
     @property
     def excludes_zero(self) -> bool:
@@ -61,8 +81,9 @@ class Interval:
         return f"{e}{unit} [{lo}, {hi}]"
 
 
-def _ppl_of(nll: np.ndarray, tokens: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return np.exp(nll[idx].sum(axis=-1) / tokens[idx].sum(axis=-1))
+def _boot_ratio(num: np.ndarray, den: np.ndarray, exp: bool, idx: np.ndarray) -> np.ndarray:
+    r = num[idx].sum(axis=-1) / den[idx].sum(axis=-1)  # (n_boot,)
+    return np.exp(r) if exp else r
 
 
 def paired_difference(
@@ -72,35 +93,69 @@ def paired_difference(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    over: str = "seeds+examples",
 ) -> Interval | None:
-    """A − B for `metric` ("ppl" or "accuracy"), seed-paired (a[i] with b[i]), bootstrap over
-    examples. None when there is nothing to compare (no seeds, or no generated problems)."""
+    """A − B for `metric` ("ppl", "kl" or "accuracy"), seed-paired (a[i] with b[i]), by the
+    hierarchical bootstrap (`over="seeds+examples"`) or over examples only (`"examples"`).
+    None when there is nothing to compare (no seeds, or no generated problems)."""
     if not a or len(a) != len(b):
         return None
+    if over not in ("seeds+examples", "examples"):
+        raise ValueError(f"over must be 'seeds+examples' or 'examples', got {over!r}")
+    if metric not in ("ppl", "kl", "accuracy"):
+        raise ValueError(f"unknown metric {metric!r}; use 'ppl', 'kl' or 'accuracy'")
     rng = np.random.default_rng(seed)
-    if metric == "ppl":
-        n = a[0].nll.size
-        if any(x.nll.size != n for x in (*a, *b)):
-            raise ValueError("runs scored different test examples; they cannot be paired")
-        point = [x.ppl() - y.ppl() for x, y in zip(a, b, strict=True)]
-        idx = rng.integers(0, n, size=(n_boot, n))
-        pairs = zip(a, b, strict=True)
-        boots = np.mean(
-            [_ppl_of(x.nll, x.tokens, idx) - _ppl_of(y.nll, y.tokens, idx) for x, y in pairs], 0
-        )
-    elif metric == "accuracy":
+    if metric == "accuracy":
         m = a[0].correct.size
         if m == 0 or any(x.correct.size != m for x in (*a, *b)):
             return None
-        point = [x.correct.mean() - y.correct.mean() for x, y in zip(a, b, strict=True)]
-        idx = rng.integers(0, m, size=(n_boot, m))
-        pairs = zip(a, b, strict=True)
-        boots = np.mean([x.correct[idx].mean(1) - y.correct[idx].mean(1) for x, y in pairs], 0)
+
+        def value(x: PerExample, idx: np.ndarray) -> np.ndarray:
+            return x.correct[idx].mean(-1)
+
+        n = m
     else:
-        raise ValueError(f"unknown metric {metric!r}; use 'ppl' or 'accuracy'")
+        n = a[0].nll.size
+        if any(x.nll.size != n for x in (*a, *b)):
+            raise ValueError("runs scored different test examples; they cannot be paired")
+
+        def value(x: PerExample, idx: np.ndarray) -> np.ndarray:
+            return _boot_ratio(*x.ratio(metric), idx)
+
+    everything = np.arange(n)[None]  # (1, n): the point estimate's "resample"
+    pairs = list(zip(a, b, strict=True))
+    point = [float(value(x, everything)[0] - value(y, everything)[0]) for x, y in pairs]
+    s = len(a)
+    if over == "examples":  # one example resample shared by every seed (v1's interval)
+        idx = rng.integers(0, n, size=(n_boot, n))
+        boots = np.mean([value(x, idx) - value(y, idx) for x, y in pairs], 0)
+    else:  # seeds with replacement, then examples within each drawn seed
+        seeds = rng.integers(0, s, size=(n_boot, s))  # (n_boot, s)
+        diffs = np.empty((n_boot, s))
+        for j in range(s):
+            idx = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n): this slot's examples
+            per = np.stack([value(x, idx) - value(y, idx) for x, y in pairs])  # (s, n_boot)
+            diffs[:, j] = per[seeds[:, j], np.arange(n_boot)]  # (n_boot,)
+        boots = diffs.mean(1)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(boots, [tail, 100 - tail])
-    return Interval(float(np.mean(point)), float(low), float(high), tuple(map(float, point)))
+    p = min(1.0, 2 * min(float((boots <= 0).mean()), float((boots >= 0).mean())))
+    return Interval(
+        float(np.mean(point)), float(low), float(high), tuple(point), p_value=p, over=over
+    )
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as given): the i-th smallest is
+    multiplied by (k − i), made non-decreasing, capped at 1. A comparison is significant at
+    level α in a table of k when its adjusted value is below α."""
+    k = len(p_values)
+    order = sorted(range(k), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * k, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (k - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def winner(iv: Interval, a: str, b: str, lower_is_better: bool) -> str | None:
