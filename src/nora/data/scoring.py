@@ -73,3 +73,28 @@ def _normalise(s: str) -> str:
         return repr(float(s))  # "42", "42.0" and "+42" are the same number
     except ValueError:
         return " ".join(s.split())
+
+
+def family(example: Example) -> str:
+    """The family an example's answers are drawn from: its reasoning-gym task, else its source."""
+    return str(example.meta.get("task") or example.meta.get("source") or "all")
+
+
+def majority_answers(train: list[Example]) -> dict[str, str]:
+    """Per family, the most common gold answer in `train` (ties: the one seen first)."""
+    from collections import Counter
+
+    counts: dict[str, Counter] = {}
+    for e in train:
+        if e.answer is not None:
+            counts.setdefault(family(e), Counter())[e.answer] += 1
+    return {f: c.most_common(1)[0][0] for f, c in counts.items()}
+
+
+def majority_prior(train: list[Example], test: list[Example]) -> list[float]:
+    """The answer-prior baseline: per test problem, the score (the source's own scorer) of
+    answering its family's most common training answer; 0 for a family never seen in training.
+    A model whose pass@1 is not above this has learned the answer format and the prior, no more.
+    """
+    majority = majority_answers(train)
+    return [score_answer(e, majority[family(e)]) if family(e) in majority else 0.0 for e in test]

@@ -67,7 +67,7 @@ class DataContext:
         from nora.models import load_base_model
         from nora.prefix_cache import PrefixCache, PrefixCacheError, find_layer_list
 
-        self.dataset, self.n_val, self.n_test = dataset, n_val, n_test
+        self.dataset, self.n_val, self.n_test, self.n_train = dataset, n_val, n_test, n_train
         self.data_kw = {"path": data_path} if data_path else {}
         self.model, self.tok = load_base_model(model)
         self.n_layers = len(find_layer_list(self.model)[1])
@@ -155,6 +155,15 @@ class DataContext:
 
         held = load_examples(self.dataset, self.n_val + self.n_test, 0, **self.data_kw)
         return [e for e in held[self.n_val :] if e.answer is not None][:n_gen]
+
+    def prior_correct(self, n_gen: int) -> list[float]:
+        """Per test problem of `gen_examples(n_gen)`: the majority-answer prior's score (its
+        family's most common answer among this context's training examples)."""
+        from nora.data import load_examples, majority_prior
+
+        held = self.n_val + self.n_test
+        train = load_examples(self.dataset, held + self.n_train, 0, **self.data_kw)[held:]
+        return majority_prior(train, self.gen_examples(n_gen))
 
     def pass_at_1(self, model, n_gen: int, max_new_tokens: int) -> tuple[list[float], list[str]]:
         """Greedy pass@1 per test problem (the data source's scorer) and the completions."""

@@ -231,7 +231,11 @@ class Study(Runner):
             scores = c.score_test(
                 c.model, self.cfg.n_gen, self.cfg.max_new(dataset), teacher=teacher
             )
-            return {"variant": "base", "dataset": dataset, **scores}
+            prior = {}
+            if self.cfg.n_gen:  # pass@1 has a baseline: the per-family majority answer
+                correct = c.prior_correct(self.cfg.n_gen)
+                prior = {"prior": {"correct": correct, "accuracy": sum(correct) / len(correct)}}
+            return {"variant": "base", "dataset": dataset, **scores, **prior}
 
         self.guarded(out, out / "test.json", job, f"base {dataset}")
 
