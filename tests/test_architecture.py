@@ -18,7 +18,7 @@ LAYER_OF = {
     "quantize": "core",
     **dict.fromkeys(
         ["train", "evaluate", "data", "models", "prefix_cache", "tracking", "peft", "export"]
-        + ["lmeval"],
+        + ["lmeval", "distill"],
         "training",
     ),
     "study": "study",
