@@ -168,7 +168,8 @@ def bench_train(
     """
     from peft import LoraConfig, get_peft_model
 
-    from nora.fused import fuse_shared_inputs, fused
+    from nora.fused import fused
+    from nora.inject import fuse_shared_inputs
 
     methods = methods or sorted(nora.METHODS)
     g = torch.Generator().manual_seed(0)
@@ -309,7 +310,8 @@ def focus_pairs(res: dict) -> list[dict]:
 def bench_fastpaths(ranks: list[int], reps: int, n: int = 2048) -> dict:
     """Branch forward+backward with the fused node vs plain autograd (time, saved bytes), and
     q/k/v adapters (576→576, 576→192, 576→192) with one shared shrink vs three."""
-    from nora.fused import fuse_shared_inputs, fused
+    from nora.fused import fused
+    from nora.inject import fuse_shared_inputs
 
     k = d = 576
     rows, shared = [], []

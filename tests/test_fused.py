@@ -10,7 +10,8 @@ from conftest import tiny_llama
 from torch import nn
 
 import nora
-from nora.fused import fuse_shared_inputs, fused, unfuse_shared_inputs
+from nora.fused import fused
+from nora.inject import fuse_shared_inputs, unfuse_shared_inputs
 
 LATENT = ["lora", "nora", "nolora", "aurora"]
 

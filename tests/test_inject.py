@@ -74,10 +74,16 @@ def test_unload_restores_the_original_model_exactly(method, placement, ids):
     q0 = model.model.layers[0].self_attn.q_proj
     snap = snapshot(model)
     ref = logits(model, ids)
+    assert not nora.has_adapters(model)
     nora.inject(model, nora.AdapterConfig(method=method, r=4, placement=placement))
+    assert nora.has_adapters(model)
+    assert all(
+        isinstance(w, nora.adapters.AdapterWrapper) for w in nora.adapter_modules(model).values()
+    )
     randomize(model)
     assert not torch.equal(logits(model, ids), ref)
     nora.unload(model)
+    assert not nora.has_adapters(model)
     assert_unchanged(model, snap)
     assert model.model.layers[0].self_attn.q_proj is q0  # the very same module object
     assert torch.equal(logits(model, ids), ref)

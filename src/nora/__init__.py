@@ -14,7 +14,7 @@ import logging
 from nora.adapters import METHODS, NotMergeableError
 from nora.checkpoint import CheckpointError, load_adapter, read_config, save_adapter
 from nora.config import AdapterConfig, ConfigError
-from nora.fused import fuse_shared_inputs, set_fused, unfuse_shared_inputs
+from nora.fused import set_fused
 from nora.inject import (
     InjectionError,
     ParamCount,
@@ -22,11 +22,14 @@ from nora.inject import (
     adapter_state_dict,
     count_parameters,
     disable_adapters,
+    fuse_shared_inputs,
     get_config,
+    has_adapters,
     inject,
     merge,
     parameter_table,
     set_adapters_enabled,
+    unfuse_shared_inputs,
     unload,
 )
 
@@ -51,6 +54,7 @@ __all__ = [
     "disable_adapters",
     "fuse_shared_inputs",
     "get_config",
+    "has_adapters",
     "inject",
     "load_adapter",
     "merge",

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nora.adapters.base import Adapter, _Wrapper
+from nora.adapters import Adapter, AdapterWrapper
 from nora.checkpoint import load_adapter
 from nora.inject import InjectionError, adapter_modules, get_config, unload
 
@@ -148,8 +148,8 @@ def auc90_fraction(sv: Tensor, r: int | None = None, threshold: float = 0.9) -> 
 # ---------------------------------------------------------------- weight view
 
 
-def _adapter(module: _Wrapper | Adapter) -> Adapter:
-    return module.adapter if isinstance(module, _Wrapper) else module
+def _adapter(module: AdapterWrapper | Adapter) -> Adapter:
+    return module.adapter if isinstance(module, AdapterWrapper) else module
 
 
 def _weight_is_product(a: Adapter) -> bool:
@@ -157,7 +157,7 @@ def _weight_is_product(a: Adapter) -> bool:
     return not a.mergeable or a.linear
 
 
-def weight_update(module: _Wrapper | Adapter) -> Tensor:
+def weight_update(module: AdapterWrapper | Adapter) -> Tensor:
     """The weight view (d, k), float64: s·B·A; for LoRAN the true ΔW = s·Sinter(B·A).
 
     For the non-linear methods this ignores the activation (and NoLoRA's v, AuroRA's H and
@@ -172,7 +172,7 @@ def weight_update(module: _Wrapper | Adapter) -> Tensor:
         return a.scale * (B @ A)
 
 
-def weight_singular_values(module: _Wrapper | Adapter) -> Tensor:
+def weight_singular_values(module: AdapterWrapper | Adapter) -> Tensor:
     """Singular values of `weight_update`, without forming d×k when ΔW = s·B·A.
 
     B = Q_B R_B and Aᵀ = Q_A R_A (reduced QR), so σ(s·B·A) = |s|·σ(R_B R_Aᵀ), an r×r SVD:
@@ -225,7 +225,7 @@ class _Reservoir:
         self.keys, self.rows = keys, rows
 
 
-def _active_wrappers(model: nn.Module) -> dict[str, _Wrapper]:
+def _active_wrappers(model: nn.Module) -> dict[str, AdapterWrapper]:
     wrappers = adapter_modules(model)
     if not wrappers:
         raise AnalysisError(

@@ -23,7 +23,7 @@ Every latent method (lora, nora, nolora, aurora) computes
    MLP) get one shrink GEMM x·[A_q; A_k; A_v]ᵀ instead of three, reading x once. The group
    computes it when the first member is called with x and hands each member its slice;
    a member called with a different tensor gets a fresh computation, so the result is
-   always A_member · x_member. `fuse_shared_inputs(model)` sets it up after `inject`.
+   always A_member · x_member. `inject.fuse_shared_inputs(model)` sets it up after `inject`.
 """
 
 from __future__ import annotations
@@ -244,49 +244,3 @@ class SharedInputGroup:
             self._x, self._z = None, None
         lo, hi = self.spans[i]
         return z[..., lo:hi]
-
-
-DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen2, …: attention reads one input
-    ("gate_proj", "up_proj"),  # gated MLPs
-)
-
-
-def fuse_shared_inputs(model: nn.Module, groups: Sequence[Sequence[str]] = DEFAULT_GROUPS) -> int:
-    """Give sibling adapted layers named in one of `groups` a shared shrink; returns #groups.
-
-    Only weight-level adapters with a shrink (every method but loran) take part, and only
-    siblings with the same input width and parameter dtype/device. Calling it again
-    rebuilds the groups; `unfuse_shared_inputs` removes them.
-    """
-    from nora.adapters.base import AdapterLinear
-
-    unfuse_shared_inputs(model)
-    n = 0
-    for parent in model.modules():
-        kids = {name: m for name, m in parent.named_children() if isinstance(m, AdapterLinear)}
-        for names in groups:
-            members = [kids[nm].adapter for nm in names if nm in kids]
-            members = [a for a in members if a.shrinks]
-            if len(members) < 2:
-                continue
-            w0 = members[0].lora_A.weight
-            if any(
-                a.in_features != members[0].in_features
-                or a.lora_A.weight.dtype != w0.dtype
-                or a.lora_A.weight.device != w0.device
-                for a in members
-            ):
-                continue
-            group = SharedInputGroup(members)
-            for a in members:
-                a.shared = group
-            n += 1
-    return n
-
-
-def unfuse_shared_inputs(model: nn.Module) -> None:
-    """Every adapter back to its own shrink."""
-    for m in model.modules():
-        if getattr(m, "shared", None) is not None and hasattr(m, "lora_A"):
-            m.shared = None

@@ -11,15 +11,21 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from nora.adapters import METHODS, AdapterLinear, NotMergeableError, ParallelAdapter
-from nora.adapters.base import _Wrapper
+from nora.adapters import (
+    METHODS,
+    AdapterLinear,
+    AdapterWrapper,
+    NotMergeableError,
+    ParallelAdapter,
+)
 from nora.config import AdapterConfig
+from nora.fused import SharedInputGroup
 from nora.quantize import is_quantized
 
 DEFAULT_LAYERS_PATTERN = "layers|h|blocks|block|layer"
@@ -42,9 +48,15 @@ def _state(model: nn.Module) -> _State:
     return state
 
 
-def adapter_modules(model: nn.Module) -> dict[str, _Wrapper]:
+def has_adapters(model: nn.Module) -> bool:
+    """Whether `nora.inject` / `load_adapter` put adapters on this model (and `unload` has not
+    taken them off)."""
+    return getattr(model, "_nora_state", None) is not None
+
+
+def adapter_modules(model: nn.Module) -> dict[str, AdapterWrapper]:
     """Module path -> wrapper, for every adapter in the model."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _Wrapper)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterWrapper)}
 
 
 def get_config(model: nn.Module) -> AdapterConfig:
@@ -127,7 +139,9 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Mod
     return found
 
 
-def _build_wrapper(model: nn.Module, name: str, module: nn.Module, cfg: AdapterConfig) -> _Wrapper:
+def _build_wrapper(
+    model: nn.Module, name: str, module: nn.Module, cfg: AdapterConfig
+) -> AdapterWrapper:
     cls = METHODS[cfg.method]
     if cfg.placement == "weight":
         k, d = module.in_features, module.out_features
@@ -157,11 +171,11 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def plan(model: nn.Module, config: AdapterConfig) -> list[tuple[str, _Wrapper]]:
+def plan(model: nn.Module, config: AdapterConfig) -> list[tuple[str, AdapterWrapper]]:
     """Check `config` against `model` and build (name, wrapper) pairs, touching nothing."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a nora.AdapterConfig, got {type(config).__name__}")
-    if getattr(model, "_nora_state", None) is not None or adapter_modules(model):
+    if has_adapters(model) or adapter_modules(model):
         raise InjectionError("this model already has nora adapters; call nora.unload(model) first")
     wrappers = []
     for name, module in find_targets(model, config):
@@ -175,7 +189,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 
 def apply(
-    model: nn.Module, config: AdapterConfig, wrappers: list[tuple[str, _Wrapper]]
+    model: nn.Module, config: AdapterConfig, wrappers: list[tuple[str, AdapterWrapper]]
 ) -> nn.Module:
     """Swap planned wrappers in and freeze the base; cannot fail for a user mistake."""
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -292,3 +306,50 @@ def parameter_table(model: nn.Module) -> str:
     lines += [f"{k:<16}{c:>7}{n:>16,}" for k, (c, n) in sorted(rows.items())]
     lines.append(str(count_parameters(model)))
     return "\n".join(lines)
+
+
+# --- one shrink GEMM for siblings that read the same input (nora.fused.SharedInputGroup) ---
+
+
+DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen2, …: attention reads one input
+    ("gate_proj", "up_proj"),  # gated MLPs
+)
+
+
+def fuse_shared_inputs(model: nn.Module, groups: Sequence[Sequence[str]] = DEFAULT_GROUPS) -> int:
+    """Give sibling adapted layers named in one of `groups` a shared shrink; returns #groups.
+
+    Only weight-level adapters with a shrink (every method but loran) take part, and only
+    siblings with the same input width and parameter dtype/device. Calling it again
+    rebuilds the groups; `unfuse_shared_inputs` removes them.
+    """
+    unfuse_shared_inputs(model)
+    n = 0
+    for parent in model.modules():
+        kids = {name: m for name, m in parent.named_children() if isinstance(m, AdapterLinear)}
+        for names in groups:
+            members = [kids[nm].adapter for nm in names if nm in kids]
+            members = [a for a in members if a.shrinks]
+            if len(members) < 2:
+                continue
+            w0 = members[0].lora_A.weight
+            if any(
+                a.in_features != members[0].in_features
+                or a.lora_A.weight.dtype != w0.dtype
+                or a.lora_A.weight.device != w0.device
+                for a in members
+            ):
+                continue
+            group = SharedInputGroup(members)
+            for a in members:
+                a.shared = group
+            n += 1
+    return n
+
+
+def unfuse_shared_inputs(model: nn.Module) -> None:
+    """Every adapter back to its own shrink."""
+    for m in model.modules():
+        if getattr(m, "shared", None) is not None and hasattr(m, "lora_A"):
+            m.shared = None

@@ -33,8 +33,7 @@ from peft.utils import PeftType
 from torch import nn
 
 from nora import checkpoint
-from nora.adapters import AdapterLinear, NotMergeableError, ParallelAdapter
-from nora.adapters.base import _Wrapper
+from nora.adapters import AdapterLinear, AdapterWrapper, NotMergeableError, ParallelAdapter
 from nora.config import FORMAT_VERSION, AdapterConfig, ConfigError
 from nora.inject import adapter_modules, apply, plan, set_adapters_enabled
 from nora.inject import merge as merge_adapters
@@ -238,7 +237,9 @@ class NoraTuner(BaseTuner):
         # instead of PEFT's partial load_state_dict(strict=False).
         pre = checkpoint.PREFIX
         wrappers = [
-            (n.removeprefix(pre), m) for n, m in model.named_modules() if isinstance(m, _Wrapper)
+            (n.removeprefix(pre), m)
+            for n, m in model.named_modules()
+            if isinstance(m, AdapterWrapper)
         ]
         problems = checkpoint.tensor_problems(
             wrappers, {k.removeprefix(pre): v for k, v in state_dict.items()}

@@ -39,7 +39,9 @@ def quantize_base(
     4-bit NF4 or 8-bit counterpart holding the same weights, in place; returns `model`."""
     if bits not in (4, 8):
         raise QuantizationError(f"bits must be 4 or 8, got {bits!r}")
-    if getattr(model, "_nora_state", None) is not None:
+    from nora.inject import has_adapters  # inject imports this module: not at the top
+
+    if has_adapters(model):
         raise QuantizationError("quantize the base model before injecting adapters")
     try:
         import bitsandbytes as bnb

@@ -365,7 +365,7 @@ def _setup(cfg, model, tokenizer, resume, splits, prefix) -> _Run:
         except DistillError as e:
             raise TrainingError(str(e)) from None
     torch.manual_seed(cfg.seed)  # adapter init depends only on the seed
-    if getattr(model, "_nora_state", None) is None:
+    if not nora.has_adapters(model):
         nora.inject(model, cfg.adapter)
     if torch.cuda.is_available():  # master weights in fp32 under bf16 autocast
         for w in nora.adapter_modules(model).values():

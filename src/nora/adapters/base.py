@@ -260,7 +260,7 @@ class ActivationAdapter(Adapter):
         return REGISTRY[kind[1]].fn(z, p)
 
 
-class _Wrapper(nn.Module):
+class AdapterWrapper(nn.Module):
     """Shared state of both wrappers: the original module, the adapter, merged/disabled."""
 
     def __init__(self, base_layer: nn.Module, adapter: Adapter):
@@ -285,7 +285,7 @@ class _Wrapper(nn.Module):
         return not (self.merged or self.disabled)
 
 
-class AdapterLinear(_Wrapper):
+class AdapterLinear(AdapterWrapper):
     """Weight-level placement: h = W0·x (+ bias) + Δ(x) inside a targeted nn.Linear."""
 
     base_layer: nn.Linear
@@ -316,7 +316,7 @@ class AdapterLinear(_Wrapper):
         self.merged = True
 
 
-class ParallelAdapter(_Wrapper):
+class ParallelAdapter(AdapterWrapper):
     """Module-level placement: h = block(x, ...) + Δ(x), added to the block's first output.
 
     The block's input is its first positional argument or its `hidden_states` keyword, as in

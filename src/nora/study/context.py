@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import nora
 from nora.checkpoint import atomic_write
 from nora.data import batches
 
@@ -257,9 +258,7 @@ class Runner:
             )
             self.log(f"FAILED {what}: {type(e).__name__}: {e}")
             self.failed += 1
-            if self.ctx is not None and getattr(self.ctx.model, "_nora_state", None) is not None:
-                import nora
-
+            if self.ctx is not None and nora.has_adapters(self.ctx.model):
                 nora.unload(self.ctx.model)  # the next run starts from the base model
             return None
         result["wall_s"] = time.perf_counter() - t0
