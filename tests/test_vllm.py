@@ -292,6 +292,24 @@ def test_cuda_graph_guard_refuses_only_kinds_without_state(tmp_path, monkeypatch
     assert wide.kind not in layer.nora_sigma.index  # refused: nothing allocated
 
 
+def test_kinds_env_names_the_kinds_allocated_up_front(monkeypatch):
+    # fewer kinds, fewer σs in each captured graph: "method" or "method:activation" entries
+    aurora = next(pk.kind for pk in layers.builtin_packs() if pk.kind[0] == "aurora")
+    cases = {
+        "nora:silu, aurora": {("nora", "silu"), aurora},
+        "nolora": {("nolora", a) for a in nora.adapters.METHODS["nolora"].activations},
+        "": set(),
+    }
+    for select, want in cases.items():
+        monkeypatch.setattr(layers, "_KINDS", None)
+        monkeypatch.setenv("NORA_VLLM_KINDS", select)
+        assert set(SlotSigma(n_slices=1, slots=2, rank=4, device="cpu").index) == want, select
+    monkeypatch.setattr(layers, "_KINDS", None)
+    monkeypatch.setenv("NORA_VLLM_KINDS", "nora:swish,lora")
+    with pytest.raises(ValueError, match="lora, nora:swish names no built-in kind"):
+        layers.kinds()
+
+
 # ----------------------------------------------------------------------------- real vLLM
 
 

@@ -17,6 +17,8 @@ plugin, loaded by vLLM in every process, inserts the method's latent map σ betw
   loaded later; each step applies each kind's σ to the whole latent and selects per token by
   its slot (torch.where: no Python branching on the batch). Row-parallel layers under tensor
   parallelism all-reduce the latent before σ (the shrink of a sharded input is a partial sum).
+  NORA_VLLM_KINDS (e.g. "nora:silu,aurora") allocates only the kinds it names: fewer σs in
+  each captured graph; an adapter of another kind is then refused once graphs are captured.
 
 The plugin replaces private vLLM methods, so it fails closed: `register()` first checks the
 vLLM version against TESTED_VLLM and that every method it patches exists with the parameters
@@ -109,6 +111,7 @@ def register() -> None:
     from nora.vllm import layers, loading
 
     check(vllm.__version__, [*layers.hooks(), *loading.hooks()])  # before patching anything
+    layers.kinds()  # a NORA_VLLM_KINDS naming no kind stops start-up here, not in a worker
     layers.install()
     loading.install()
     _DONE = True

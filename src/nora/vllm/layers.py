@@ -29,6 +29,7 @@ so torch.compile treats it as opaque and reads the live slot state.
 from __future__ import annotations
 
 import dataclasses
+import os
 import weakref
 from collections.abc import Hashable, Iterable
 
@@ -40,7 +41,8 @@ from nora.config import AdapterConfig
 
 # layer name -> layer: the custom op finds its layer here (weak: engines come and go)
 _LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_KINDS: dict[Hashable, Packed] = {}  # kind -> a pack of it: every layer holds σ state for each
+# kind -> a pack of it: every layer has σ state for each (None: not built yet, see `kinds`)
+_KINDS: dict[Hashable, Packed] | None = None
 _CAPTURED = False  # a CUDA graph was captured with the σ op in it: no new kinds since
 
 
@@ -124,21 +126,35 @@ def is_linear(pk: Packed) -> bool:
     return METHODS[pk.kind[0]].identity_sigma()
 
 
-def builtin_packs() -> list[Packed]:
-    """A pack of each kind of the registered non-linear methods at their default settings."""
-    out = []
+def builtin_packs(select: str | None = None) -> list[Packed]:
+    """A pack of each kind of the registered non-linear methods at their default settings.
+
+    select (NORA_VLLM_KINDS): comma-separated "method" or "method:activation" entries, to keep
+    only those kinds (fewer σs in captured graphs); None: all."""
+    out = {}  # "method:activation" -> pack
     for name, cls in METHODS.items():
         if not cls.shrinks or cls.identity_sigma():  # dense (refused by loading) or linear
             continue
         for act in cls.activations:
-            out.append(cls(1, 1, AdapterConfig(method=name, r=1, activation=act)).pack())
-    return out
+            out[f"{name}:{act}"] = cls(1, 1, AdapterConfig(method=name, r=1, activation=act)).pack()
+    if select is None:
+        return list(out.values())
+    want = {w.strip() for w in select.split(",") if w.strip()}
+    keep = {k for k in out for w in want if w in (k, k.split(":")[0])}
+    if unknown := sorted(w for w in want if not any(w in (k, k.split(":")[0]) for k in out)):
+        raise ValueError(
+            f"NORA_VLLM_KINDS: {', '.join(unknown)} names no built-in kind; use a method or "
+            f"method:activation of {', '.join(out)}"
+        )
+    return [pk for k, pk in out.items() if k in keep]
 
 
 def kinds() -> dict[Hashable, Packed]:
-    """Every kind each layer holds σ state for: the built-in ones, then any admitted since."""
-    if not _KINDS:
-        _KINDS.update((pk.kind, pk) for pk in builtin_packs())
+    """Every kind each layer holds σ state for: the built-in ones (those NORA_VLLM_KINDS
+    names, when set), then any admitted since."""
+    global _KINDS
+    if _KINDS is None:
+        _KINDS = {pk.kind: pk for pk in builtin_packs(os.environ.get("NORA_VLLM_KINDS"))}
     return _KINDS
 
 
@@ -150,11 +166,11 @@ def admit(packs: Iterable[Packed]) -> None:
         if _CAPTURED:
             raise GraphCapturedError(
                 f"vLLM captured CUDA graphs before an adapter of kind {pk.kind} was loaded, and "
-                "only the built-in kinds (NoRA/NoLoRA with each activation, AuroRA on its "
-                "default spline grid) have σ state in them: serve this adapter with "
-                "--enforce-eager"
+                "only the kinds allocated at start-up have σ state in them (the built-in ones: "
+                "NoRA/NoLoRA with each activation, AuroRA on its default spline grid; or those "
+                "NORA_VLLM_KINDS names): serve this adapter with --enforce-eager"
             )
-        _KINDS[pk.kind] = pk
+        kinds()[pk.kind] = pk
         for layer in list(_LAYERS.values()):
             layer.nora_sigma.add_kind(pk.kind, pk)
 
