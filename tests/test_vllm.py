@@ -11,6 +11,7 @@ The first tests need no vLLM: nora's half of the plugin (reading/refusing folder
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ import torch
 from conftest import tiny_llama
 
 import nora
+import nora.adapters
 from nora.models import DEFAULT_MODEL, cache_root, load_base_model
 from nora.vllm import layers
 from nora.vllm.layers import SlotSigma
@@ -132,61 +135,179 @@ def test_pack_folder_is_each_modules_own_pack(tmp_path):
             torch.testing.assert_close(packs[name].p[k], ref.p[k], rtol=0, atol=0)
 
 
-def test_slot_sigma_per_token_equals_each_adapters_own_sigma(tmp_path):
-    # 5 slots: a NoRA (scale 2.5), a NoLoRA, two AuroRAs of one kind (ranks 2 and 5), a LoRA;
-    # tokens in random slot order, -1 included (vLLM's "no adapter", reading the last slot
-    # as vLLM's own shrink/expand do). Latent width R = 8 > every rank: padding is exercised.
-    specs = [
-        dict(method="nora", r=4, scale=2.5),
-        dict(method="nolora", r=6),
-        dict(method="aurora", r=2),
-        dict(method="aurora", r=5),
-        dict(method="lora", r=3),
-    ]
-    R, slots = 8, 6
-    adapters = []
+def slot_adapters(tmp_path, specs, module="model.layers.0.self_attn.q_proj"):
+    out = []
     for i, cfg in enumerate(specs):
         folder = save_random(tmp_path / str(i), tiny_llama, i, std=0.5, **cfg)
         model = nora.load_adapter(tiny_llama(), folder)
-        adapters.append(nora.adapter_modules(model)["model.layers.0.self_attn.q_proj"].adapter)
-    state = SlotSigma(n_slices=1, slots=slots, rank=R, device="cpu")
+        out.append(nora.adapter_modules(model)[module].adapter)
+    return out
+
+
+SLOT_SPECS = [  # every σ family: NoRA (scale 2.5), sinter, NoLoRA, two AuroRAs, a LoRA
+    dict(method="nora", r=4, scale=2.5),
+    dict(method="nora", r=3, activation="sinter"),
+    dict(method="nolora", r=6),
+    dict(method="aurora", r=2),
+    dict(method="aurora", r=5),
+    dict(method="lora", r=3),
+]
+
+
+def slot_batch(adapters, R: int, n: int = 40, seed: int = 0):
+    """Latents of tokens in random slot order, -1 included (vLLM's "no adapter", reading the
+    last slot as vLLM's own shrink/expand do); zeros beyond each adapter's rank, as vLLM's
+    shrink leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    slot = torch.randint(-1, len(adapters), (n,), generator=g)
+    z = torch.randn(2, n, R, generator=g)  # two slices
     for s, a in enumerate(adapters):
-        state.set(s, [a.pack()])
-    assert [g.kind for g in state.groups[0]] == [a.kind() for a in adapters[:3]]  # 2 auroras: 1
-    g = torch.Generator().manual_seed(0)
-    slot = torch.randint(-1, len(adapters), (40,), generator=g)
-    z = torch.randn(40, R, generator=g)
-    z[:, 6:] = 0  # the widest adapter has r = 6: vLLM's shrink leaves zeros beyond each rank
-    for s in range(len(adapters)):
-        z[slot == s, adapters[s].r :] = 0
+        z[:, slot == s, a.r :] = 0
+    z[:, slot == -1] = 0
+    return z, slot
+
+
+def state_buffers(state: SlotSigma) -> dict:
+    return {
+        "kind_id": (state.kind_id.data_ptr(), state.kind_id.shape),
+        **{(g.kind, k): (v.data_ptr(), v.shape) for g in state.groups for k, v in g.p.items()},
+    }
+
+
+def test_slot_sigma_per_token_equals_each_adapters_own_sigma(tmp_path):
+    # 7 slots: the adapters of SLOT_SPECS, then an empty one (read by the -1 tokens); two
+    # slices holding each adapter's q_proj and v_proj. Latent width R = 8 > every rank.
+    R, slots = 8, len(SLOT_SPECS) + 1
+    q = slot_adapters(tmp_path / "q", SLOT_SPECS)
+    v = slot_adapters(tmp_path / "v", SLOT_SPECS, "model.layers.0.self_attn.v_proj")
+    state = SlotSigma(n_slices=2, slots=slots, rank=R, device="cpu")
+    before = state_buffers(state)
+    for s, (a, b) in enumerate(zip(q, v, strict=True)):
+        state.set(s, [a.pack(), b.pack()])
+    # every kind was allocated up front: loading copied into the buffers, allocated nothing
+    assert state_buffers(state) == before
+    assert state.resident[: len(q)] == [state.index[a.kind()] + 1 for a in q[:5]] + [0]
+    z, slot = slot_batch(q, R)
     out = z.clone()
-    state.apply_(0, out, slot)
-    for t in range(40):
-        s = int(slot[t])
-        if s == -1:  # slot 5 is empty: identity
-            torch.testing.assert_close(out[t], z[t], rtol=0, atol=0)
-            continue
-        a = adapters[s]
-        torch.testing.assert_close(out[t, : a.r], a.phi(z[t, : a.r]), rtol=1e-6, atol=1e-6)
+    state.apply_(out, slot)
+    for i, adapters in enumerate([q, v]):
+        for t in range(len(slot)):
+            s = int(slot[t])
+            if s == -1:  # the empty slot: identity
+                torch.testing.assert_close(out[i, t], z[i, t], rtol=0, atol=0)
+                continue
+            a = adapters[s]
+            want = a.phi(z[i, t, : a.r])
+            torch.testing.assert_close(out[i, t, : a.r], want, rtol=1e-6, atol=1e-6)
+    # every kind (what a captured graph runs) gives the same as the resident ones only
+    every = z.clone()
+    state.apply_(every, slot, every=True)
+    torch.testing.assert_close(every, out, rtol=0, atol=0)
     # a slot changing kind (vLLM re-uses slots): the new adapter's σ, no trace of the old
-    state.set(0, [adapters[1].pack()])
+    state.set(0, [q[2].pack(), v[2].pack()])
     out = z.clone()
-    state.apply_(0, out, slot)
+    state.apply_(out, slot)
     t = int((slot == 0).nonzero()[0])
-    torch.testing.assert_close(out[t, :6], adapters[1].phi(z[t, :6]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[0, t, :6], q[2].phi(z[0, t, :6]), rtol=1e-6, atol=1e-6)
+    assert state_buffers(state) == before
 
 
-def test_cuda_graph_guard_refuses_non_linear_adapters_only(tmp_path, monkeypatch):
-    # CUDA graphs captured before a NoRA adapter arrives would replay without its σ
-    packs = {}
-    for m in ("lora", "nora"):
-        model = nora.load_adapter(tiny_llama(), save_random(tmp_path / m, tiny_llama, 0, method=m))
-        packs[m] = next(iter(nora.adapter_modules(model).values())).adapter.pack()
-    assert layers.is_linear(packs["lora"]) and not layers.is_linear(packs["nora"])
-    layers.check_not_captured()  # nothing captured: no error
+def test_sigma_state_covers_every_builtin_kind():
+    # every kind of every registered non-linear method at its default settings: NoRA and
+    # NoLoRA with each activation, AuroRA on its default spline grid; LoRA needs none
+    state = SlotSigma(n_slices=1, slots=2, rank=4, device="cpu")
+    want = set()
+    for name, cls in nora.adapters.METHODS.items():
+        if cls.shrinks and not cls.identity_sigma():
+            for act in cls.activations:
+                cfg = nora.AdapterConfig(method=name, r=2, activation=act)
+                want.add(cls(8, 8, cfg).kind())
+    assert set(state.index) == want and len(want) >= 15
+
+
+def test_sigma_step_compiles_to_one_static_graph_without_host_syncs(tmp_path):
+    # The per-step σ op, as captured in a CUDA graph (every kind): one graph, no breaks
+    # (fullgraph: an .item()/.tolist() or a branch on the data would break it), and loading
+    # another adapter afterwards changes the output, not the graph (no recompilation).
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    R = 8
+    adapters = slot_adapters(tmp_path, SLOT_SPECS)
+    state = SlotSigma(n_slices=2, slots=len(adapters) + 1, rank=R, device="cpu")
+    for s, a in enumerate(adapters[:-1]):
+        state.set(s, [a.pack(), a.pack()])
+    z, slot = slot_batch(adapters, R)
+    token_idx = torch.cat([slot, slot.new_full((5,), -1)])  # vLLM's buffer is longer than N
+
+    def step(z, token_idx):
+        layers.sigma_step_(state, z, token_idx, every=True)
+        return z
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    for swap in [None, adapters[2]]:  # then a NoLoRA into slot 0, after compilation
+        if swap is not None:
+            state.set(0, [swap.pack(), swap.pack()])
+        got, want = compiled(z.clone(), token_idx), z.clone()
+        state.apply_(want, slot)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1
+    # and by reading: the op's own code asks the device for nothing
+    srcs = [layers._sigma_op, layers.sigma_step_, layers._token_slots, SlotSigma.apply_]
+    for fn in srcs:
+        src = inspect.getsource(fn)
+        for sync in (".item(", ".tolist(", ".cpu(", ".nonzero(", "int(", "bool("):
+            assert sync not in src, (fn.__name__, sync)
+
+
+def test_cuda_graph_guard_refuses_only_kinds_without_state(tmp_path, monkeypatch):
+    # Built-in kinds have σ state from the start, so they are served after capture; a kind
+    # outside them (AuroRA on another spline grid) gets state in every layer on first load,
+    # but after capture it is refused: the captured graphs would replay without its σ.
+    monkeypatch.setattr(layers, "_KINDS", dict(layers.kinds()))
+    monkeypatch.setattr(layers, "_LAYERS", weakref.WeakValueDictionary())
+    layer = type("Layer", (), {})()
+    layer.nora_sigma = SlotSigma(n_slices=1, slots=2, rank=8, device="cpu")
+    layers._LAYERS["l0"] = layer
+    specs = [
+        dict(method="nora", r=4, activation="learnable"),
+        dict(method="nolora", r=4, activation="gelu"),
+        dict(method="aurora", r=4),
+        dict(method="aurora", r=4, spline_grid_size=4),
+        dict(method="aurora", r=4, spline_range=(-2.0, 2.0)),
+        dict(method="lora", r=4),
+    ]
+    packs = [a.pack() for a in slot_adapters(tmp_path, specs)]
+    builtin, (g4, wide, lora) = packs[:3], packs[3:]
+    monkeypatch.setattr(layers, "_CAPTURED", False)
+    layers.admit([*builtin, g4, lora])  # before capture: g4 gets state in every layer
+    assert g4.kind in layer.nora_sigma.index  # and layers made later hold it too:
+    assert g4.kind in SlotSigma(1, 2, 8, "cpu").index
     monkeypatch.setattr(layers, "_CAPTURED", True)
-    with pytest.raises(layers.GraphCapturedError, match="--enforce-eager"):
-        layers.check_not_captured()
+    layers.admit([*builtin, g4, lora])  # after capture: all of these have state
+    with pytest.raises(layers.GraphCapturedError, match="--enforce-eager") as e:
+        layers.admit([wide])
+    assert str(wide.kind) in str(e.value)
+    assert wide.kind not in layer.nora_sigma.index  # refused: nothing allocated
+
+
+def test_kinds_env_names_the_kinds_allocated_up_front(monkeypatch):
+    # fewer kinds, fewer σs in each captured graph: "method" or "method:activation" entries
+    aurora = next(pk.kind for pk in layers.builtin_packs() if pk.kind[0] == "aurora")
+    cases = {
+        "nora:silu, aurora": {("nora", "silu"), aurora},
+        "nolora": {("nolora", a) for a in nora.adapters.METHODS["nolora"].activations},
+        "": set(),
+    }
+    for select, want in cases.items():
+        monkeypatch.setattr(layers, "_KINDS", None)
+        monkeypatch.setenv("NORA_VLLM_KINDS", select)
+        assert set(SlotSigma(n_slices=1, slots=2, rank=4, device="cpu").index) == want, select
+    monkeypatch.setattr(layers, "_KINDS", None)
+    monkeypatch.setenv("NORA_VLLM_KINDS", "nora:swish,lora")
+    with pytest.raises(ValueError, match="lora, nora:swish names no built-in kind"):
+        layers.kinds()
 
 
 # ----------------------------------------------------------------------------- real vLLM
@@ -323,6 +444,101 @@ def test_vllm_tensor_parallel_2_equals_hf(tmp_path):
     # vLLM-CPU binds one OpenMP core set per rank; with one NUMA node it must be told how
     runs = run_offline(spec, tmp_path, bind="0|1")
     assert runs[0]["tokens"] == refs
+
+
+# Run in .venv-vllm: each case changes the real vLLM classes as an upstream release might,
+# calls the plugin's entry point, records what it said and whether vLLM was left unpatched,
+# then undoes the change; the last cases go through vLLM's own plugin loader.
+DRIFT = r"""
+import gc, json, sys
+import vllm
+from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA as Linear
+from vllm.lora.layers.column_parallel_linear import MergedQKVParallelLinearWithLoRA as QKV
+from vllm.lora.model_manager import LoRAModelManager as Manager
+from vllm.lora.worker_manager import WorkerLoRAManager as Worker
+import nora.vllm
+
+def attempt():
+    try:
+        nora.vllm.register()
+    except nora.vllm.UnsupportedVllmError as e:
+        patched = any(hasattr(c, "_nora_installed") for c in (Linear, Worker))
+        return {"error": str(e), "patched": patched}
+    return {"error": None, "patched": Linear._nora_installed}
+
+def change(cls, name, new):  # new None: deleted
+    old = cls.__dict__[name]
+    delattr(cls, name)
+    if new is not None:
+        setattr(cls, new if isinstance(new, str) else name, old if isinstance(new, str) else new)
+    out = attempt()
+    if isinstance(new, str):
+        delattr(cls, new)
+    setattr(cls, name, old)
+    return out
+
+out = {
+    "renamed": change(Linear, "_apply_lora_to_output", "_apply_lora"),
+    "deleted": change(Worker, "_load_adapter", None),
+    "signature": change(Manager, "activate_adapter", lambda self, adapter_id: True),
+    "subclass signature": change(
+        QKV, "create_lora_weights", lambda self, max_loras, lora_config, model_config, tp=1: None
+    ),
+}
+version, vllm.__version__ = vllm.__version__, "0.33.0"
+out["version"] = attempt()
+vllm.__version__ = version
+
+class NewLinearWithLoRA(Linear):  # a new layer type with its own path: σ would never run
+    def _apply_lora_to_output(self, x, output):
+        return output
+
+out["override"] = attempt()
+del NewLinearWithLoRA
+gc.collect()
+# vLLM's own loader calls the entry point unguarded: the refusal stops vLLM's start-up
+from vllm.plugins import load_general_plugins
+load = Worker.__dict__["_load_adapter"]
+delattr(Worker, "_load_adapter")
+try:
+    load_general_plugins()
+    out["vllm loader"] = {"error": None}
+except Exception as e:
+    out["vllm loader"] = {"error": f"{type(e).__name__}: {e}"}
+Worker._load_adapter = load
+out["clean"] = attempt()  # the drift undone: the same call patches vLLM
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+DRIFT_SAYS = {
+    "renamed": "BaseLinearLayerWithLoRA._apply_lora_to_output is missing",
+    "deleted": "WorkerLoRAManager._load_adapter is missing",
+    "signature": "LoRAModelManager.activate_adapter(self, adapter_id) changed: "
+    "expected (self, lora_id)",
+    "subclass signature": "MergedQKVParallelLinearWithLoRA.create_lora_weights(self, "
+    "max_loras, lora_config, model_config, tp) changed",
+    "version": "tested with vllm>=0.32,<0.33; found vllm 0.33.0",
+    "override": "NewLinearWithLoRA overrides _apply_lora_to_output",
+    "vllm loader": "UnsupportedVllmError: nora's vLLM plugin cannot hook into vllm 0.32",
+}
+
+
+def test_vllm_plugin_refuses_version_drift(tmp_path):
+    # The plugin replaces private vLLM methods: after an upstream rename the assignment would
+    # still succeed, σ would never run, and NoRA would be served as plain LoRA. So the entry
+    # point checks the version and each hook first, and patches nothing when one is off.
+    needs_vllm()
+    out = tmp_path / "drift.json"
+    p = subprocess.run(
+        [str(VPY), "-c", DRIFT, str(out)], capture_output=True, text=True, env=vllm_env()
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(out.read_text())
+    for case, says in DRIFT_SAYS.items():
+        assert says in (got[case]["error"] or ""), (case, got[case])
+        assert not got[case].get("patched"), case  # refused before patching anything
+    assert "vllm 0.32.0" in got["renamed"]["error"]  # the installed version is named
+    assert got["clean"] == {"error": None, "patched": True}
 
 
 def _free_port() -> int:

@@ -137,6 +137,15 @@ def check_fit(path, shapes: dict, got: dict, strict: bool = True) -> None:
         raise AdapterRefused(f"{path} does not fit this base model: " + first_problems(problems))
 
 
+def hooks() -> list:
+    """The vLLM method `install` replaces, as `nora.vllm.check` verifies it first."""
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    from nora.vllm import Hook
+
+    return [Hook(WorkerLoRAManager, "_load_adapter", ("self", "lora_request"))]
+
+
 def install() -> None:
     """Route every adapter folder vLLM loads through `_load_adapter` below (idempotent)."""
     from vllm.lora.worker_manager import WorkerLoRAManager
@@ -173,7 +182,7 @@ def _load_nora(self, lora_request, path: str):
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.lora.utils import parse_fine_tuned_lora_name
 
-    from nora.vllm.layers import check_not_captured, is_linear
+    from nora.vllm.layers import admit
 
     lc = self.lora_config
     if lc.fully_sharded_loras:
@@ -184,8 +193,7 @@ def _load_nora(self, lora_request, path: str):
     if envs.VLLM_LORA_ENABLE_DUAL_STREAM:
         raise AdapterRefused(f"{path}: unset VLLM_LORA_ENABLE_DUAL_STREAM to serve nora adapters")
     r, packs = pack_folder(path, lc.max_lora_rank)
-    if any(not is_linear(pk) for pk in packs.values()):
-        check_not_captured()
+    admit(packs.values())  # σ state for a new kind in every layer, or refused after capture
     manager = self._adapter_manager
     model = manager.model
     mapper = getattr(model, "hf_to_vllm_mapper", None)
