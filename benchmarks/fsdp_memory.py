@@ -5,10 +5,11 @@ half of every weight and of the AdamW state).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/fsdp_memory.py
         # writes benchmarks/results/fsdp_memory.{json,md}
-    ... benchmarks/fsdp_memory.py --steps 2 --max-len 64     # a smoke run
+    ... benchmarks/fsdp_memory.py --steps 2 --max-len 128    # a smoke run
+    ... benchmarks/fsdp_memory.py --mmap-threshold 65536     # -> fsdp_memory_mmap65536.*
 
-Each process reports: the bytes of the model's tensors it holds (parameters, its shard under
-FSDP; of which the trainable adapters), of its AdamW state, its resident set once the model
+Each process reports: the bytes of the model's parameters it holds (its shards under FSDP;
+of which the trainable adapters), of its AdamW state, its resident set once the model
 is set up (after the first step, freed memory handed back to the OS), its peak resident set
 over the whole run (VmHWM: loading included, which FSDP does not shard: every process loads
 the whole base, then shards it), and its peak over the training steps after the first (VmHWM
@@ -107,6 +108,8 @@ def launch(mode: str, args) -> list[dict]:
                "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--max-len", str(args.max_len)]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+        if args.mmap_threshold:  # glibc: larger blocks are mmapped, unmapped when freed
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{mode} run failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
@@ -122,6 +125,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2, help="per process")
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="per process")
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the launched processes, so freed "
+        "large buffers leave the resident set at once (RSS then tracks live memory)",
+    )
     ap.add_argument("--worker", action="store_true", help="(internal) one launched process")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -137,11 +146,12 @@ def main() -> None:
 
     meta = {"command": "benchmarks/fsdp_memory.py " + " ".join(sys.argv[1:]), "cpu": cpu,
             "cores": os.cpu_count(), "threads_per_process": args.threads,
-            "torch": torch.__version__}  # fmt: skip
+            "torch": torch.__version__, "malloc_mmap_threshold": args.mmap_threshold}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fsdp_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    name = "fsdp_memory" + (f"_mmap{args.mmap_threshold}" if args.mmap_threshold else "")
+    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        "| run | rank | model tensors held (MiB) | of which adapters | AdamW state (MiB) "
+        "| run | rank | parameters held (MiB) | of which adapters | AdamW state (MiB) "
         "| RSS after step 1 (MiB) | peak RSS, load + step 1 (MiB) | peak RSS, later steps (MiB) "
         "| s / step | final loss |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -153,7 +163,7 @@ def main() -> None:
             f"{r['peak_load_and_step1_mib']:.0f} | {r['peak_steps_mib']:.0f} | "
             f"{r['step_s']:.1f} | {r['final_train_loss']:.4f} |"
         )
-    (args.out / "fsdp_memory.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

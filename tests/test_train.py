@@ -211,8 +211,10 @@ FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
         ({**FSDP2, "FSDP_VERSION": "1"}, {}, "not FSDP version 1"),
         (FSDP2, {"load_in_8bit": True}, "--load-in-8bit cannot be sharded"),
         (FSDP2, {"prefix": object()}, "a prefix cache runs the top layers alone"),
+        (FSDP2, {"teacher": "teacher.safetensors"}, "distillation swaps the teacher's weights"),
     ],
-    ids=["deepspeed", "megatron", "fsdp-default-version", "fsdp1", "fsdp-8bit", "fsdp-prefix"],
+    ids=["deepspeed", "megatron", "fsdp-default-version", "fsdp1", "fsdp-8bit", "fsdp-prefix"]
+    + ["fsdp-teacher"],
 )
 def test_unsupported_parallelism_is_refused_before_anything_runs(
     env, kw, match, tmp_path, monkeypatch

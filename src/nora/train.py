@@ -20,7 +20,7 @@ the same global batch, with the model sharded by PyTorch's FSDP2 (`fully_shard`:
 layer one group, the embeddings, final norm and head the root's), the frozen base and the
 adapters alike, so each process holds 1/N of every weight and of the AdamW state. Checkpoints
 and the final adapter hold whole tensors, gathered from the shards (adapter-sized: the base is
-never gathered), so they resume under any number of processes and load in one.
+never gathered): the usual files, which load in one process.
 
 Output folder:
     train_config.json  metrics.jsonl  summary.json
@@ -119,8 +119,7 @@ def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _gathered(model: nn.Module, optimizer):
     """Within the block, the adapters' parameters and their optimizer state are whole tensors
     (FSDP2 shards gathered, on every process: call it on all of them); the shards are put back
-    on exit. Only adapter-sized tensors are gathered, the sharded base is left alone. Without
-    sharding it does nothing."""
+    on exit. Only adapter-sized tensors are gathered, the sharded base is left alone."""
     from torch.distributed.tensor import DTensor
 
     places = [  # (dict, key): where a shard lives, the same order on every process
@@ -458,7 +457,9 @@ def _setup(cfg, model, tokenizer, resume, splits, prefix) -> _Run:
     last = _check_output(cfg, resume)
     fsdp = _check_parallelism(cfg, prefix)
     accel = _accelerator(cfg)
-    fsdp = fsdp and accel.num_processes > 1  # one process: nothing to shard across
+    # launched, accelerate has set up the process group (one process too); run directly,
+    # there is nothing to shard across: the plain one-process run
+    fsdp = fsdp and torch.distributed.is_initialized()
     torch.manual_seed(cfg.seed)
     model, data = _load(cfg, accel, model, tokenizer, splits, prefix, fsdp)
     teacher = None
