@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 import nora
 from nora.cli import app
 
-pytestmark = pytest.mark.slow  # five 2-process launches: about 5 minutes on 2 cores
+pytestmark = pytest.mark.slow  # five 2-process launches: about 7 minutes on 2 shared cores
 
 ARGS = [
     "train", "--method", "nora", "--r", "4", "--dropout", "0", "--lr", "1e-2",
