@@ -42,6 +42,16 @@ def test_quantize_base_swaps_every_linear_but_the_head(model_dir, bits, kind):
     assert 0 < err < (0.2 if bits == 4 else 0.05)
 
 
+def test_4bit_float_storage_holds_the_same_bits(model_dir):
+    """storage=float32 (how FSDP shards a 4-bit base): the packed bytes viewed as floats, so
+    the layers compute exactly what the uint8 ones do."""
+    u8, f32 = load(model_dir, 4), quantize_base(load(model_dir), 4, storage=torch.float32)
+    w, v = u8.model.layers[0].mlp.up_proj.weight, f32.model.layers[0].mlp.up_proj.weight
+    assert (w.dtype, v.dtype) == (torch.uint8, torch.float32)
+    assert torch.equal(w.view(-1), v.view(torch.uint8).view(-1))
+    assert torch.equal(logits(u8), logits(f32))
+
+
 def test_train_on_a_4bit_base_and_load_over_both_bases(model_dir, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--model", model_dir, "--data", "logistic-map", "--max-len", 300,

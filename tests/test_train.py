@@ -199,6 +199,49 @@ def test_bad_training_settings(field, value, tmp_path):
         train(cfg, model=model, tokenizer=tok, progress=False)
 
 
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+@pytest.mark.parametrize(
+    "env,kw,match",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, {}, "not run under DeepSpeed: it is not installed"),
+        ({"ACCELERATE_USE_MEGATRON_LM": "true"}, {}, "not run under Megatron-LM"),
+        ({"ACCELERATE_USE_FSDP": "true"}, {}, "not FSDP version 1: pass --fsdp_version 2"),
+        ({**FSDP2, "FSDP_VERSION": "1"}, {}, "not FSDP version 1"),
+        (FSDP2, {"load_in_8bit": True}, "--load-in-8bit cannot be sharded"),
+        (FSDP2, {"prefix": object()}, "a prefix cache runs the top layers alone"),
+        (FSDP2, {"teacher": "teacher.safetensors"}, "distillation swaps the teacher's weights"),
+    ],
+    ids=["deepspeed", "megatron", "fsdp-default-version", "fsdp1", "fsdp-8bit", "fsdp-prefix"]
+    + ["fsdp-teacher"],
+)
+def test_unsupported_parallelism_is_refused_before_anything_runs(
+    env, kw, match, tmp_path, monkeypatch
+):
+    """What `accelerate launch` asks through its environment: refused with the reason before
+    a model is loaded or a file written."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    prefix = kw.pop("prefix", None)
+    cfg, model, tok = setup(tmp_path, max_steps=1, **kw)
+    with pytest.raises(TrainingError, match=match):
+        train(cfg, model=model, tokenizer=tok, progress=False, prefix=prefix)
+    assert not Path(cfg.output_dir).exists()
+
+
+def test_fsdp_in_one_process_trains_unsharded(tmp_path, monkeypatch):
+    """`--use_fsdp` with one process: nothing to shard across, the plain one-process run."""
+    for k, v in FSDP2.items():
+        monkeypatch.setenv(k, v)
+    cfg, model, tok = setup(tmp_path, max_steps=2, n_train=8)
+    result = train(cfg, model=model, tokenizer=tok, progress=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    cfg, model, tok = setup(tmp_path, "plain", max_steps=2, n_train=8)
+    plain = train(cfg, model=model, tokenizer=tok, progress=False)
+    assert [r.loss for r in result.history] == [r.loss for r in plain.history]
+
+
 def test_micro_batches_are_a_pure_function_of_the_step():
     a = [micro_batch_indices(10, 4, 0, m) for m in range(4)]
     assert a == [micro_batch_indices(10, 4, 0, m) for m in range(4)]

@@ -33,10 +33,15 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def quantize_base(
-    model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_head",)
+    model: nn.Module,
+    bits: int = 4,
+    skip: tuple[str, ...] = ("lm_head",),
+    storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
     """Replace every `nn.Linear` of `model` (but those named in `skip`) by its bitsandbytes
-    4-bit NF4 or 8-bit counterpart holding the same weights, in place; returns `model`."""
+    4-bit NF4 or 8-bit counterpart holding the same weights, in place; returns `model`.
+    `storage` (4-bit only) is the dtype the packed bytes are viewed as: a float dtype lets
+    FSDP2's fully_shard shard them (the same bits, the same outputs)."""
     if bits not in (4, 8):
         raise QuantizationError(f"bits must be 4 or 8, got {bits!r}")
     from nora.inject import has_adapters  # inject imports this module: not at the top
@@ -59,7 +64,7 @@ def quantize_base(
             return model  # quantized already (a model passed to `train` with load_in_4bit)
         raise QuantizationError("the model has no nn.Linear layers to quantize")
     # build all first: a failure leaves the model as it was
-    built = [(name, _quantized(linear, bits, bnb)) for name, linear in targets]
+    built = [(name, _quantized(linear, bits, bnb, storage)) for name, linear in targets]
     for name, q in built:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
@@ -90,7 +95,7 @@ def _linear8bit(bnb) -> type:
     return Linear8bit
 
 
-def _quantized(linear: nn.Linear, bits: int, bnb) -> nn.Linear:
+def _quantized(linear: nn.Linear, bits: int, bnb, storage: torch.dtype) -> nn.Linear:
     w = linear.weight.data  # (out, in)
     has_bias = linear.bias is not None
     if bits == 4:
@@ -100,9 +105,14 @@ def _quantized(linear: nn.Linear, bits: int, bnb) -> nn.Linear:
             bias=has_bias,
             compute_dtype=w.dtype,  # dequantized to the model's dtype for the matmul
             quant_type="nf4",
+            quant_storage=storage,
             device="meta",
         )
-        q.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
+        # module=q: quantizing records the quant_state on the layer too, where bitsandbytes'
+        # forward finds it once fully_shard has swapped the weight for a plain shard (FSDP)
+        q.weight = bnb.nn.Params4bit(
+            w.cpu(), requires_grad=False, quant_type="nf4", quant_storage=storage, module=q
+        )
         # bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel on the
         # first eval-mode forward; that kernel has no backward, so training after an evaluation
         # would stop gradients at every such layer (and it needs out_features % 32 == 0).

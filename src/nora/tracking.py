@@ -73,10 +73,11 @@ def loss_figure(history):
 
 
 def finish(run, history) -> None:
-    """Log the spectral summary and the loss curve, then close the trackers."""
+    """Log the spectral summary (not under FSDP) and the loss curve, then close the trackers."""
     accel = run.accel
     if accel.is_main_process and accel.trackers:
-        log(accel, spectral_summary(run), run.step)
+        if not run.fsdp:  # sharded, the model runs only with every process: no summary then
+            log(accel, spectral_summary(run), run.step)
         fig = loss_figure(history)
         for tracker in accel.trackers:
             _log_figure(tracker.name, accel.get_tracker(tracker.name, unwrap=True), fig, run.step)

@@ -15,6 +15,13 @@ takes its slice of every global micro-batch (`batch_size` examples each) and the
 token-weighted mean over the whole global batch, so N processes with batch_size b train the
 same adapter as one process with batch_size N·b. Only the main process writes files.
 
+FSDP (`accelerate launch --use_fsdp --fsdp_version 2 --num_processes N -m nora.cli train ...`):
+the same global batch, with the model sharded by PyTorch's FSDP2 (`fully_shard`: each decoder
+layer one group, the embeddings, final norm and head the root's), the frozen base and the
+adapters alike, so each process holds 1/N of every weight and of the AdamW state. Checkpoints
+and the final adapter hold whole tensors, gathered from the shards (adapter-sized: the base is
+never gathered): the usual files, which load in one process.
+
 Output folder:
     train_config.json  metrics.jsonl  summary.json
     checkpoints/step-000040/  (adapter + training_state.{safetensors,json})
@@ -96,6 +103,44 @@ def _set_rng_state(state: dict[str, torch.Tensor], rank: int = 0) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` as `like` holds it: this process's shard when `like` is an FSDP2 DTensor (every
+    process has read the whole tensor, so each takes its piece without communicating)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(
+        full.to(like.device), like.device_mesh, like.placements, src_data_rank=None
+    )
+
+
+@contextlib.contextmanager
+def _gathered(model: nn.Module, optimizer):
+    """Within the block, the adapters' parameters and their optimizer state are whole tensors
+    (FSDP2 shards gathered, on every process: call it on all of them); the shards are put back
+    on exit. Only adapter-sized tensors are gathered, the sharded base is left alone."""
+    from torch.distributed.tensor import DTensor
+
+    places = [  # (dict, key): where a shard lives, the same order on every process
+        (mod._parameters, k)
+        for w in nora.adapter_modules(model).values()
+        for mod in w.adapter.modules()
+        for k, v in mod._parameters.items()
+        if isinstance(v, DTensor)
+    ]
+    places += [(st, k) for st in optimizer.state.values() for k, v in st.items() if isinstance(v, DTensor)]  # fmt: skip
+    shards = [d[k] for d, k in places]
+    try:
+        for (d, k), v in zip(places, shards, strict=True):
+            whole = v.detach().full_tensor()  # an all-gather
+            d[k] = nn.Parameter(whole, v.requires_grad) if isinstance(v, nn.Parameter) else whole
+        yield
+    finally:
+        for (d, k), v in zip(places, shards, strict=True):
+            d[k] = v
+
+
 def save_checkpoint(
     folder: Path, model: nn.Module, optimizer, scheduler, step: int, rng: dict[str, torch.Tensor]
 ) -> Path:
@@ -144,6 +189,11 @@ def load_training_state(ckpt: Path, optimizer, scheduler) -> tuple[int, dict[str
     for key, v in meta["optimizer_scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # in state-dict id order
+    for pid, st in state.items():  # under FSDP: this process's shard of each moment
+        for name, v in st.items():
+            if torch.is_tensor(v) and v.shape == params[pid].shape:
+                st[name] = _shard_like(v, params[pid])
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
@@ -226,6 +276,7 @@ class _Run:
     params: list[nn.Parameter]
     data: _Data
     out: Path
+    fsdp: bool = False  # the model is sharded with fully_shard (FSDP2)
     fast: bool = False  # head-only NLL (one process only: it bypasses DDP's gradient sync)
     teacher: Any = None  # nora.distill.Teacher: the loss is KL to it instead of the labels' NLL
     step: int = 0
@@ -272,6 +323,47 @@ def _check_output(cfg: TrainConfig, resume: bool) -> Path | None:
     return latest_checkpoint(ckpt_dir) if resume and ckpt_dir.is_dir() else None
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true")
+
+
+def _check_parallelism(cfg: TrainConfig, prefix) -> bool:
+    """Whether `accelerate launch` asked for FSDP; refuses what nora cannot run, before the
+    Accelerator is built (which would import DeepSpeed, and on CPU ignores the FSDP flag)."""
+    for flag, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):  # fmt: skip
+        if _env_flag(flag):
+            raise TrainingError(
+                f"nora train does not run under {name}: it is not installed on the machine nora "
+                "is tested on (CPU only), so it is untested. Shard the model with FSDP2 instead: "
+                "accelerate launch --use_fsdp --fsdp_version 2 ... (docs/training-stack.md)"
+            )
+    if not _env_flag("ACCELERATE_USE_FSDP"):
+        return False
+    version = os.environ.get("FSDP_VERSION", "1")  # accelerate's default is FSDP1
+    if version != "2":
+        raise TrainingError(
+            f"nora train shards with FSDP2 (torch's fully_shard), not FSDP version {version}: "
+            "pass --fsdp_version 2 to accelerate launch (or fsdp_version: 2 in its config)"
+        )
+    if cfg.load_in_8bit:
+        raise TrainingError(
+            "--load-in-8bit cannot be sharded: bitsandbytes keeps each int8 weight's scales on "
+            "the parameter object, which fully_shard replaces by a plain shard. Use "
+            "--load-in-4bit (sharded) or plain data parallelism (--multi_gpu)"
+        )
+    if prefix is not None:
+        raise TrainingError(
+            "a prefix cache runs the top layers alone, outside the sharded model's forward; "
+            "train without it under FSDP"
+        )
+    if cfg.teacher:
+        raise TrainingError(
+            "distillation swaps the teacher's weights into the model's layers, which under "
+            "FSDP hold shards; distil under plain data parallelism (--multi_gpu)"
+        )
+    return True
+
+
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
@@ -282,24 +374,33 @@ def _accelerator(cfg: TrainConfig):
         )
 
     use_cuda = torch.cuda.is_available()
-    accel = Accelerator(
+    # Under FSDP on CPU, accelerate 1.15 resolves MULTI_CPU (gloo) and ignores its FSDP plugin
+    # (it sets DistributedType.FSDP for GPU-like devices only), so nora calls fully_shard
+    # itself, on every device: one code path, the one tested here.
+    return Accelerator(
         cpu=not use_cuda,
         mixed_precision="bf16" if use_cuda and cfg.dtype is None else "no",
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(Path(cfg.output_dir) / "logs"),
     )
-    kind = accel.distributed_type.value
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Both shard parameters or optimizer state; nora's checkpoints read the adapter and
-        # AdamW state directly, which would save shards. Not supported (untested) yet.
-        raise TrainingError(
-            f"nora train runs under plain data parallelism (accelerate launch --multi_gpu), "
-            f"not {kind}: its checkpoints would hold parameter shards. See docs/training-stack.md"
-        )
-    return accel
 
 
-def _load(cfg: TrainConfig, accel, model, tokenizer, splits, prefix) -> tuple[nn.Module, _Data]:
+def _shard(model: nn.Module) -> None:
+    """FSDP2 in place: every decoder layer (the classes transformers lists in
+    `_no_split_modules`) its own group, then the root (embeddings, final norm, head: tied
+    weights stay in one group). Each parameter is sharded on its own (a DTensor), so a group
+    mixes the frozen base and the trainable adapters; only the adapters get gradients."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for layer in [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _load(
+    cfg: TrainConfig, accel, model, tokenizer, splits, prefix, fsdp: bool
+) -> tuple[nn.Module, _Data]:
     """The base model (quantized if asked) and the data, checked against each other."""
     from nora.data import build_splits, collate
     from nora.models import load_base_model
@@ -311,7 +412,9 @@ def _load(cfg: TrainConfig, accel, model, tokenizer, splits, prefix) -> tuple[nn
     if cfg.load_in_4bit or cfg.load_in_8bit:
         from nora.quantize import quantize_base
 
-        quantize_base(model, bits=4 if cfg.load_in_4bit else 8)
+        # under FSDP the packed 4-bit bytes are stored as float32 so fully_shard can shard them
+        storage = torch.float32 if fsdp else torch.uint8
+        quantize_base(model, bits=4 if cfg.load_in_4bit else 8, storage=storage)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -352,9 +455,13 @@ def _setup(cfg, model, tokenizer, resume, splits, prefix) -> _Run:
     except ConfigError as e:
         raise TrainingError(str(e)) from None
     last = _check_output(cfg, resume)
+    fsdp = _check_parallelism(cfg, prefix)
     accel = _accelerator(cfg)
+    # launched, accelerate has set up the process group (one process too); run directly,
+    # there is nothing to shard across: the plain one-process run
+    fsdp = fsdp and torch.distributed.is_initialized()
     torch.manual_seed(cfg.seed)
-    model, data = _load(cfg, accel, model, tokenizer, splits, prefix)
+    model, data = _load(cfg, accel, model, tokenizer, splits, prefix, fsdp)
     teacher = None
     if cfg.teacher:  # checked before the model is touched
         from nora.distill import DistillError, Teacher
@@ -370,12 +477,15 @@ def _setup(cfg, model, tokenizer, resume, splits, prefix) -> _Run:
     if torch.cuda.is_available():  # master weights in fp32 under bf16 autocast
         for w in nora.adapter_modules(model).values():
             w.adapter.float()
+    if fsdp:
+        _shard(model)  # before the optimizer, which then holds the shards
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps
     )
-    prepared, optimizer = accel.prepare(model, optimizer)
+    # DDP-wrapped by accelerate; a sharded model is left as it is (it syncs its own gradients)
+    prepared, optimizer = (model, optimizer) if fsdp else accel.prepare(model, optimizer)
     run = _Run(
         cfg,
         accel,
@@ -387,6 +497,7 @@ def _setup(cfg, model, tokenizer, resume, splits, prefix) -> _Run:
         data,
         Path(cfg.output_dir),
         teacher=teacher,
+        fsdp=fsdp,
     )
     if last is not None:
         _restore(run, last)
@@ -398,7 +509,7 @@ def _setup(cfg, model, tokenizer, resume, splits, prefix) -> _Run:
         if run.step == 0 and (run.out / "metrics.jsonl").exists():
             (run.out / "metrics.jsonl").unlink()
     with data.context():
-        run.fast = run.world == 1 and supports_fast_nll(run.raw, _micro_batch(run, 0))
+        run.fast = run.world == 1 and not fsdp and supports_fast_nll(run.raw, _micro_batch(run, 0))
     if run.rng is not None:
         _set_rng_state(run.rng, accel.process_index)
     if accel.is_main_process and cfg.report_to != "none":
@@ -412,7 +523,7 @@ def _restore(run: _Run, ckpt: Path) -> None:
     with torch.no_grad():
         for name, w in nora.adapter_modules(run.raw).items():
             for k, p in w.adapter.state_dict().items():
-                p.copy_(weights[f"{name}.{k}"])
+                p.copy_(_shard_like(weights[f"{name}.{k}"], p))
     run.step, run.rng = load_training_state(ckpt, run.optimizer, run.scheduler)
     run.accel.print(f"resuming from {ckpt} (step {run.step})")
 
@@ -475,7 +586,7 @@ def _train_step(run: _Run) -> tuple[float, float, int, int]:
             + (f"Last good checkpoint: {kept}" if kept else "No checkpoint was written yet")
             + " (lower the learning rate or check the data)"
         )
-    grad_norm = accel.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    grad_norm = accel.clip_grad_norm_(run.params, cfg.max_grad_norm)  # over all shards
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -504,7 +615,10 @@ def _evaluate(run: _Run):
 
 def _checkpoint(run: _Run, gather: bool = True) -> Path | None:
     """Write checkpoint `run.step` (main process), keep the newest `keep_checkpoints`.
-    Every process must call it (the generators' states are gathered) unless `gather=False`."""
+    Every process must call it (the generators' states, and under FSDP the adapter and AdamW
+    shards, are gathered) unless `gather=False`; then, under FSDP, nothing can be written."""
+    if run.fsdp and not gather:
+        return None
     rng = run.rng
     if gather and run.world > 1:
         from accelerate.utils import gather_object
@@ -514,11 +628,14 @@ def _checkpoint(run: _Run, gather: bool = True) -> Path | None:
         for i, st in enumerate(states[1:], 1):
             rng.update({f"rank{i}.{k}": v for k, v in st.items()})
     path = None
-    if run.accel.is_main_process:
-        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path = save_checkpoint(run.ckpt_dir, run.raw, run.optimizer, run.scheduler, run.step, rng)
-        for old in sorted(run.ckpt_dir.glob("step-*"))[: -run.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+    with _gathered(run.raw, run.optimizer) if run.fsdp else contextlib.nullcontext():
+        if run.accel.is_main_process:
+            run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            path = save_checkpoint(
+                run.ckpt_dir, run.raw, run.optimizer, run.scheduler, run.step, rng
+            )
+            for old in sorted(run.ckpt_dir.glob("step-*"))[: -run.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
     if gather:
         run.accel.wait_for_everyone()
     return path
@@ -594,7 +711,13 @@ def train(
     except KeyboardInterrupt:
         bar.close()
         path = _checkpoint(run, gather=False)  # no collective calls while being interrupted
-        where = f"checkpoint saved to {path}" if path else "the main process saves the checkpoint"
+        where = (
+            f"checkpoint saved to {path}"
+            if path
+            else "no checkpoint now (under FSDP the shards cannot be gathered while interrupted)"
+            if run.fsdp
+            else "the main process saves the checkpoint"
+        )
         raise TrainingInterrupted(
             f"interrupted at step {run.step}; {where}; run the same command again to resume"
         ) from None
@@ -622,10 +745,12 @@ def _finish(run: _Run, train_time: float, tokens: int, supervised: int, history)
         data=run.data.stats,
         history=history,
     )
+    with _gathered(run.raw, run.optimizer) if run.fsdp else contextlib.nullcontext():
+        if run.accel.is_main_process:
+            nora.save_adapter(run.raw, run.out / "adapter")
     if run.accel.is_main_process:
-        nora.save_adapter(run.raw, run.out / "adapter")
         (run.out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
-    if cfg.report_to != "none":
-        tracking.finish(run, history)
     run.accel.wait_for_everyone()
+    if cfg.report_to != "none":  # last: accelerate's end_training ends the process group
+        tracking.finish(run, history)
     return result
