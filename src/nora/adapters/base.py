@@ -244,6 +244,7 @@ class ActivationAdapter(Adapter):
     activations = ACTIVATIONS
     latent_dropout = True
     sigma_rank_dims = {k: n for c in REGISTRY.values() for k, n in c.rank_dims.items()}
+    sigma_gain: ClassVar[str | None] = None  # a per-channel tensor of p: σ(z) = p[gain] ⊙ act(z)
 
     def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
         super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
@@ -256,8 +257,9 @@ class ActivationAdapter(Adapter):
         return self.act.params()
 
     @classmethod
-    def sigma(cls, kind, z, p):  # (..., r) -> (..., r): the activation's own function
-        return REGISTRY[kind[1]].fn(z, p)
+    def sigma(cls, kind, z, p):  # (..., r) -> (..., r): the activation, then the gain if any
+        h = REGISTRY[kind[1]].fn(z, p)
+        return h if cls.sigma_gain is None else p[cls.sigma_gain] * h
 
 
 class _Wrapper(nn.Module):
