@@ -41,6 +41,7 @@ products and float32 sums a GPU computes for bf16.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -89,7 +90,12 @@ def _programs_wanted(device: torch.device) -> int:
     """Enough programs for two waves over the GPU's SMs; 1 in the interpreter (no waves)."""
     if device.type != "cuda":
         return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_waves(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _sm_waves(index: int) -> int:
+    return 2 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
 if triton is not None:
