@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nora.activations import ACTIVATIONS, REGISTRY, make_activation
@@ -152,11 +153,35 @@ class Adapter(nn.Module):
         """s·B·D(σ(A·x)) (dropout on the input or on the latent, as the method says).
 
         Methods without parameters in σ that are not leaves (see `sigma_leaves`) need not
-        override anything but `sigma`; in training σ is recomputed in backward.
+        override anything but `sigma`; in training σ is recomputed in backward. In eval mode
+        only shrink, σ and expand run (`eval_forward`).
         """
+        if self.plain_eval():
+            return self.eval_forward(x, None if self.identity_sigma() else self.phi)
         if self.identity_sigma():
             return self.bottleneck(x)  # linear: no φ node at all
         return self.bottleneck(x, self.phi, self.sigma_leaves())
+
+    def plain_eval(self) -> bool:
+        """Eval mode with nothing that needs the module path: no hooks on lora_A or lora_B
+        (analysis hooks lora_B) and no shared shrink (`nora.fused.fuse_shared_inputs`)."""
+        A, B = self.lora_A, self.lora_B
+        return not (
+            self.training
+            or self.shared is not None
+            or A._forward_hooks
+            or A._forward_pre_hooks
+            or B._forward_hooks
+            or B._forward_pre_hooks
+        )
+
+    def eval_forward(self, x: torch.Tensor, phi=None) -> torch.Tensor:  # (..., k) -> (..., d)
+        """Δ(x) = B·(s·σ(A·x)), dropout being the identity: shrink, σ, expand and nothing else
+        (no dropout call, no fused node, no submodule calls) — what `generate()` pays per
+        adapted call. Equal to the training path's eval output; autograd still works."""
+        z = F.linear(x, self.lora_A.weight)  # (..., r)
+        h = z if phi is None else phi(z)
+        return F.linear(h if self.scale == 1 else h * self.scale, self.lora_B.weight)
 
     def sigma_leaves(self) -> tuple[torch.Tensor, ...]:
         """The trainable tensors σ depends on (the fused node differentiates them)."""
