@@ -163,11 +163,14 @@ class Adapter(nn.Module):
         return self.bottleneck(x, self.phi, self.sigma_leaves())
 
     def plain_eval(self) -> bool:
-        """Eval mode with nothing that needs the module path: no hooks on lora_A or lora_B
-        (analysis hooks lora_B) and no shared shrink (`nora.fused.fuse_shared_inputs`)."""
+        """Eval mode without grad (`generate()`, serving) and nothing that needs the module
+        path: no hooks on lora_A or lora_B (analysis hooks lora_B), no shared shrink
+        (`nora.fused.fuse_shared_inputs`). With grad on, eval keeps the fused node (its
+        saved-memory savings still count)."""
         A, B = self.lora_A, self.lora_B
         return not (
             self.training
+            or torch.is_grad_enabled()
             or self.shared is not None
             or A._forward_hooks
             or A._forward_pre_hooks
@@ -178,7 +181,7 @@ class Adapter(nn.Module):
     def eval_forward(self, x: torch.Tensor, phi=None) -> torch.Tensor:  # (..., k) -> (..., d)
         """Δ(x) = B·(s·σ(A·x)), dropout being the identity: shrink, σ, expand and nothing else
         (no dropout call, no fused node, no submodule calls) — what `generate()` pays per
-        adapted call. Equal to the training path's eval output; autograd still works."""
+        adapted call. Equal to the module path's output in eval mode."""
         z = F.linear(x, self.lora_A.weight)  # (..., r)
         h = z if phi is None else phi(z)
         return F.linear(h if self.scale == 1 else h * self.scale, self.lora_B.weight)
