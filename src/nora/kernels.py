@@ -101,6 +101,18 @@ def _sm_waves(index: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _tile_rows(rows_ptr, m0, end, BLOCK_T: tl.constexpr, IDENTITY_ROWS: tl.constexpr):
+        """A tile's positions m0 + (0 … BLOCK_T) within rows, their mask (< end), and the
+        token rows they hold (rows[m] = m for one segment of every token in order)."""
+        offs_m = m0 + tl.arange(0, BLOCK_T)
+        mask_m = offs_m < end
+        if IDENTITY_ROWS:
+            rows = offs_m.to(tl.int64)
+        else:
+            rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
+        return offs_m, mask_m, rows
+
+    @triton.jit
     def _shrink_kernel(
         x_ptr,
         rows_ptr,
@@ -124,12 +136,7 @@ if triton is not None:
         m0 = start + tile * BLOCK_T
         if m0 >= end:  # past this segment's tokens (the grid is sized by the longest)
             return
-        offs_m = m0 + tl.arange(0, BLOCK_T)
-        mask_m = offs_m < end
-        if IDENTITY_ROWS:  # one segment of every token in order: rows[m] = m
-            rows = offs_m.to(tl.int64)
-        else:
-            rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
+        offs_m, mask_m, rows = _tile_rows(rows_ptr, m0, end, BLOCK_T, IDENTITY_ROWS)
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         a_base = a_ptr + seg.to(tl.int64) * K * R  # A[seg] (K, R)
@@ -184,12 +191,7 @@ if triton is not None:
         m0 = start + tile * BLOCK_T
         if m0 >= end:
             return
-        offs_m = m0 + tl.arange(0, BLOCK_T)
-        mask_m = offs_m < end
-        if IDENTITY_ROWS:
-            rows = offs_m.to(tl.int64)
-        else:
-            rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
+        offs_m, mask_m, rows = _tile_rows(rows_ptr, m0, end, BLOCK_T, IDENTITY_ROWS)
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         # prologue: the full latent (the sum of the shrink's k-slices), then σ on it
