@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nora.activations import ACTIVATIONS, REGISTRY, make_activation
@@ -152,11 +153,38 @@ class Adapter(nn.Module):
         """s·B·D(σ(A·x)) (dropout on the input or on the latent, as the method says).
 
         Methods without parameters in σ that are not leaves (see `sigma_leaves`) need not
-        override anything but `sigma`; in training σ is recomputed in backward.
+        override anything but `sigma`; in training σ is recomputed in backward. In eval mode
+        only shrink, σ and expand run (`eval_forward`).
         """
+        if self.plain_eval():
+            return self.eval_forward(x, None if self.identity_sigma() else self.phi)
         if self.identity_sigma():
             return self.bottleneck(x)  # linear: no φ node at all
         return self.bottleneck(x, self.phi, self.sigma_leaves())
+
+    def plain_eval(self) -> bool:
+        """Eval mode without grad (`generate()`, serving) and nothing that needs the module
+        path: no hooks on lora_A or lora_B (analysis hooks lora_B), no shared shrink
+        (`nora.fused.fuse_shared_inputs`). With grad on, eval keeps the fused node (its
+        saved-memory savings still count)."""
+        A, B = self.lora_A, self.lora_B
+        return not (
+            self.training
+            or torch.is_grad_enabled()
+            or self.shared is not None
+            or A._forward_hooks
+            or A._forward_pre_hooks
+            or B._forward_hooks
+            or B._forward_pre_hooks
+        )
+
+    def eval_forward(self, x: torch.Tensor, phi=None) -> torch.Tensor:  # (..., k) -> (..., d)
+        """Δ(x) = B·(s·σ(A·x)), dropout being the identity: shrink, σ, expand and nothing else
+        (no dropout call, no fused node, no submodule calls) — what `generate()` pays per
+        adapted call. Equal to the module path's output in eval mode."""
+        z = F.linear(x, self.lora_A.weight)  # (..., r)
+        h = z if phi is None else phi(z)
+        return F.linear(h if self.scale == 1 else h * self.scale, self.lora_B.weight)
 
     def sigma_leaves(self) -> tuple[torch.Tensor, ...]:
         """The trainable tensors σ depends on (the fused node differentiates them)."""
@@ -244,6 +272,7 @@ class ActivationAdapter(Adapter):
     activations = ACTIVATIONS
     latent_dropout = True
     sigma_rank_dims = {k: n for c in REGISTRY.values() for k, n in c.rank_dims.items()}
+    sigma_gain: ClassVar[str | None] = None  # a per-channel tensor of p: σ(z) = p[gain] ⊙ act(z)
 
     def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
         super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
@@ -256,8 +285,9 @@ class ActivationAdapter(Adapter):
         return self.act.params()
 
     @classmethod
-    def sigma(cls, kind, z, p):  # (..., r) -> (..., r): the activation's own function
-        return REGISTRY[kind[1]].fn(z, p)
+    def sigma(cls, kind, z, p):  # (..., r) -> (..., r): the activation, then the gain if any
+        h = REGISTRY[kind[1]].fn(z, p)
+        return h if cls.sigma_gain is None else p[cls.sigma_gain] * h
 
 
 class AdapterWrapper(nn.Module):

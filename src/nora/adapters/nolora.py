@@ -23,6 +23,7 @@ class NoLoRA(ActivationAdapter):  # σ(z) = v ⊙ f(z), f the configured activat
     default_alpha = 16.0
     default_activation = "learnable"
     sigma_rank_dims = {"v": 1, **ActivationAdapter.sigma_rank_dims}
+    sigma_gain = "v"  # σ(z) = v ⊙ f(z): ActivationAdapter.sigma applies it
 
     def __init__(self, in_features, out_features, cfg, device=None, dtype=None):
         super().__init__(in_features, out_features, cfg, device=device, dtype=dtype)
@@ -37,7 +38,3 @@ class NoLoRA(ActivationAdapter):  # σ(z) = v ⊙ f(z), f the configured activat
     # Adapter.forward gives B·(s·D(σ(A·x))), σ recomputed in backward.
     def sigma_params(self):
         return {"v": self.lora_v, **super().sigma_params()}
-
-    @classmethod
-    def sigma(cls, kind, z, p):  # (..., r) -> (..., r)
-        return p["v"] * super().sigma(kind, z, p)

@@ -35,4 +35,6 @@ class NoRA(ActivationAdapter):  # σ = the configured activation (SiLU)
         # activation module itself is φ (its forward is `sigma`), so the fused node
         # recognises SiLU/ReLU/Tanh/GELU and uses ATen's backward kernels for them.
         phi = None if self.act.name == "identity" else self.act
+        if self.plain_eval():
+            return self.eval_forward(x, phi)
         return self.bottleneck(x, phi, tuple(self.act.parameters()))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nora.adapters import METHODS, Packed, Stack
-from nora.serving.backend import BACKENDS
+from nora.serving.backend import BACKENDS, select_backend
 from nora.serving.plan import BatchPlan, Segments
 
 
@@ -52,7 +52,7 @@ class ServingContext:
 
     def __init__(self, backend=None) -> None:
         self.plan: BatchPlan | None = None
-        self.backend = backend or BACKENDS["torch"]  # serving.backend: the step's LoRA math
+        self.backend = backend or select_backend()  # serving.backend: the step's LoRA math
 
 
 class MultiAdapterLinear(nn.Linear):
