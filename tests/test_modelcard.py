@@ -83,10 +83,17 @@ def test_formula_is_the_indented_block_of_the_method_files_docstring():
     assert len({c.formula for c in METHODS.values()}) == len(METHODS)  # one per method
 
 
-def test_a_readme_someone_wrote_is_never_overwritten(tmp_path):
+@pytest.mark.parametrize(
+    "mine",
+    [
+        "---\nlicense: mit\n---\n# My adapter\n\nNotes I wrote.\n",  # a Hub card of one's own
+        "# My adapter\n\nNo header at all.\n",
+        "---\nlicense: [mit\n---\nA header YAML cannot read.\n",
+    ],
+)
+def test_a_readme_someone_wrote_is_never_overwritten(mine, tmp_path):
     folder = tmp_path / "a"
     folder.mkdir()
-    mine = "---\nlicense: mit\n---\n# My adapter\n\nNotes I wrote.\n"
     (folder / "README.md").write_text(mine)
     model = tiny_llama()
     nora.inject(model, nora.AdapterConfig(method="nora", r=4))

@@ -381,7 +381,10 @@ def existing(folder: str | os.PathLike) -> tuple[bool, ModelCardData | None]:
     if not path.is_file():
         return True, None
     try:
-        card = ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=True)
+        text = path.read_text(encoding="utf-8")
+        if MARKER not in text and not text.lstrip().startswith("---"):
+            return False, None  # no header: neither nora's card nor PEFT's
+        card = ModelCard(text, ignore_metadata_errors=True)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):  # unreadable: not ours
         return False, None
     if MARKER in card.text:
