@@ -54,8 +54,9 @@ class TrainingInfo:
     schedule: str | None = None  # optimizer and schedule, in words
     batch_size: int | None = None  # examples per optimizer step (all processes)
     seed: int | None = None
+    teacher: str | None = None  # distillation: the teacher whose distributions it matched
     eval_ppl: float | None = None  # held-out perplexity at the end of training
-    eval_loss: float | None = None
+    eval_loss: float | None = None  # its NLL per token; with a teacher, KL(teacher ‖ model)
     n_eval: int | None = None  # held-out examples behind eval_ppl
 
     @classmethod
@@ -85,6 +86,7 @@ class TrainingInfo:
                 "batch_size": cfg.batch_size * cfg.grad_accum * world,
                 "seed": cfg.seed,
                 "n_eval": cfg.n_eval,
+                "teacher": cfg.teacher,
                 **known,
             }
         )
@@ -182,6 +184,7 @@ def _training(t: TrainingInfo | None) -> str | None:
         data = f"`{data}` ({', '.join(b for b in bits if b)})"
     rows = [
         ("data", data),
+        ("distilled from (KL to its next-token distributions)", t.teacher and f"`{t.teacher}`"),
         ("optimizer steps", t.steps),
         ("learning rate", t.lr),
         ("optimizer", t.schedule),
@@ -206,7 +209,12 @@ def _lm_eval_rows(results: dict[str, Any]) -> list[str]:
 
 def _evaluation(t: TrainingInfo | None, lm_eval: dict[str, Any] | None) -> str | None:
     parts = []
-    if t is not None and t.eval_ppl is not None:
+    if t is not None and t.teacher and t.eval_loss is not None:
+        parts.append(
+            f"Held-out KL(teacher ‖ adapter) per position at the end of training: "
+            f"**{_fmt(t.eval_loss)}** nats."
+        )
+    elif t is not None and t.eval_ppl is not None:
         on = f" of `{t.data}`" if t.data else ""
         n = f" ({t.n_eval} examples)" if t.n_eval else ""
         parts.append(

@@ -732,8 +732,10 @@ def _card(run: _Run, ev) -> dict[str, Any]:
 
     base, license = hub_identity(getattr(getattr(run.raw, "config", None), "_name_or_path", None))
     used = {"n_train": len(run.data.train), "n_eval": len(run.data.eval)}  # what the data gave
+    # distilling, ev is the KL to the teacher (its `ppl` is exp(KL), no perplexity)
+    ppl = ev.ppl if run.teacher is None else None
     info = TrainingInfo.from_config(
-        run.cfg, run.step, run.world, eval_ppl=ev.ppl, eval_loss=ev.nll, **used
+        run.cfg, run.step, run.world, eval_ppl=ppl, eval_loss=ev.nll, **used
     )
     return {"training": info, "license": license, "base_model": base}
 
