@@ -15,6 +15,7 @@ LAYER_OF = {
     **dict.fromkeys(
         ["config", "activations", "adapters", "fused", "inject", "checkpoint", "analysis"], "core"
     ),
+    "modelcard": "core",
     "quantize": "core",
     **dict.fromkeys(
         ["train", "evaluate", "data", "models", "prefix_cache", "tracking", "peft", "export"]

@@ -31,6 +31,7 @@ def test_save_load_gives_bit_identical_logits(method, placement, tmp_path, ids):
     ref = logits(model, ids)
     nora.save_adapter(model, tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "README.md",  # the model card (tests/test_modelcard.py)
         "adapter_config.json",
         "adapter_model.safetensors",
     ]

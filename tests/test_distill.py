@@ -126,6 +126,9 @@ def test_train_against_a_teacher_lowers_the_kl(setup, tmp_path):
     assert summary.eval_loss < 0.8 * before  # eval_loss is the KL to the teacher
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["teacher"] == str(path)
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()  # the model card says so
+    assert f"`{path}`" in card and f"**{summary.eval_loss:.4g}** nats" in card
+    assert "perplexity" not in card.lower()  # the eval number is a KL, not a perplexity
     nora.unload(model)
     bad = Teacher({MODULES[0]: torch.zeros(3, 3)})
     bad.save(tmp_path / "bad.safetensors")

@@ -119,6 +119,8 @@ def test_nora_eval_tasks_writes_results_beside_the_adapter(task_dir, tmp_path):
     written = json.loads((tmp_path / "adapter" / "lm_eval_results.json").read_text())
     acc = written["results"]["nora_toy"]["acc,none"]
     assert acc in {0.0, 0.25, 0.5, 0.75, 1.0}  # 4 docs
+    card = (tmp_path / "adapter" / "README.md").read_text()  # the model card, refreshed
+    assert f"| nora_toy | acc | {acc:.4g} |" in card and "limit 4" in card
     # lm-eval's own command line, with nora's PEFT types registered: the same number
     model_args = f"pretrained={model_dir},peft={tmp_path / 'adapter'}"
     cmd = [sys.executable, "-m", "nora.lmeval", "--model", "hf", "--model_args", model_args]

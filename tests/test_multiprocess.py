@@ -100,6 +100,8 @@ def test_two_processes_train_the_one_process_adapter_and_resume(mode, one, model
     assert_same_run(one, two)
     ckpts = sorted(p.name for p in (two / "checkpoints").iterdir())
     assert ckpts == ["step-000002", "step-000003"]  # written once each, no temp folders left
+    card = (two / "adapter" / "README.md").read_text()  # the model card counts every process
+    assert "| examples per step | 8 |" in card and "| optimizer steps | 3 |" in card  # 2×2×2
 
     # resume under 2 processes from step 2: the same adapter again
     first = adapter(two)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tokenizer, tiny_llama
+from huggingface_hub import ModelCard
 
 import nora
+from nora.modelcard import MARKER
 from nora.peft import NoraConfig
 from nora.serving import AdapterStore, Engine, MultiAdapterModel, SamplingParams
 
@@ -93,6 +95,8 @@ def test_sft_trainer_trains_nora_with_completion_only_loss_and_nora_serves_it(tm
     root = tmp_path / "adapters"
     trainer.save_model(str(root / "sft"))
     assert nora.read_config(root / "sft").method == "nora"
+    card = ModelCard.load(root / "sft" / "README.md")  # nora's model card, through PEFT's save
+    assert card.data.tags[0] == "nora" and MARKER in card.text
 
     # nora loads the folder TRL wrote and reproduces the trained model exactly
     ids = tok.apply_chat_template(

@@ -182,8 +182,20 @@ def atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write the model's adapter to `out_dir` (created if needed); returns the folder."""
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    card: bool = True,
+    training: Any = None,
+    license: str | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Write the model's adapter to `out_dir` (created if needed); returns the folder.
+
+    With `card` (the default) a model card goes beside it, README.md (`nora.modelcard`;
+    `training` a `modelcard.TrainingInfo`, `license`/`base_model` for its header), unless the
+    folder holds a README.md nora did not write: that one is kept as it is.
+    """
     cfg = get_config(model)
     if cfg.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -200,8 +212,16 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         raise CheckpointError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
+    readme = None
+    if card:  # rendered before any write: a card that fails to render leaves the folder as it was
+        from nora import modelcard
+
+        n = sum(v.numel() for v in tensors.values())
+        readme = modelcard.card_text(out, cfg, training, n, license, base_model)
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    if readme is not None:
+        modelcard.write_text(out, readme)
     return out
 
 

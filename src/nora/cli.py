@@ -337,6 +337,11 @@ def eval_cmd(
         typer.echo(format_table(res))
         dest = out or adapter or Path("lm-eval-out")
         typer.echo(f"written: {write_results(res, dest)}")
+        if (dest / nora.checkpoint.CONFIG_NAME).is_file():  # an adapter folder: its card's numbers
+            from nora.modelcard import write_card
+
+            card = write_card(dest)
+            typer.echo(f"written: {card}" if card else f"kept {dest / 'README.md'} (not nora's)")
         return
     kw = {"path": data_path} if data_path else {}
     _, eval_set, _ = build_splits(tok, data, 0, n_eval, max_len, seed=seed, **kw)

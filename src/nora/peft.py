@@ -32,7 +32,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType
 from torch import nn
 
-from nora import checkpoint
+from nora import checkpoint, modelcard
 from nora.adapters import AdapterLinear, AdapterWrapper, NotMergeableError, ParallelAdapter
 from nora.config import FORMAT_VERSION, AdapterConfig, ConfigError
 from nora.inject import adapter_modules, apply, plan, set_adapters_enabled
@@ -97,6 +97,9 @@ class _NoraConfigBase(PeftConfig):
         out.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         checkpoint.atomic_write(out / checkpoint.CONFIG_NAME, lambda p: Path(p).write_text(text))
+        # PeftModel.save_pretrained wrote its stock card (or updated a README) before calling
+        # this: nora's card replaces the stock one; a README someone wrote stays (modelcard).
+        modelcard.write_card(out, self.to_nora(), keep=False)  # new weights: nothing carried over
 
 
 def _field(f: dataclasses.Field) -> dataclasses.Field:

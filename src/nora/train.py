@@ -149,7 +149,7 @@ def save_checkpoint(
     tmp = folder / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        nora.save_adapter(model, tmp)
+        nora.save_adapter(model, tmp, card=False)  # for resuming, not for sharing: no card
         opt = optimizer.state_dict()
         tensors = {f"rng.{k}": v for k, v in rng.items()}
         meta = {
@@ -725,6 +725,21 @@ def train(
     return _finish(run, time.perf_counter() - t0, tokens, supervised, history)
 
 
+def _card(run: _Run, ev) -> dict[str, Any]:
+    """What the final adapter's model card says beyond its config (`nora.modelcard`)."""
+    from nora.modelcard import TrainingInfo
+    from nora.models import hub_identity
+
+    base, license = hub_identity(getattr(getattr(run.raw, "config", None), "_name_or_path", None))
+    used = {"n_train": len(run.data.train), "n_eval": len(run.data.eval)}  # what the data gave
+    # distilling, ev is the KL to the teacher (its `ppl` is exp(KL), no perplexity)
+    ppl = ev.ppl if run.teacher is None else None
+    info = TrainingInfo.from_config(
+        run.cfg, run.step, run.world, eval_ppl=ppl, eval_loss=ev.nll, **used
+    )
+    return {"training": info, "license": license, "base_model": base}
+
+
 def _finish(run: _Run, train_time: float, tokens: int, supervised: int, history) -> TrainResult:
     """Final evaluation, checkpoint, adapter, summary.json and the trackers' closing logs."""
     ev = _evaluate(run)
@@ -747,7 +762,7 @@ def _finish(run: _Run, train_time: float, tokens: int, supervised: int, history)
     )
     with _gathered(run.raw, run.optimizer) if run.fsdp else contextlib.nullcontext():
         if run.accel.is_main_process:
-            nora.save_adapter(run.raw, run.out / "adapter")
+            nora.save_adapter(run.raw, run.out / "adapter", **_card(run, ev))
     if run.accel.is_main_process:
         (run.out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
     run.accel.wait_for_everyone()

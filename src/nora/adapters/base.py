@@ -19,6 +19,8 @@ restores it exactly) and forward any other attribute to it.
 from __future__ import annotations
 
 import math
+import sys
+import textwrap
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,6 +36,25 @@ if TYPE_CHECKING:
     from nora.config import AdapterConfig
 
 METHODS: dict[str, type[Adapter]] = {}
+GENERIC_FORMULA = "Δ(x) = s · B · D(σ(A·x))"  # what every bottleneck method computes
+
+
+def indented_block(doc: str | None) -> str | None:
+    """The first block of lines indented deeper than the text around it, dedented (the
+    formula in a method file's docstring), or None."""
+    lines = textwrap.dedent((doc or "").partition("\n")[2]).splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(" ") and line.strip()), None)
+    if start is None:
+        return None
+    end = next(
+        (
+            i
+            for i in range(start, len(lines))
+            if not lines[i].startswith(" ") or not lines[i].strip()
+        ),
+        len(lines),
+    )
+    return textwrap.dedent("\n".join(lines[start:end])).rstrip()
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
@@ -91,11 +112,17 @@ class Adapter(nn.Module):
     latent_dropout: ClassVar[bool] = False  # dropout on the r-dim latent, not on the input
     sigma_rank_dims: ClassVar[dict[str, int]] = {}  # leading rank dims of σ's tensors
     peft_type: ClassVar[str]  # adapter_config.json's "peft_type"; default: NAME
+    formula: ClassVar[str] = GENERIC_FORMULA  # the math, as model cards print it (see below)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__ and "peft_type" not in cls.__dict__:
             cls.peft_type = cls.name.upper()
+        if "name" in cls.__dict__ and "formula" not in cls.__dict__:
+            # Each method file opens with its math as an indented block: that block is the
+            # formula (one description, not a copy); a class may set `formula` itself.
+            doc = getattr(sys.modules.get(cls.__module__), "__doc__", None)
+            cls.formula = indented_block(cls.__doc__) or indented_block(doc) or cls.formula
 
     def __init__(
         self, in_features: int, out_features: int, cfg: AdapterConfig, device=None, dtype=None
