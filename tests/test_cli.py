@@ -218,5 +218,5 @@ def test_demo_quick_on_a_stand_in_default(tmp_path, monkeypatch):
     code, out = run("demo", "--quick", "--r", 2, "--out-dir", tmp_path / "demo")
     assert code == 0, out
     rows = json.loads((tmp_path / "demo" / "demo_results.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["base", "lora r2", "nora r2"]
-    assert f"{rows[2]['ppl']:.3f}" in out  # the table was printed
+    assert [r["name"] for r in rows] == ["base", "majority answer", "lora r2", "nora r2"]
+    assert f"{rows[3]['ppl']:.3f}" in out  # the table was printed

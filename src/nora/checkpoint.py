@@ -168,6 +168,12 @@ def _from_peft_lora(d: dict[str, Any]) -> AdapterConfig:
     )
 
 
+def write_json(path: str | Path, data: Any, indent: int = 1, **dumps_kw) -> None:
+    """`data` as JSON (plus a newline) at `path`, atomically (`atomic_write`)."""
+    text = json.dumps(data, indent=indent, **dumps_kw) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def atomic_write(path: Path, write) -> None:
     """`write(tmp)` to a unique temporary file beside `path`, then rename it over `path`: a
     reader never sees half a file, a failed write leaves the old one, concurrent writers

@@ -407,7 +407,7 @@ def analyze(
 ) -> None:
     """Spectra, effective rank and AUC-90 of a trained adapter: JSON summary + plots."""
     from nora.analysis import analyze_adapter
-    from nora.checkpoint import atomic_write
+    from nora.checkpoint import write_json
     from nora.data import batches, build_splits
     from nora.models import load_base_model
     from nora.study.plots import plot_run  # matplotlib only when plotting
@@ -420,8 +420,7 @@ def analyze(
     summary = analyze_adapter(adapter_dir, base, eval_batches, max_tokens=max_tokens)
     out.mkdir(parents=True, exist_ok=True)
     summary["plots"] = {k: p.name for k, p in plot_run(summary, out).items()}
-    text = json.dumps(summary, indent=1, allow_nan=False) + "\n"
-    atomic_write(out / "analysis.json", lambda tmp: Path(tmp).write_text(text))
+    write_json(out / "analysis.json", summary, allow_nan=False)
     agg = summary["aggregate"]
     for view in ("latent", "output", "weight"):
         er, auc = agg[view]["effective_rank"]["mean"], agg[view]["auc90"]["mean"]

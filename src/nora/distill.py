@@ -79,14 +79,13 @@ class Teacher:
         return cls({k.removesuffix(".weight"): v for k, v in w.items()}, meta)
 
     def save(self, path: str | Path) -> None:
-        from nora.checkpoint import atomic_write
+        from nora.checkpoint import atomic_write, write_json
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"{k}.weight": v.contiguous() for k, v in self.weights.items()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp))
-        text = json.dumps(self.meta, indent=1)
-        atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+        write_json(path.with_suffix(".json"), self.meta)
 
     def check(self, model: nn.Module) -> Teacher:
         """Every weight names a Linear of the model with the same shape; binds the teacher to

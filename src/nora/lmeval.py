@@ -17,7 +17,6 @@ same) with `nora.peft` imported first:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +84,12 @@ def format_table(results: dict[str, Any]) -> str:
 
 def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
     """lm-eval's results JSON (samples left out) as out_dir/lm_eval_results.json."""
-    from nora.checkpoint import atomic_write
+    from nora.checkpoint import write_json
 
     keep = {k: v for k, v in results.items() if k != "samples"}
-    text = json.dumps(keep, indent=1, default=str) + "\n"
     path = Path(out_dir) / "lm_eval_results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_json(path, keep, default=str)
     return path
 
 

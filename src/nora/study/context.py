@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import nora
-from nora.checkpoint import atomic_write
+from nora.checkpoint import atomic_write, write_json
 from nora.data import batches
 
 
@@ -204,12 +204,6 @@ class DataContext:
             "n_gen": len(correct),
             "max_new_tokens": max_new_tokens,
         }
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write atomically (`checkpoint.atomic_write`)."""
-    text = json.dumps(data, indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class Runner:

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 import nora
+from nora.checkpoint import write_json
 from nora.config import AdapterConfig, ConfigError, from_mapping
-from nora.study.context import DataContext, Runner, write_json
+from nora.study.context import DataContext, Runner
 from nora.train import TrainConfig, train
 
 
@@ -254,8 +255,7 @@ class Study(Runner):
         t0, c0 = time.perf_counter(), time.process_time()
         teacher = fit_study_teacher(c, self.cfg.teacher_settings(), log=self.log)
         teacher.meta.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
-        teacher.save(path)
-        write_json(path.with_suffix(".json"), teacher.meta)
+        teacher.save(path)  # + teacher.json, its meta
         return teacher
 
     def teacher_path(self, dataset: str) -> Path:

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 import nora
+from nora.checkpoint import write_json
 from nora.config import AdapterConfig, ConfigError, from_mapping
 from nora.data import batches
-from nora.study.context import DataContext, Runner, write_json
+from nora.study.context import DataContext, Runner
 from nora.train import TrainConfig, train
 
 # The paper's Table 2 rows: each changes one design choice of NoRA.
