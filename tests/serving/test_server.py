@@ -9,20 +9,17 @@ import threading
 
 import pytest
 from conftest import tiny_llama
-from test_serving_engine import SPECS, hf_generate
-from test_serving_forward import char_tokenizer, make_dir, save_random  # noqa: F401
 
 from nora.serving import (
     AdapterStore,
     Engine,
     MultiAdapterModel,
+    ServeConfig,
     ServerThread,
     create_app,
     load_server,
 )
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
-
+from serving.common import SPECS, hf_generate, make_dir, save_random
 
 BASE = "tiny-base"
 
@@ -35,17 +32,11 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def server(root, tok):
     store = AdapterStore(MultiAdapterModel(tiny_llama()), root, max_resident=4)
     engine = Engine(store.multi, tok, store, max_batch=8, max_model_len=256).start()
-    app = create_app(
-        engine, BASE, max_tokens_limit=300, max_prompt_tokens=100, max_body_bytes=20_000
-    )
+    cfg = ServeConfig(max_tokens_limit=300, max_prompt_tokens=100, max_body_bytes=20_000)
+    app = create_app(engine, BASE, cfg)
     with ServerThread(app) as srv:
         srv.engine = engine
         yield srv
@@ -296,8 +287,8 @@ def test_load_and_unload_endpoints(server):
 
 
 def test_concurrent_clients_are_batched_across_adapters(server, root, tok):
-    server.engine.stats["max_running"] = 0
-    prefills = server.engine.stats["prefills"]
+    server.engine.stats.max_running = 0
+    prefills = server.engine.stats.prefills
     jobs = [("hello", "nora"), ("abc", "lora"), ("xyz", None), ("fox", "aurora"), ("q", "nolora")]
     results: dict[int, dict] = {}
     barrier = threading.Barrier(len(jobs))
@@ -315,8 +306,8 @@ def test_concurrent_clients_are_batched_across_adapters(server, root, tok):
         gate.release()
         for t in threads:
             t.join(TIMEOUT)
-    assert server.engine.stats["max_running"] == len(jobs)
-    assert server.engine.stats["prefills"] == prefills + 1  # all five in one batch
+    assert server.engine.stats.max_running == len(jobs)
+    assert server.engine.stats.prefills == prefills + 1  # all five in one batch
     for i, (prompt, adapter) in enumerate(jobs):
         status, body = results[i]
         ref = hf_generate(root, tok, prompt, adapter, 10, do_sample=False)
@@ -379,7 +370,8 @@ def test_load_server_from_a_model_folder(root, tok, tmp_path):
     folder = tmp_path / "my-base"
     tiny_llama().save_pretrained(folder)
     tok.save_pretrained(folder)
-    app, engine = load_server(str(folder), str(root), preload=["lora"], max_resident=2)
+    cfg = ServeConfig(base=str(folder), adapters_dir=str(root), preload=["lora"], max_resident=2)
+    app, engine = load_server(cfg)
     assert engine.store.resident() == ["lora"] and engine.store.max_resident == 2
     engine.start()
     try:
@@ -394,7 +386,8 @@ def test_load_server_from_a_model_folder(root, tok, tmp_path):
 
 
 def test_bad_server_options_are_refused_before_serving():
-    from nora.serving.server import check_options
+    def check_options(**opts):
+        ServeConfig(**opts).validate()
 
     check_options(max_n=1, request_timeout=0.5, max_tokens_limit=8, default_max_tokens=8)
     for bad, msg in [
