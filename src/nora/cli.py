@@ -142,9 +142,10 @@ def _with_config_options(*groups: tuple[type, str, dict[str, Any]]):
             given: dict[type, dict[str, Any]] = {cls: {} for cls, _, _ in groups}
             for name, cls in owner.items():
                 v = kw.pop(name)
-                if isinstance(v, str):  # errors name the option's shortest spelling
-                    v = parse_text(field_types(cls)[name], v, short[name])
-                if v is not None:
+                if isinstance(v, str):  # typed ('none' too: it unsets a file's value);
+                    # errors name the option's shortest spelling
+                    given[cls][name] = parse_text(field_types(cls)[name], v, short[name])
+                elif v is not None:
                     given[cls][name] = v
             return fn(given=given, **kw)
 

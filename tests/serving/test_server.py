@@ -402,3 +402,25 @@ def test_bad_server_options_are_refused_before_serving():
     ]:
         with pytest.raises(ValueError, match=msg):
             check_options(**bad)
+
+
+def test_answers_are_what_the_protocol_models_describe(server):
+    from nora.serving.openai import protocol as P
+
+    msgs = [{"role": "user", "content": "hi"}]
+    for path, body, model in [
+        ("/v1/completions", greedy(model="nora", prompt="hi", max_tokens=4, logprobs=2, n=2),
+         P.CompletionResponse),
+        ("/v1/chat/completions", greedy(model="lora", messages=msgs, max_tokens=4, logprobs=True,
+                                        top_logprobs=1), P.ChatCompletionResponse),
+    ]:  # fmt: skip
+        status, out = call(server, "POST", path, body)
+        assert status == 200
+        assert model.model_validate(out).model_dump(exclude_unset=True) == out
+    events = sse(server, "/v1/chat/completions", greedy(model="lora", messages=msgs, max_tokens=3))
+    for e in events[:-1]:
+        P.ChatCompletionChunk.model_validate(e)
+    status, out = call(server, "GET", "/v1/models")
+    P.ModelList.model_validate(out)
+    status, out = call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "a", "n": 0})
+    assert status == 400 and P.ErrorResponse.model_validate(out).error.param == "n"
