@@ -155,6 +155,7 @@ class Client:
     def sse(self, path, body) -> list:
         conn, resp = self._conn("POST", path, {**body, "stream": True})
         assert resp.status == 200, resp.read()
+        assert resp.getheader("content-type").startswith("text/event-stream")
         events = []
         for block in resp.read().decode().split("\n\n"):
             if block.startswith("data: "):

@@ -19,7 +19,7 @@ from nora.serving import (
     create_app,
     load_server,
 )
-from serving.common import SPECS, hf_generate, make_dir, save_random
+from serving.common import SPECS, Client, greedy, hf_generate, make_dir, save_random
 
 BASE = "tiny-base"
 
@@ -127,24 +127,6 @@ def call(srv, method, path, body=None, raw: bytes | None = None):
     return status, json.loads(text) if text else None
 
 
-def sse(srv, path, body) -> list:
-    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
-    conn.request("POST", path, body=json.dumps({**body, "stream": True}))
-    resp = conn.getresponse()
-    assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
-    events = []
-    for line in resp.read().decode().split("\n\n"):
-        if line.startswith("data: "):
-            payload = line[len("data: ") :]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    conn.close()
-    return events
-
-
-def greedy(**kw):
-    return {"temperature": 0, "ignore_eos": True, **kw}
-
-
 def test_health_and_models(server):
     status, body = call(server, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["running"] == 0
@@ -176,8 +158,8 @@ def test_streams_add_up_to_the_non_streamed_answer(server):
     chat = greedy(model="aurora", messages=[{"role": "user", "content": "hi"}], max_tokens=12)
     status, full = call(server, "POST", "/v1/chat/completions", chat)
     assert status == 200 and full["object"] == "chat.completion"
-    events = sse(
-        server, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}}
+    events = Client(server).sse(
+        "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}}
     )
     assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert events[-2]["usage"]["completion_tokens"] == 12 and events[-2]["choices"] == []
@@ -187,7 +169,7 @@ def test_streams_add_up_to_the_non_streamed_answer(server):
     assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
     comp = greedy(model="nolora", prompt="stream me", max_tokens=9)
     _, full = call(server, "POST", "/v1/completions", comp)
-    events = sse(server, "/v1/completions", comp)
+    events = Client(server).sse("/v1/completions", comp)
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == full["choices"][0]["text"]
 
 
@@ -417,7 +399,9 @@ def test_answers_are_what_the_protocol_models_describe(server):
         status, out = call(server, "POST", path, body)
         assert status == 200
         assert model.model_validate(out).model_dump(exclude_unset=True) == out
-    events = sse(server, "/v1/chat/completions", greedy(model="lora", messages=msgs, max_tokens=3))
+    events = Client(server).sse(
+        "/v1/chat/completions", greedy(model="lora", messages=msgs, max_tokens=3)
+    )
     for e in events[:-1]:
         P.ChatCompletionChunk.model_validate(e)
     status, out = call(server, "GET", "/v1/models")
