@@ -170,3 +170,20 @@ def test_an_engine_without_a_store_serves_its_models_adapters(app):
         assert health["resident"] == ["lora"]
         assert set(health["stats"]) == {"steps", "prefills", "prompt_tokens", "generated_tokens",
                                         "finished", "max_running"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "body, param, fragment",
+    [
+        ({"prompt": [1, 999]}, "prompt", "prompt token ids must be integers"),
+        ({"prompt": "ab", "max_tokens": 600}, "max_tokens", "exceeds the context length"),
+        ({"prompt": "ab", "n": 17}, "n", "n must be an integer in [1, 16]"),
+        ({"prompt": "ab", "best_of": 2}, "best_of", "only best_of = n"),
+        ({"prompt": "ab", "logit_bias": {"x": 1}}, "logit_bias", "not a token id"),
+    ],
+)
+def test_what_the_engine_refuses_is_named_too(app, body, param, fragment):
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "base", **body})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and fragment in err["message"], err

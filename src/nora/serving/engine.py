@@ -43,7 +43,7 @@ from nora.serving.kv_rows import KVRows
 from nora.serving.multi import MultiAdapterModel
 from nora.serving.output import OutputProcessor
 from nora.serving.plan import BASE_UID
-from nora.serving.sampling import Sampler, SamplingParams
+from nora.serving.sampling import ParamError, Sampler, SamplingParams
 from nora.serving.scheduler import OverloadedError, Scheduler
 from nora.serving.sequence import Delta, Request, SequenceState
 from nora.serving.store import AdapterStore, FixedStore
@@ -149,19 +149,20 @@ class Engine:
         params: SamplingParams | None = None,
         on_delta: Callable[[Delta], None] | None = None,
     ) -> Request:
-        """Queue a request; raises ValueError (ParamError for a sampling parameter, naming
-        it) for a bad prompt or params, OverloadedError when the queue is full."""
+        """Queue a request; raises ParamError (a ValueError naming the field: `prompt`,
+        `max_tokens` or a sampling parameter) for a bad request, OverloadedError when the
+        queue is full."""
         params = (params or SamplingParams()).check()
         ids = self.encode(prompt)
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise ParamError("prompt", "the prompt is empty")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context length ({self.max_model_len})"
+            raise ParamError(
+                "prompt", f"prompt token ids must be integers in [0, {self.vocab_size})"
             )
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ParamError("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens "
+                             f"({params.max_tokens}) exceeds the context length ({self.max_model_len})")  # fmt: skip
         req = Request(ids, adapter, params, on_delta, t_submit=time.perf_counter())
         if params.timeout is not None:
             req.deadline = req.t_submit + params.timeout

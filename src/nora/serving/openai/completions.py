@@ -118,8 +118,16 @@ class Completions:
         )
         try:
             return params.check()
-        except ParamError as e:  # SamplingParams names its field; the body may call it otherwise
-            raise APIError(400, e.msg, param=mt if e.param == "max_tokens" else e.param) from None
+        except ParamError as e:
+            raise APIError(400, e.msg, param=self._param(body, e.param)) from None
+
+    def _param(self, body, param: str | None) -> str | None:
+        """The body's name for a SamplingParams / Engine.submit field."""
+        if param == "max_tokens" and getattr(body, "max_completion_tokens", None) is not None:
+            return "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+        if param == "prompt" and isinstance(body, ChatCompletionRequest):
+            return "messages"
+        return param
 
     def bias(self, bias: dict[str, float]) -> dict[int, float]:
         out = {}
@@ -174,9 +182,10 @@ class Completions:
             for i in range(n):  # choice i: its own row, its own seed (seed + i)
                 p = params if i == 0 else _with_seed(params, i)
                 reqs.append(self.engine.submit(ids, adapter, p, _bind(on_delta, i)))
-        except ValueError as e:
+        except ParamError as e:  # the prompt's length against max_tokens, its token ids
             cancel(reqs)
-            raise APIError(400, str(e), param=getattr(e, "param", None)) from None
+            param = self._param(body, e.param)
+            raise APIError(400, e.msg, param=param) from None
         except OverloadedError as e:
             cancel(reqs)
             raise APIError(503, str(e), "overloaded_error", retry_after=api.backoff()) from None
