@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from nora.checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME, config_to_dict
 from nora.models import load_base_model
-from nora.serving import ServerThread, build
+from nora.serving import ServeConfig, ServerThread, build
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serving_bench import OtherLoad, machine, random_adapter  # noqa: E402
@@ -142,11 +142,11 @@ def main() -> None:
     model, tok = load_base_model()
     root = Path(tempfile.mkdtemp(prefix="nora-load-"))
     names = write_adapters(model, root, args.adapters)
-    app, engine = build(
-        model, tok, str(root), "smollm2-135m", max_resident=args.max_resident,
-        max_batch=args.max_batch, max_tokens_limit=256,
-        preload=names[: args.max_resident],  # a full resident set: memory starts steady
+    cfg = ServeConfig(
+        adapters_dir=str(root), max_resident=args.max_resident, max_batch=args.max_batch,
+        max_tokens_limit=256, preload=names[: args.max_resident],  # a full resident set: memory starts steady
     )  # fmt: skip
+    app, engine = build(model, tok, cfg)
     engine.start()
 
     weights = [(i + 1) ** -args.alpha for i in range(len(names))]

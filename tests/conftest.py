@@ -170,7 +170,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 # Packages CI installs (scripts/setup.sh test). Under CI (env CI=true), a test that skips
 # because one of these cannot be imported FAILS: a broken install must not pass as green.
 # Tests that need one of them skip with a reason naming it (pytest.importorskip does).
-REQUIRED_IN_CI = ("triton", "vllm", "trl", "bitsandbytes", "lm_eval")
+REQUIRED_IN_CI = ("triton", "vllm", "trl", "bitsandbytes", "lm_eval", "schemathesis")
 
 
 def _in_ci() -> bool:

@@ -34,6 +34,20 @@ MAY_IMPORT = {
     "serving": {"core", "training", "serving"},
     "cli": {"core", "training", "study", "serving", "cli"},
 }
+# Inside serving, one job per module (vLLM's and SGLang's layout), in tiers: a module imports
+# only modules of its own tier or the tiers before it (docs/ARCHITECTURE.md, "serving").
+SERVING_TIERS = [
+    ("model", ["plan", "backend", "layers", "multi", "store"]),
+    (
+        "engine parts",
+        ["sampling", "detokenize", "kv_rows", "sequence", "scheduler", "output"]
+        + ["config", "tenants", "metrics"],
+    ),  # fmt: skip
+    ("engine", ["engine"]),
+    ("http", ["openai"]),
+    ("process", ["launch", ""]),  # "": the package's __init__ (its public names)
+]
+TIER_OF = {m: i for i, (_, mods) in enumerate(SERVING_TIERS) for m in mods}
 # The experiment's design names its variants (NoRA vs LoRA); the library code does not.
 NAMES_METHODS_FREELY = {"adapters", "study"}
 
@@ -130,7 +144,7 @@ def test_no_method_name_tests_outside_adapters():
             ["nora.analysis (core) imports nora.study"],
         ),
         ("from nora import train", "nora.inject", ["nora.inject (core) imports nora.train"]),
-        ("from ..study.plots import x", "nora.serving.server", ["nora.serving.server (serving)"]),
+        ("from ..study.plots import x", "nora.serving.launch", ["nora.serving.launch (serving)"]),
         ("from nora.inject import plan", "nora.serving.multi", []),
         ("from .layers import x", "nora.serving.multi", []),
         ("import nora.cli", "nora.study.runner", ["nora.study.runner (study) imports nora.cli"]),
@@ -154,3 +168,50 @@ def test_the_import_checker_catches_what_it_should(source, module, expected):
 )
 def test_the_name_checker_catches_what_it_should(source, hits):
     assert len(method_name_tests(source, {"lora", "nora", "loran"})) == hits
+
+
+def serving_tier(module: str) -> int | None:
+    """The tier of a `nora.serving.*` module (its first component below serving)."""
+    parts = module.split(".")
+    return TIER_OF.get(parts[2] if len(parts) > 2 else "")
+
+
+def backward_serving_imports(source: str, module: str, is_package: bool = False) -> list[str]:
+    own = serving_tier(module)
+    bad = []
+    for m in sorted(imported_modules(ast.parse(source), module, is_package)):
+        if (
+            m.startswith("nora.serving")
+            and (theirs := serving_tier(m)) is not None
+            and theirs > own
+        ):
+            bad.append(
+                f"{module} ({SERVING_TIERS[own][0]}) imports {m} ({SERVING_TIERS[theirs][0]})"
+            )
+    return bad
+
+
+def test_serving_modules_import_only_earlier_tiers():
+    bad, missing = [], []
+    for path, module in _sources():
+        if not (module == "nora.serving" or module.startswith("nora.serving.")):
+            continue
+        if serving_tier(module) is None:
+            missing.append(module)
+            continue
+        bad += backward_serving_imports(path.read_text(), module, path.name == "__init__.py")
+    assert not missing, f"add these to SERVING_TIERS and docs/ARCHITECTURE.md: {missing}"
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    "source, module, bad",
+    [
+        ("from nora.serving.openai.app import create_app", "nora.serving.engine", 1),
+        ("from nora.serving.engine import Engine", "nora.serving.sampling", 1),
+        ("from .sampling import SamplingParams", "nora.serving.engine", 0),
+        ("from ..engine import Engine", "nora.serving.openai.app", 0),
+    ],
+)
+def test_the_serving_tier_checker_catches_what_it_should(source, module, bad):
+    assert len(backward_serving_imports(source, module)) == bad

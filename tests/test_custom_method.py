@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import randomize, tiny_llama
 from safetensors.torch import load_file
-from test_serving_forward import check_rows, random_ids, save_random
+from serving.common import check_rows, random_ids, save_random
 from torch import nn
 
 import nora

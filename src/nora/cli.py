@@ -12,8 +12,8 @@ nora inspect runs/x/adapter      what an adapter folder holds
 nora export runs/x/adapter out/  merged HF model (lora, loran) or --gguf (lora, llama.cpp)
 nora methods                     the registered methods and their defaults
 
-The options of `train` and `params` are generated from the fields of `AdapterConfig` and
-`TrainConfig` (nora.config): one option per field, named after it (`max_steps` is
+The options of `train`, `params` and `serve` are generated from the fields of `AdapterConfig`,
+`TrainConfig` (nora.config) and `ServeConfig` (nora.serving.config): one option per field, named after it (`max_steps` is
 `--max-steps`), with the field's help text and default.
 """
 
@@ -113,6 +113,8 @@ def _metavar(tp: Any) -> str | None:
         return None
     if typing.get_origin(tp) is tuple:
         return "LO,HI"
+    if typing.get_origin(tp) is list and args == [str]:
+        return "A,B"
     if typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in args):
         return "A,B|REGEX" if str in args else "A,B|A-B"
     base = args[0] if args else tp
@@ -140,9 +142,10 @@ def _with_config_options(*groups: tuple[type, str, dict[str, Any]]):
             given: dict[type, dict[str, Any]] = {cls: {} for cls, _, _ in groups}
             for name, cls in owner.items():
                 v = kw.pop(name)
-                if isinstance(v, str):  # errors name the option's shortest spelling
-                    v = parse_text(field_types(cls)[name], v, short[name])
-                if v is not None:
+                if isinstance(v, str):  # typed ('none' too: it unsets a file's value);
+                    # errors name the option's shortest spelling
+                    given[cls][name] = parse_text(field_types(cls)[name], v, short[name])
+                elif v is not None:
                     given[cls][name] = v
             return fn(given=given, **kw)
 
@@ -170,24 +173,32 @@ def _train_groups():
 def resolve_train_config(file: Path | None, given: dict[type, dict[str, Any]]):
     """TrainConfig from the defaults, then `file` (YAML or JSON, the layout of
     train_config.json: training fields plus an `adapter:` mapping), then the typed options."""
-    import yaml
-
     from nora.config import AdapterConfig, ConfigError, TrainConfig, from_mapping
 
-    d: dict[str, Any] = {}
-    if file is not None:
-        try:
-            d = yaml.safe_load(Path(file).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{file} is not valid YAML/JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{file} must hold a mapping of config fields")
+    d = _read_config_file(file)
     adapter = {**(d.get("adapter") or {}), **given.get(AdapterConfig, {})}
     d = {**d, **given.get(TrainConfig, {}), "adapter": adapter}
     try:
         return from_mapping(TrainConfig, d)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}" if file is not None else str(e)) from None
+
+
+def _read_config_file(file: Path | None) -> dict[str, Any]:
+    """A YAML/JSON mapping of config fields ({} without a file)."""
+    import yaml
+
+    from nora.config import ConfigError
+
+    if file is None:
+        return {}
+    try:
+        d = yaml.safe_load(Path(file).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file} is not valid YAML/JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{file} must hold a mapping of config fields")
+    return d
 
 
 @app.command()
@@ -480,53 +491,51 @@ def report(sweep_dir: Path) -> None:
     typer.echo(f"written: {(build_study_report if study else build_report)(sweep_dir)}")
 
 
+def _serve_groups():
+    from nora.serving.config import ServeConfig
+
+    shown = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+    shown["preload"] = None
+    return (ServeConfig, "Serving (ServeConfig)", shown)
+
+
+def resolve_serve_config(file: Path | None, given: dict[type, dict[str, Any]]):
+    """ServeConfig from the defaults, then `file` (YAML or JSON: ServeConfig's fields, the
+    layout --print-config writes), then the typed options."""
+    from nora.config import ConfigError, from_mapping
+    from nora.serving.config import ServeConfig
+
+    d = {**_read_config_file(file), **given.get(ServeConfig, {})}
+    try:
+        return from_mapping(ServeConfig, d)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}" if file is not None else str(e)) from None
+
+
 @app.command()
 @_user_errors
+@_with_config_options(_serve_groups())
 def serve(
-    adapters: Annotated[Path, typer.Option(help="folder of adapter folders (PEFT layout)")] = Path(
-        "adapters"
-    ),
-    base: Annotated[
-        str, typer.Option(help="smollm2-135m, a local folder or a hub id")
-    ] = "smollm2-135m",
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_resident: Annotated[int, typer.Option(help="adapters kept loaded at once (LRU)")] = 16,
-    max_batch: Annotated[int, typer.Option(help="requests decoded together")] = 16,
-    api_keys: Annotated[
+    config: Annotated[
         Path | None,
-        typer.Option(
-            help="JSON key file: tenants, their adapters and rights (default: $NORA_API_KEYS, "
-            "$NORA_API_KEY; none: no auth, loopback only)"
-        ),
+        typer.Option(help="YAML/JSON config (ServeConfig's fields); options override it"),
     ] = None,
-    max_waiting: Annotated[
-        int, typer.Option(help="queued requests before new ones get 503 + Retry-After")
-    ] = 1024,
-    request_timeout: Annotated[
-        float | None, typer.Option(help="seconds a request may take (then 504)")
-    ] = None,
-    grace: Annotated[
-        float, typer.Option(help="seconds to drain in-flight requests on SIGTERM")
-    ] = 30.0,
+    print_config: Annotated[
+        bool, typer.Option(help="print the resolved config (YAML; --config reads it) and exit")
+    ] = False,
+    json_: Annotated[bool, typer.Option("--json", help="with --print-config: as JSON")] = False,
+    given: dict | None = None,
 ) -> None:
     """OpenAI-compatible server: many unmerged adapters over one base model, batched together."""
+    cfg = resolve_serve_config(config, given)
+    if print_config:
+        typer.echo(_dump(cfg.to_dict(), "json" if json_ else "yaml"))
+        return
     from nora.serving import serve as run_server
     from nora.serving.tenants import KeyConfigError
 
     try:
-        run_server(
-            base,
-            str(adapters),
-            host=host,
-            port=port,
-            max_resident=max_resident,
-            max_batch=max_batch,
-            api_keys=api_keys,
-            max_waiting=max_waiting,
-            request_timeout=request_timeout,
-            grace=grace,
-        )
+        run_server(cfg)
     except KeyConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

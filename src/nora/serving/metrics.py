@@ -70,7 +70,7 @@ class Metrics:
         now = time.monotonic()
         with self._lock:
             stats = self.engine.stats
-            self._recent.append((now, stats["generated_tokens"], stats["finished"]))
+            self._recent.append((now, stats.generated_tokens, stats.finished))
             while self._recent and now - self._recent[0][0] > self.window:
                 self._recent.popleft()
 
@@ -83,7 +83,7 @@ class Metrics:
                 return 0.0
             t0, n0 = self._recent[0][0], self._recent[0][i]
             # at least 1 s: the first step after an idle spell must not read as a huge rate
-            return (self.engine.stats[key] - n0) / max(now - t0, 1.0)
+            return (getattr(self.engine.stats, key) - n0) / max(now - t0, 1.0)
 
     def tokens_per_second(self) -> float:
         return self._rate("generated_tokens", 1)
@@ -126,10 +126,10 @@ class _State:
         )
         for key, name in (("generated_tokens", "generated"), ("prompt_tokens", "prompt")):
             yield CounterMetricFamily(
-                f"nora_{name}_tokens", f"{name.capitalize()} tokens", value=e.stats[key]
+                f"nora_{name}_tokens", f"{name.capitalize()} tokens", value=getattr(e.stats, key)
             )
-        resident = len(s.resident()) if s is not None else len(e.multi.adapters)
-        yield GaugeMetricFamily("nora_resident_adapters", "Adapters loaded", value=resident)
-        if s is not None:
-            yield CounterMetricFamily("nora_adapter_loads", "Adapter loads", value=s.loads)
-            yield CounterMetricFamily("nora_adapter_evictions", "LRU evictions", value=s.evictions)
+        yield GaugeMetricFamily(
+            "nora_resident_adapters", "Adapters loaded", value=len(s.resident())
+        )
+        yield CounterMetricFamily("nora_adapter_loads", "Adapter loads", value=s.loads)
+        yield CounterMetricFamily("nora_adapter_evictions", "LRU evictions", value=s.evictions)

@@ -10,6 +10,9 @@ PEFT LoRA). Folders added to the directory while serving are found by name on fi
 adapter is dropped with `unload`. Names are single path components from [A-Za-z0-9._-], never
 containing '..'; a folder, or a file in it, that resolves outside `root` (a symlink) is
 refused, so no request can make the server read outside the adapter directory.
+
+`FixedStore(multi)` is the store of an engine built without a directory: the adapters
+already added to `multi`, resident for good (nothing is loaded, evicted or unloaded).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def check_name(name: object) -> str:
 
 class AdapterStore:
     """Adapters of one directory over one MultiAdapterModel, at most `max_resident` loaded."""
+
+    mutable = True  # adapters can be loaded and unloaded (the HTTP load / unload endpoints)
 
     def __init__(self, multi: MultiAdapterModel, root: str | os.PathLike, max_resident: int = 16):
         if max_resident < 1:
@@ -167,3 +172,44 @@ class AdapterStore:
     def _drop(self, name: str) -> None:
         self.multi.remove(name)
         del self._lru[name]
+
+
+class FixedStore:
+    """The adapters of `multi` as they are, behind AdapterStore's interface: `load` and
+    `acquire` find a resident adapter (UnknownAdapterError otherwise); nothing is evicted."""
+
+    mutable = False
+    root = None
+
+    def __init__(self, multi: MultiAdapterModel):
+        self.multi, self.lock = multi, multi.lock
+        self.loads = self.evictions = 0
+
+    def available(self) -> list[str]:
+        return sorted(self.multi.adapters)
+
+    resident = available
+
+    def is_resident(self, name: str) -> bool:
+        return name in self.multi.adapters
+
+    def info(self, name: str) -> AdapterInfo | None:
+        return self.multi.adapters.get(name)
+
+    def load(self, name: str) -> AdapterInfo:
+        info = self.multi.adapters.get(name)
+        if info is None:
+            raise UnknownAdapterError(name, self.available())
+        return info
+
+    def acquire(self, name: str) -> int:
+        return self.multi.uid(name)
+
+    def release(self, name: str) -> None:
+        pass
+
+    def pins(self, name: str) -> int:
+        return 0
+
+    def unload(self, name: str) -> None:
+        raise AdapterBusyError(f"adapter {name!r} is fixed: this server has no adapter directory")

@@ -9,20 +9,17 @@ import threading
 
 import pytest
 from conftest import tiny_llama
-from test_serving_engine import SPECS, hf_generate
-from test_serving_forward import char_tokenizer, make_dir, save_random  # noqa: F401
 
 from nora.serving import (
     AdapterStore,
     Engine,
     MultiAdapterModel,
+    ServeConfig,
     ServerThread,
     create_app,
     load_server,
 )
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
-
+from serving.common import SPECS, Client, greedy, hf_generate, make_dir, save_random
 
 BASE = "tiny-base"
 
@@ -35,17 +32,11 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def server(root, tok):
     store = AdapterStore(MultiAdapterModel(tiny_llama()), root, max_resident=4)
     engine = Engine(store.multi, tok, store, max_batch=8, max_model_len=256).start()
-    app = create_app(
-        engine, BASE, max_tokens_limit=300, max_prompt_tokens=100, max_body_bytes=20_000
-    )
+    cfg = ServeConfig(max_tokens_limit=300, max_prompt_tokens=100, max_body_bytes=20_000)
+    app = create_app(engine, BASE, cfg)
     with ServerThread(app) as srv:
         srv.engine = engine
         yield srv
@@ -136,24 +127,6 @@ def call(srv, method, path, body=None, raw: bytes | None = None):
     return status, json.loads(text) if text else None
 
 
-def sse(srv, path, body) -> list:
-    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
-    conn.request("POST", path, body=json.dumps({**body, "stream": True}))
-    resp = conn.getresponse()
-    assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
-    events = []
-    for line in resp.read().decode().split("\n\n"):
-        if line.startswith("data: "):
-            payload = line[len("data: ") :]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    conn.close()
-    return events
-
-
-def greedy(**kw):
-    return {"temperature": 0, "ignore_eos": True, **kw}
-
-
 def test_health_and_models(server):
     status, body = call(server, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["running"] == 0
@@ -185,8 +158,8 @@ def test_streams_add_up_to_the_non_streamed_answer(server):
     chat = greedy(model="aurora", messages=[{"role": "user", "content": "hi"}], max_tokens=12)
     status, full = call(server, "POST", "/v1/chat/completions", chat)
     assert status == 200 and full["object"] == "chat.completion"
-    events = sse(
-        server, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}}
+    events = Client(server).sse(
+        "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}}
     )
     assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert events[-2]["usage"]["completion_tokens"] == 12 and events[-2]["choices"] == []
@@ -196,7 +169,7 @@ def test_streams_add_up_to_the_non_streamed_answer(server):
     assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
     comp = greedy(model="nolora", prompt="stream me", max_tokens=9)
     _, full = call(server, "POST", "/v1/completions", comp)
-    events = sse(server, "/v1/completions", comp)
+    events = Client(server).sse("/v1/completions", comp)
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == full["choices"][0]["text"]
 
 
@@ -296,8 +269,8 @@ def test_load_and_unload_endpoints(server):
 
 
 def test_concurrent_clients_are_batched_across_adapters(server, root, tok):
-    server.engine.stats["max_running"] = 0
-    prefills = server.engine.stats["prefills"]
+    server.engine.stats.max_running = 0
+    prefills = server.engine.stats.prefills
     jobs = [("hello", "nora"), ("abc", "lora"), ("xyz", None), ("fox", "aurora"), ("q", "nolora")]
     results: dict[int, dict] = {}
     barrier = threading.Barrier(len(jobs))
@@ -315,8 +288,8 @@ def test_concurrent_clients_are_batched_across_adapters(server, root, tok):
         gate.release()
         for t in threads:
             t.join(TIMEOUT)
-    assert server.engine.stats["max_running"] == len(jobs)
-    assert server.engine.stats["prefills"] == prefills + 1  # all five in one batch
+    assert server.engine.stats.max_running == len(jobs)
+    assert server.engine.stats.prefills == prefills + 1  # all five in one batch
     for i, (prompt, adapter) in enumerate(jobs):
         status, body = results[i]
         ref = hf_generate(root, tok, prompt, adapter, 10, do_sample=False)
@@ -379,7 +352,8 @@ def test_load_server_from_a_model_folder(root, tok, tmp_path):
     folder = tmp_path / "my-base"
     tiny_llama().save_pretrained(folder)
     tok.save_pretrained(folder)
-    app, engine = load_server(str(folder), str(root), preload=["lora"], max_resident=2)
+    cfg = ServeConfig(base=str(folder), adapters_dir=str(root), preload=["lora"], max_resident=2)
+    app, engine = load_server(cfg)
     assert engine.store.resident() == ["lora"] and engine.store.max_resident == 2
     engine.start()
     try:
@@ -394,7 +368,8 @@ def test_load_server_from_a_model_folder(root, tok, tmp_path):
 
 
 def test_bad_server_options_are_refused_before_serving():
-    from nora.serving.server import check_options
+    def check_options(**opts):
+        ServeConfig(**opts).validate()
 
     check_options(max_n=1, request_timeout=0.5, max_tokens_limit=8, default_max_tokens=8)
     for bad, msg in [
@@ -409,3 +384,27 @@ def test_bad_server_options_are_refused_before_serving():
     ]:
         with pytest.raises(ValueError, match=msg):
             check_options(**bad)
+
+
+def test_answers_are_what_the_protocol_models_describe(server):
+    from nora.serving.openai import protocol as P
+
+    msgs = [{"role": "user", "content": "hi"}]
+    for path, body, model in [
+        ("/v1/completions", greedy(model="nora", prompt="hi", max_tokens=4, logprobs=2, n=2),
+         P.CompletionResponse),
+        ("/v1/chat/completions", greedy(model="lora", messages=msgs, max_tokens=4, logprobs=True,
+                                        top_logprobs=1), P.ChatCompletionResponse),
+    ]:  # fmt: skip
+        status, out = call(server, "POST", path, body)
+        assert status == 200
+        assert model.model_validate(out).model_dump(exclude_unset=True) == out
+    events = Client(server).sse(
+        "/v1/chat/completions", greedy(model="lora", messages=msgs, max_tokens=3)
+    )
+    for e in events[:-1]:
+        P.ChatCompletionChunk.model_validate(e)
+    status, out = call(server, "GET", "/v1/models")
+    P.ModelList.model_validate(out)
+    status, out = call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "a", "n": 0})
+    assert status == 400 and P.ErrorResponse.model_validate(out).error.param == "n"

@@ -9,22 +9,12 @@ import threading
 import pytest
 import torch
 from conftest import tiny_llama
-from test_serving_forward import char_tokenizer, make_dir  # noqa: F401
 
-import nora
 from nora.serving import AdapterStore, Engine, MultiAdapterModel, SamplingParams
-from nora.serving.engine import OverloadedError, _draw
+from nora.serving.engine import OverloadedError
+from nora.serving.sampling import draw as _draw
+from serving.common import SPECS, hf_generate, make_dir
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
-
-
-SPECS = {
-    "nora": dict(method="nora", r=4),
-    "lora": dict(method="lora", r=2),
-    "aurora": dict(method="aurora", r=3),
-    "loran": dict(method="loran", r=2),
-    "nolora": dict(method="nolora", r=8),
-}
 PROMPTS = ["hello there", "a", "the quick brown fox", "xyz", "1234567890123456789", "hi!", "ok"]
 ADAPTERS = ["nora", "lora", None, "aurora", "loran", "nolora", "nora"]
 
@@ -34,24 +24,9 @@ def root(tmp_path_factory):
     return make_dir(tmp_path_factory.mktemp("adapters"), SPECS)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
 def make_engine(root, tok, max_resident=3, **kw) -> Engine:
     store = AdapterStore(MultiAdapterModel(tiny_llama()), root, max_resident=max_resident)
     return Engine(store.multi, tok, store, **kw)
-
-
-def hf_generate(root, tok, prompt, adapter, n, **kw) -> list[int]:
-    """The reference: transformers' own generate on a model carrying only this adapter."""
-    model = tiny_llama()
-    if adapter is not None:
-        nora.load_adapter(model, root / adapter)
-    ids = torch.tensor([tok(prompt)["input_ids"]])
-    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **kw)
-    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +46,7 @@ def test_greedy_continuous_batching_equals_each_request_alone(root, tok, greedy_
     for r, ref, p in zip(reqs, greedy_refs, params, strict=True):
         assert r.output_ids == ref[: p.max_tokens] and r.finish_reason == "length"
         assert r.text == tok.decode(r.output_ids, skip_special_tokens=True)
-    assert engine.stats["max_running"] == 3 and engine.stats["prefills"] >= 3
+    assert engine.stats.max_running == 3 and engine.stats.prefills >= 3
     assert engine.store.evictions > 0 and engine.running == 0
     assert all(engine.store.pins(n) == 0 for n in SPECS)
 
@@ -98,7 +73,7 @@ def test_cache_never_outgrows_the_longest_live_request(root, tok):
         engine.submit(PROMPTS[i], ADAPTERS[i], SamplingParams(max_tokens=3 + i, ignore_eos=True))
     while engine.step():
         if engine.rows:
-            assert engine.mask.shape[1] == max(r.n_cached for r in engine.rows)
+            assert engine.mask.shape[1] == max(s.n_cached for s in engine.batch.seqs)
             for layer in engine.cache.layers:
                 assert layer.keys.shape[:3] == (len(engine.rows), 2, engine.mask.shape[1])
             lengths.append(engine.mask.shape[1])
@@ -141,7 +116,7 @@ def test_stop_tokens_eos_and_stop_strings(root, tok, greedy_refs):
         ],
     )
     assert by_token.finish_reason == "stop" and by_token.output_ids == ref[: ref.index(stop_tok)]
-    engine.eos_ids = {stop_tok}  # the tokenizer's EOS, as the model's generation config says
+    engine.output.eos_ids = {stop_tok}  # the tokenizer's EOS, as the model's generation config says
     (eos,) = engine.generate([PROMPTS[0]], [ADAPTERS[0]], SamplingParams(max_tokens=12))
     assert eos.finish_reason == "stop" and eos.output_ids == ref[: ref.index(stop_tok)]
     text = tok.decode(ref, skip_special_tokens=True)

@@ -1,11 +1,7 @@
-"""Tenants and keys, overload (queue, rate limits, time limits), draining, metrics.
-
-Also holds the helpers the other new serving tests import (`Client`, `paced`, `wait_for`).
-"""
+"""Tenants and keys, overload (queue, rate limits, time limits), draining, metrics."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import logging
@@ -14,18 +10,22 @@ import time
 
 import openai
 import pytest
-from conftest import tiny_llama
 from prometheus_client.parser import text_string_to_metric_families
-from test_serving_engine import SPECS, hf_generate
-from test_serving_forward import char_tokenizer, make_dir  # noqa: F401
 
-from nora.serving import AdapterStore, Engine, MultiAdapterModel, ServerThread, create_app
 from nora.serving.tenants import KeyConfigError, Keys, exposure_warning, load_keys
+from serving.common import (
+    BASE,
+    SPECS,
+    Client,
+    greedy,
+    hf_generate,
+    make_dir,
+    make_server,
+    paced,
+    serving,
+    wait_for,
+)
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
-
-
-BASE = "tiny-base"
 ACME, BETA, OPS = "sk-acme-0123456789", "sk-beta-0123456789", "sk-ops-00123456789"
 KEYS = {
     "keys": [
@@ -39,101 +39,9 @@ KEYS = {
 # ---------------------------------------------------------------------- helpers
 
 
-class Client:
-    """A tiny HTTP client for one server and one key: status, headers and JSON body."""
-
-    def __init__(self, srv, key: str | None = None):
-        self.srv, self.key = srv, key
-
-    def _conn(self, method, path, body):
-        conn = http.client.HTTPConnection(self.srv.host, self.srv.port, timeout=60)
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        data = None if body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers=headers)
-        return conn, conn.getresponse()
-
-    def call(self, method, path, body=None):
-        conn, resp = self._conn(method, path, body)
-        raw = resp.read()
-        conn.close()
-        ctype = resp.getheader("content-type") or ""
-        out = json.loads(raw) if raw and "json" in ctype else raw.decode()
-        return resp.status, dict(resp.getheaders()), out
-
-    def post(self, path, body):
-        return self.call("POST", path, body)
-
-    def sse(self, path, body) -> list:
-        conn, resp = self._conn("POST", path, {**body, "stream": True})
-        assert resp.status == 200, resp.read()
-        events = []
-        for block in resp.read().decode().split("\n\n"):
-            if block.startswith("data: "):
-                payload = block[len("data: ") :]
-                events.append(payload if payload == "[DONE]" else json.loads(payload))
-        conn.close()
-        return events
-
-
-@contextlib.contextmanager
-def paced(engine, seconds=0.01):
-    """Make each decode step take a while, so that requests overlap and streams last."""
-    decode = engine._decode
-
-    def slow():
-        time.sleep(seconds)
-        decode()
-
-    engine._decode = slow
-    try:
-        yield
-    finally:
-        engine._decode = decode
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def greedy(**kw):
-    return {"temperature": 0, "ignore_eos": True, **kw}
-
-
-def make_server(root, tok, max_resident=4, max_batch=8, max_waiting=64, start=True, **limits):
-    store = AdapterStore(MultiAdapterModel(tiny_llama()), root, max_resident=max_resident)
-    engine = Engine(store.multi, tok, store, max_batch=max_batch, max_model_len=256,
-                    max_waiting=max_waiting)  # fmt: skip
-    if start:
-        engine.start()
-    srv = ServerThread(create_app(engine, BASE, max_tokens_limit=300, **limits)).start()
-    srv.engine = engine
-    return srv
-
-
-@contextlib.contextmanager
-def serving(root, tok, **kw):
-    srv = make_server(root, tok, **kw)
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        srv.engine.stop()
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return make_dir(tmp_path_factory.mktemp("adapters"), SPECS)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +251,7 @@ def test_a_full_queue_is_503_with_retry_after(root, tok):
         # With completions lately, Retry-After is the queue ahead over their rate: here 2
         # requests finished in the last 5 s (0.4/s) and 1 waits, so (1 + 1) / 0.4 = 5 s.
         srv.server.api.metrics._recent.append((time.monotonic() - 5, 0, 0))
-        srv.engine.stats["finished"] += 2
+        srv.engine.stats.finished += 2
         status, headers, _ = c.post("/v1/completions", body)
         assert status == 503 and headers["retry-after"] in ("5", "6")
         srv.server.api.metrics._recent.clear()
@@ -443,8 +351,8 @@ def test_metrics(root, tok):
         finished = 4 + 2 + 1 + 1
         assert m[("nora_time_to_first_token_seconds_count", ())] == finished
         assert m[("nora_time_per_output_token_seconds_count", ())] == finished
-        assert m[("nora_generated_tokens_total", ())] == srv.engine.stats["generated_tokens"]
-        assert m[("nora_batch_occupancy_count", ())] == srv.engine.stats["steps"]
+        assert m[("nora_generated_tokens_total", ())] == srv.engine.stats.generated_tokens
+        assert m[("nora_batch_occupancy_count", ())] == srv.engine.stats.steps
         assert m[("nora_resident_adapters", ())] == 2
         assert m[("nora_adapter_loads_total", ())] == 3
         assert m[("nora_adapter_evictions_total", ())] == 1

@@ -21,17 +21,22 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_serving_engine import SPECS, hf_generate
-from test_serving_forward import char_tokenizer, make_dir  # noqa: F401
-from test_serving_tenants import BASE, Client, greedy, paced, serving, wait_for
 
 from nora.checkpoint import WEIGHTS_NAME
 from nora.serving import SamplingParams
+from serving.common import (
+    BASE,
+    SPECS,
+    Client,
+    greedy,
+    hf_generate,
+    make_dir,
+    paced,
+    serving,
+    wait_for,
+)
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
-
-
-SRC = Path(__file__).parents[1] / "src"
+SRC = Path(__file__).parents[2] / "src"
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +48,6 @@ def adapters(tmp_path_factory):
 def root(adapters, tmp_path):
     """A fresh copy per test: these tests delete and damage adapter folders."""
     return shutil.copytree(adapters, tmp_path / "adapters")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 def ref(adapters, tok, prompt, adapter, n):
@@ -195,12 +195,12 @@ def test_a_generation_that_raises_fails_only_its_request(adapters, tok, when):
             adapter, prompt = jobs[key]
             assert text(results[key]) == ref(adapters, tok, prompt, adapter, 12)
         # one shared prefill (decode faults), or one failed and then one per row
-        assert srv.engine.stats["prefills"] == (1 if when == "decode" else 2)
+        assert srv.engine.stats.prefills == (1 if when == "decode" else 2)
         events = c.sse("/v1/completions", greedy(model="nolora", prompt="x", max_tokens=5))
         assert "injected fault" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
         restore()
         assert text(complete(c, "nolora", "hey", 12)) == ref(adapters, tok, "hey", "nolora", 12)
-        assert srv.engine._thread.is_alive() and c.call("GET", "/health")[0] == 200
+        assert srv.engine.alive and c.call("GET", "/health")[0] == 200
 
 
 # ---------------------------------------------------------------------- SIGTERM
@@ -211,9 +211,9 @@ import socket, sys, time
 sys.path.insert(0, {tests!r})
 import torch
 from conftest import tiny_llama
-from test_serving_forward import char_tokenizer
-from nora.serving import AdapterStore, Engine, MultiAdapterModel, create_app
-from nora.serving.server import run
+from serving.common import char_tokenizer
+from nora.serving import AdapterStore, Engine, MultiAdapterModel, ServeConfig, create_app
+from nora.serving.launch import run
 
 torch.set_num_threads(1)
 store = AdapterStore(MultiAdapterModel(tiny_llama()), {root!r}, max_resident=4)
@@ -226,14 +226,14 @@ engine._decode = slow
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 print(sock.getsockname()[1], flush=True)
-run(create_app(engine, {base!r}), engine, sock=sock, grace=30, log_level="warning")
+run(create_app(engine, {base!r}), engine, ServeConfig(grace=30, log_level="warning"), sock=sock)
 print("exited cleanly", flush=True)
 """
 
 
 def test_sigterm_during_a_stream_drains_it_and_exits_0(adapters, tok, tmp_path):
     script = tmp_path / "server.py"
-    tests = str(Path(__file__).parent)
+    tests = str(Path(__file__).parents[1])
     script.write_text(textwrap.dedent(SERVER.format(tests=tests, root=str(adapters), base=BASE)))
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
@@ -279,14 +279,14 @@ def test_sampling_that_raises_fails_only_its_request(adapters, tok):
     # Guarded per request after the batched forward: here the logit shaping of one request
     # (the one with a presence penalty) raises; its batch mates decode on, unchanged.
     with serving(adapters, tok, start=False) as srv:
-        engine, shape = srv.engine, srv.engine._shape
+        engine, shape = srv.engine, srv.engine.sampler.shape
 
-        def broken(r, z):
-            if r.params.presence_penalty == 0.5:
+        def broken(params, output_ids, z):
+            if params.presence_penalty == 0.5:
                 raise ValueError("injected sampling fault")
-            return shape(r, z)
+            return shape(params, output_ids, z)
 
-        engine._shape = broken
+        engine.sampler.shape = broken
         bad = engine.submit("hey", "nolora", SamplingParams(max_tokens=8, presence_penalty=0.5))
         good = engine.submit("hello", "nora", SamplingParams(max_tokens=12, ignore_eos=True))
         engine.run_until_idle()

@@ -1,86 +1,16 @@
-"""The batched heterogeneous forward: a mixed batch equals each request run alone.
-
-Also holds the helpers the other serving tests import: random adapters saved to a folder,
-a character-level tokenizer for the tiny models.
-"""
+"""The batched heterogeneous forward: a mixed batch equals each request run alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, randomize, tiny_llama
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from conftest import tiny_llama
 from torch import nn
-from transformers import PreTrainedTokenizerFast
 
 import nora
 from nora.serving import BatchPlan, MultiAdapterLinear, MultiAdapterModel
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
-
-
-# Every method, several activations, mixed ranks (2 … 8), scales != 1.
-SPECS = {
-    "lora-r2": dict(method="lora", r=2),
-    "lora-r8": dict(method="lora", r=8, alpha=32.0),
-    "nora-silu": dict(method="nora", r=4, scale=2.5),
-    "nora-silu-r8": dict(method="nora", r=8),
-    "nora-silu-r3": dict(method="nora", r=3, alpha=6.0),
-    "nora-relu": dict(method="nora", r=8, activation="relu"),
-    "nora-gelu": dict(method="nora", r=3, activation="gelu"),
-    "nora-tanh": dict(method="nora", r=5, activation="tanh"),
-    "nora-identity": dict(method="nora", r=2, activation="identity"),
-    "nora-sinter": dict(method="nora", r=4, activation="sinter", sinter_a=0.05, sinter_omega=3.0),
-    "nora-learnable": dict(method="nora", r=6, activation="learnable"),
-    "nolora": dict(method="nolora", r=4),
-    "nolora-silu": dict(method="nolora", r=7, activation="silu"),
-    "aurora": dict(method="aurora", r=2),
-    "aurora-r6": dict(method="aurora", r=6, spline_grid_size=4),
-    "aurora-r5": dict(method="aurora", r=5),  # stacks with "aurora": spline rows zero-padded
-    "loran": dict(method="loran", r=4, sinter_a=0.05, sinter_omega=5.0),
-    "loran-r2": dict(method="loran", r=2),
-}
-
-
-def save_random(path, seed: int = 0, base=tiny_llama, **cfg) -> None:
-    """A random non-zero adapter (every parameter, B included) saved in PEFT layout."""
-    model = base()
-    nora.inject(model, nora.AdapterConfig(init_weights=False, **cfg))
-    randomize(model, seed)
-    nora.save_adapter(model, path)
-
-
-def make_dir(root, specs=SPECS):
-    for i, (name, cfg) in enumerate(specs.items()):
-        save_random(root / name, seed=i, **cfg)
-    return root
-
-
-def solo(root, name, ids: torch.Tensor, base=tiny_llama) -> torch.Tensor:
-    """Logits of `ids` through a fresh base model carrying only adapter `name` (or none)."""
-    model = base()
-    if name is not None:
-        nora.load_adapter(model, root / name)
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character (fits VOCAB = 96), <eos> = 1, and a tiny chat template."""
-    chars = ["\n"] + [chr(c) for c in range(32, 122)]
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    assert len(vocab) <= VOCAB
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
-    return tok
+from serving.common import ALL_SPECS as SPECS
+from serving.common import check_rows, make_dir, random_ids, solo
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +24,6 @@ def multi(adapters):
     for name in SPECS:
         mm.add(name, adapters / name)
     return mm
-
-
-def random_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def check_rows(multi, adapters, names, ids):
-    with torch.no_grad():
-        out = multi(ids, adapters=names).logits
-    for b, name in enumerate(names):
-        ref = solo(adapters, name, ids[b : b + 1])[0]
-        assert torch.allclose(out[b], ref, atol=1e-5, rtol=1e-4), (name, (out[b] - ref).abs().max())
-        if name is not None:  # the adapter really changes the output
-            assert not torch.allclose(ref, solo(adapters, None, ids[b : b + 1])[0], atol=1e-3)
 
 
 def test_mixed_batch_of_every_method_and_rank_equals_each_alone(multi, adapters):

@@ -11,21 +11,23 @@ import threading
 import openai
 import pytest
 import torch
-from test_serving_engine import SPECS
-from test_serving_forward import char_tokenizer, make_dir, solo  # noqa: F401
-from test_serving_tenants import BASE, Client, greedy, paced, serving, wait_for
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
+from serving.common import (
+    BASE,
+    SPECS,
+    Client,
+    greedy,
+    make_dir,
+    paced,
+    serving,
+    solo,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return make_dir(tmp_path_factory.mktemp("adapters"), SPECS)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from nora import kernels
 from nora.serving import MultiAdapterModel
 from nora.serving.backend import BACKENDS, select_backend
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
 # every backend; Triton's kernels run in its CPU interpreter here (conftest), tiny shapes
 NAMES = ["reference", "torch", "triton"]
 BACKEND_NAMES = [

@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_llama
-from test_serving_forward import random_ids, save_random, solo  # noqa: F401
 
 from nora.checkpoint import CheckpointError
 from nora.serving import (
@@ -19,8 +18,7 @@ from nora.serving import (
     StoreFullError,
     UnknownAdapterError,
 )
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, 1 thread
+from serving.common import random_ids, save_random, solo
 
 
 @pytest.fixture

@@ -1,0 +1,89 @@
+"""Fuzz the HTTP API with schemathesis, from the server's own OpenAPI schema (generated from
+the protocol models): a few hundred generated requests, valid and invalid, to every
+operation. No answer is a 5xx, every 4xx names the field it refuses (`error.param`; a body
+that is not JSON and one over the size limit concern no field), and
+afterwards the server answers a greedy probe exactly as before."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+from conftest import tiny_llama
+from hypothesis import HealthCheck, given, settings
+
+from nora.serving import AdapterStore, Engine, MultiAdapterModel, ServeConfig, create_app
+from serving.common import SPECS, make_dir
+
+schemathesis = pytest.importorskip("schemathesis")  # the `test` extra installs it
+from schemathesis import GenerationMode  # noqa: E402
+
+EXAMPLES = {"positive": 40, "negative": 40}  # per operation (5) and mode: 400 requests
+PROBE = {"model": "nora", "prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+# 4xx that concern no field: a body over the size limit, a body that is not JSON at all
+NO_FIELD = {413}
+NOT_JSON = ("malformed JSON body", "the JSON body must be an object")
+MODELS = ["base", "nora", "lora", "aurora"]  # steers valid bodies to models that exist
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tok):
+    root = make_dir(tmp_path_factory.mktemp("adapters"), SPECS)
+    store = AdapterStore(MultiAdapterModel(tiny_llama()), root, max_resident=2)
+    engine = Engine(store.multi, tok, store, max_batch=8, max_model_len=128).start()
+    cfg = ServeConfig(max_tokens_limit=4, default_max_tokens=4, max_prompt_tokens=48, max_n=2)
+    yield create_app(engine, "base", cfg)
+    engine.stop()
+
+
+@pytest.mark.slow  # about 40 s on 2 CPU cores; .ci/run runs it
+def test_generated_requests_get_no_5xx_and_every_4xx_names_its_field(app):
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    probe = schema.find_operation_by_path("POST", "/v1/completions")
+    before = probe.Case(body=PROBE).call()
+    assert before.status_code == 200, before.text
+    seen: collections.Counter = collections.Counter()
+    bad: list[str] = []
+    ops = [r.ok() for r in schema.get_all_operations()]
+    assert {(op.method.upper(), op.path) for op in ops} >= {
+        ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/adapters/load"), ("POST", "/v1/adapters/unload"),
+    }  # fmt: skip
+    for op in ops:
+        for mode, n in EXAMPLES.items():
+            if mode == "negative" and not list(op.body):
+                continue  # a GET has no body to make invalid
+            t0, k = time.perf_counter(), sum(seen.values())
+            fuzz(op, GenerationMode(mode), n, seen, bad)()
+            print(f"{op.method.upper()} {op.path} {mode}: {sum(seen.values()) - k} requests, "
+                  f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    total = sum(seen.values())
+    print(f"schemathesis: {total} requests, by status {dict(sorted(seen.items()))}")
+    assert total >= 300 and not bad, "\n".join(bad[:20])
+    assert seen[200] >= 10 and seen[400] > 0  # both answered and refused requests were made
+    after = probe.Case(body=PROBE).call()
+    assert after.status_code == 200 and after.json()["choices"] == before.json()["choices"]
+
+
+def fuzz(op, mode, n: int, seen: collections.Counter, bad: list[str]):
+    """A hypothesis test: n generated requests to `op`, each answer checked."""
+
+    @given(case=op.as_strategy(generation_mode=mode))
+    @settings(max_examples=n, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    def one(case):
+        if mode is GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
+            case.body["model"] = MODELS[len(repr(case.body)) % len(MODELS)]
+        resp = case.call()
+        seen[resp.status_code] += 1
+        json_ = resp.headers.get("content-type", [""])[0].startswith("application/json")
+        err = resp.json().get("error") if json_ else None
+        where = f"{op.method.upper()} {op.path} {case.body!r:.200} -> {resp.status_code}"
+        if resp.status_code >= 500:
+            bad.append(f"{where}: {resp.text[:200]}")
+        elif 400 <= resp.status_code < 500 and resp.status_code not in NO_FIELD:
+            if not (err and (err.get("param") or err["message"].startswith(NOT_JSON))):
+                bad.append(f"{where}: no param in {err}")
+
+    return one
