@@ -352,3 +352,15 @@ def test_a_distillation_study_fits_its_teacher_once_and_scores_the_kl(tmp_path, 
     want, got = losses(run_dir), losses(tmp_path / "again")
     assert [w[::2] for w in want] == [g[::2] for g in got] and len(want) == 3
     assert [g[1] for g in got] == pytest.approx([w[1] for w in want], rel=1e-4)
+
+
+def test_a_saved_study_without_a_newer_field_is_the_same_study(tmp_path, model_dir):
+    from nora.study.runner import _saved_config
+
+    cfg = StudyConfig.from_dict(study_dict(model_dir))
+    older = cfg.to_dict()
+    del older["distill"]  # written before the field existed: it meant "no distillation"
+    (tmp_path / "study.json").write_text(json.dumps({"config": older}))
+    assert _saved_config(tmp_path / "study.json") == cfg.to_dict()
+    (tmp_path / "study.json").write_text(json.dumps({"config": {**older, "n_test": 99}}))
+    assert _saved_config(tmp_path / "study.json") != cfg.to_dict()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nora.evaluate import PerplexityResult, position_logits
+from nora.evaluate import PerplexityResult, perplexity, position_logits
 
 
 class DistillError(ValueError):
@@ -153,7 +152,6 @@ def batch_kl(
     return kl, int(mask.sum())
 
 
-@torch.no_grad()
 def kl_eval(
     model: nn.Module,
     batches: Iterable[dict],
@@ -163,21 +161,11 @@ def kl_eval(
 ) -> PerplexityResult:
     """Mean KL(teacher ‖ model) per position over `batches`; `ppl` is exp of it (the ratio of
     the model's perplexity on the teacher's distribution to the teacher's own)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with context():
-                kl, n = batch_kl(model, batch, teacher, fast)
-            total, count = total + float(kl), count + n
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("no positions to evaluate")
-    return PerplexityResult(math.exp(total / count), total / count, count)
+
+    def score(m: nn.Module, batch: dict, fast: bool) -> tuple[torch.Tensor, int]:
+        return batch_kl(m, batch, teacher, fast)
+
+    return perplexity(model, batches, fast=fast, context=context, score=score)
 
 
 def fit_teacher(

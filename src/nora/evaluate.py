@@ -91,11 +91,15 @@ def perplexity(
     progress: bool = False,
     fast: bool | None = None,
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    score: Callable[..., tuple[torch.Tensor, int]] | None = None,
 ) -> PerplexityResult:
     """Token-weighted perplexity over `batches` (collated dicts with labels = -100 masked).
 
-    `context()` wraps each forward (e.g. `PrefixCache.top_only` for cached batches).
+    `context()` wraps each forward (e.g. `PrefixCache.top_only` for cached batches);
+    `score(model, batch, fast) -> (sum, count)` replaces the NLL (`batch_nll`), e.g. the KL
+    to a teacher (`nora.distill.kl_eval`).
     """
+    score = score or batch_nll
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -106,7 +110,7 @@ def perplexity(
             with context():
                 if fast is None:
                     fast = supports_fast_nll(model, batch)
-                nll, n = batch_nll(model, batch, fast=fast)
+                nll, n = score(model, batch, fast=fast)
             total, count = total + float(nll), count + n
     finally:
         model.train(was_training)

@@ -550,6 +550,13 @@ def plan(cfg: StudyConfig, datasets: list[str] | None = None) -> list[tuple]:
     return steps
 
 
+def _saved_config(path: Path) -> dict | None:
+    try:
+        return StudyConfig.from_dict(json.loads(path.read_text())["config"]).to_dict()
+    except StudyError:
+        return None
+
+
 def run_study(
     cfg: StudyConfig,
     out_dir: str | Path,
@@ -564,7 +571,9 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "study.json"
     with _locked(out / "study.lock"):  # workers for other datasets may start at the same time
-        if saved.is_file() and json.loads(saved.read_text())["config"] != cfg.to_dict():
+        # read back through today's StudyConfig: a field added since (at its default) does
+        # not make it another study
+        if saved.is_file() and _saved_config(saved) != cfg.to_dict():
             raise StudyError(f"{out} holds a study with another config; use another --out")
         if not saved.is_file():
             info = {"config": cfg.to_dict(), "command": command, "machine": machine_info()}
@@ -590,6 +599,33 @@ def run_study(
 
 
 # --- presets -------------------------------------------------------------------------------
+
+# What every study v2 pilot shares: one variant (LoRA α=32) at r=4 and r=128 on v1's layers
+# and steps, each rank's rate searched, seeds 0 and 1 (the second says how large a seed-to-
+# seed difference is), no generation (the question is the test NLL or KL).
+PILOT: dict[str, Any] = {
+    "model": "smollm2-135m",
+    "top_layers": 4,
+    "train": {
+        "max_steps": 240,
+        "batch_size": 8,
+        "n_train": 1920,
+        "max_len": 256,
+        "warmup_ratio": 0.05,
+        "eval_every": 24,
+        "save_every": 48,
+        "keep_checkpoints": 1,
+    },
+    "n_val": 64,
+    "n_test": 300,
+    "n_gen": 0,
+    "variants": {"lora": {"method": "lora", "alpha": 32}},
+    "ranks": [4, 128],
+    "seeds": [0, 1],
+    "lr_search": {"start": [-6, -5, -4], "ranks": {"lora": [4, 128]}, "default_rank": 4},
+    "first": ["lora"],
+    "analysis_tokens": 2048,
+}
 
 STUDY_PRESETS: dict[str, dict[str, Any]] = {
     # The rank-scaling study on the embedded default (issue 13), for a 2-core CPU over
@@ -636,61 +672,18 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         "analysis_tokens": 2048,
     },
     # Study v2 pilots (issue 21): which setting makes LoRA's quality depend on its rank?
-    # One variant (LoRA α=32) at r=4 and r=128, each rank's rate searched, seeds 0 and 1 (the
-    # second seed says how large a seed-to-seed difference is). No generation: the question
-    # is the test NLL.
     "pilot-logistic": {
         # (c) the logistic-map task (the paper's Table 1 case study) as a rank sweep: ~56
         # supervised tokens per example of 4-decimal arithmetic, against reasoning-mix's 4
-        "model": "smollm2-135m",
+        **PILOT,
         "datasets": ["logistic-map"],
-        "top_layers": 4,
-        "train": {
-            "max_steps": 240,
-            "batch_size": 8,
-            "n_train": 1920,
-            "max_len": 256,
-            "warmup_ratio": 0.05,
-            "eval_every": 24,
-            "save_every": 48,
-            "keep_checkpoints": 1,
-        },
-        "n_val": 64,
-        "n_test": 300,
-        "n_gen": 0,
-        "variants": {"lora": {"method": "lora", "alpha": 32}},
-        "ranks": [4, 128],
-        "seeds": [0, 1],
-        "lr_search": {"start": [-6, -5, -4], "ranks": {"lora": [4, 128]}, "default_rank": 4},
-        "first": ["lora"],
-        "analysis_tokens": 2048,
     },
     "pilot-distill": {
         # (a) distillation of a fully fine-tuned teacher: q/v of the top 4 layers fine-tuned
         # on reasoning-mix (every weight: a full-rank update), adapters on the same modules
         # trained to match its next-token distributions at every position (nora.distill)
-        "model": "smollm2-135m",
+        **PILOT,
         "datasets": ["reasoning-mix"],
-        "top_layers": 4,
-        "train": {
-            "max_steps": 240,
-            "batch_size": 8,
-            "n_train": 1920,
-            "max_len": 256,
-            "warmup_ratio": 0.05,
-            "eval_every": 24,
-            "save_every": 48,
-            "keep_checkpoints": 1,
-        },
-        "n_val": 64,
-        "n_test": 300,
-        "n_gen": 0,
-        "variants": {"lora": {"method": "lora", "alpha": 32}},
-        "ranks": [4, 128],
-        "seeds": [0, 1],
-        "lr_search": {"start": [-6, -5, -4], "ranks": {"lora": [4, 128]}, "default_rank": 4},
-        "first": ["lora"],
-        "analysis_tokens": 2048,
         "distill": {"steps": 480, "lr": 1e-4},
     },
 }
