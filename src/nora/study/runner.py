@@ -600,22 +600,25 @@ def run_study(
 
 # --- presets -------------------------------------------------------------------------------
 
+# v1's training (issue 13): 240 steps x 8 examples, one pass over 1920, validation every 24
+V1_TRAIN: dict[str, Any] = {
+    "max_steps": 240,
+    "batch_size": 8,
+    "n_train": 1920,
+    "max_len": 256,
+    "warmup_ratio": 0.05,
+    "eval_every": 24,
+    "save_every": 48,
+    "keep_checkpoints": 1,
+}
+
 # What every study v2 pilot shares: one variant (LoRA α=32) at r=4 and r=128 on v1's layers
 # and steps, each rank's rate searched, seeds 0 and 1 (the second says how large a seed-to-
 # seed difference is), no generation (the question is the test NLL or KL).
 PILOT: dict[str, Any] = {
     "model": "smollm2-135m",
     "top_layers": 4,
-    "train": {
-        "max_steps": 240,
-        "batch_size": 8,
-        "n_train": 1920,
-        "max_len": 256,
-        "warmup_ratio": 0.05,
-        "eval_every": 24,
-        "save_every": 48,
-        "keep_checkpoints": 1,
-    },
+    "train": dict(V1_TRAIN),  # v1's layers and steps
     "n_val": 64,
     "n_test": 300,
     "n_gen": 0,
@@ -637,16 +640,7 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         "model": "smollm2-135m",
         "datasets": ["reasoning-mix", "math"],
         "top_layers": 4,
-        "train": {
-            "max_steps": 240,
-            "batch_size": 8,
-            "n_train": 1920,
-            "max_len": 256,
-            "warmup_ratio": 0.05,
-            "eval_every": 24,
-            "save_every": 48,
-            "keep_checkpoints": 1,
-        },
+        "train": dict(V1_TRAIN),
         "n_val": 64,
         "n_test": 300,
         "n_gen": 200,
