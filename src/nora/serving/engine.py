@@ -154,15 +154,7 @@ class Engine:
         queue is full."""
         params = (params or SamplingParams()).check()
         ids = self.encode(prompt)
-        if not ids:
-            raise ParamError("prompt", "the prompt is empty")
-        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
-            raise ParamError(
-                "prompt", f"prompt token ids must be integers in [0, {self.vocab_size})"
-            )
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ParamError("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens "
-                             f"({params.max_tokens}) exceeds the context length ({self.max_model_len})")  # fmt: skip
+        _check_prompt(ids, params, self.vocab_size, self.max_model_len)
         req = Request(ids, adapter, params, on_delta, t_submit=time.perf_counter())
         if params.timeout is not None:
             req.deadline = req.t_submit + params.timeout
@@ -244,7 +236,7 @@ class Engine:
         self.stats.prompt_tokens += sum(len(s.req.prompt_ids) for s in joiners)
         for s in joiners:
             s.n_cached = len(s.req.prompt_ids)
-        toks = self._sample(joiners, logits)
+        toks = self.sampler.next_tokens(joiners, logits, self.output.fail)
         push = self.output.push
         alive = [i for i, (s, t) in enumerate(zip(joiners, toks, strict=True)) if not push(s, t)]
         if alive:
@@ -288,7 +280,7 @@ class Engine:
         seqs = self.batch.seqs
         for s in seqs:
             s.n_cached += 1
-        toks = self._sample(seqs, logits)
+        toks = self.sampler.next_tokens(seqs, logits, self.output.fail)
         push = self.output.push
         self.batch.keep([s for s, t in zip(seqs, toks, strict=True) if not push(s, t)])
 
@@ -317,21 +309,6 @@ class Engine:
             raise err
         self.batch.rebuild(keep, subs, mask)
         return torch.cat(logits)
-
-    def _sample(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[int | None]:
-        """logits (n, V) -> one token per sequence (the batch's argmax unless the request
-        needs the sampler); None for a request that failed here (it is finished)."""
-        toks: list[int | None] = logits.argmax(-1).tolist()
-        for i, s in enumerate(seqs):
-            p = s.req.params
-            if p.greedy_argmax:
-                continue
-            try:
-                toks[i], s.lp = self.sampler.sample(p, s.req.output_ids, s.gen, logits[i])
-            except Exception as e:
-                self.output.fail(s, e)
-                toks[i] = None
-        return toks
 
 
 class Worker(threading.Thread):
@@ -374,6 +351,17 @@ def _trim_heap() -> None:
     sizes), so RSS creeps up under churn; malloc_trim returns them. No-op elsewhere."""
     if _malloc_trim is not None:
         _malloc_trim(0)
+
+
+def _check_prompt(ids: list[int], params: SamplingParams, vocab: int, max_len: int) -> None:
+    """A ParamError naming `prompt` or `max_tokens` for a request the model cannot run."""
+    if not ids:
+        raise ParamError("prompt", "the prompt is empty")
+    if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+        raise ParamError("prompt", f"prompt token ids must be integers in [0, {vocab})")
+    if len(ids) + params.max_tokens > max_len:
+        raise ParamError("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens "
+                         f"({params.max_tokens}) exceeds the context length ({max_len})")  # fmt: skip
 
 
 def _as_list(v) -> list:

@@ -110,6 +110,22 @@ TokenLogprobs = tuple[float, list[tuple[int, float]]]
 class Sampler:
     """One request's next token from its logits; the engine guards each call per request."""
 
+    def next_tokens(self, seqs, logits: torch.Tensor, fail) -> list[int | None]:
+        """logits (n, V) -> one token per sequence (the batch's argmax unless the request
+        needs the sampler); a request whose sampling raises is handed to `fail(seq, error)`
+        (it is finished) and gets None."""
+        toks: list[int | None] = logits.argmax(-1).tolist()  # one host sync for the batch
+        for i, s in enumerate(seqs):
+            p = s.req.params
+            if p.greedy_argmax:
+                continue
+            try:
+                toks[i], s.lp = self.sample(p, s.req.output_ids, s.gen, logits[i])
+            except Exception as e:
+                fail(s, e)
+                toks[i] = None
+        return toks
+
     def sample(
         self,
         p: SamplingParams,
