@@ -31,6 +31,7 @@ layer. SVDs run in float64 on the CPU.
 
     summary = analyze(model, batches)                        # JSON-able dict
     summary = analyze_adapter("out/adapter", base_model, batches)  # loads, analyzes, unloads
+    agg = SpectralSummary.of(summary)                        # typed: agg.latent.auc90.mean
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import inspect
 import math
 import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -374,14 +375,85 @@ def _view_summary(sv: Tensor, r: int, keep: int | None) -> dict[str, Any]:
     }
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "median": statistics.median(values),
-        "std": statistics.pstdev(values),
-        "min": min(values),
-        "max": max(values),
-    }
+# The aggregate block is a typed record inside nora and a nested dict only at the JSON
+# boundary (to_dict/from_dict), so consumers read `agg.latent.effective_rank.mean` and a
+# misspelt key fails at the attribute, not deep inside a plot. Field order is the JSON order.
+
+
+@dataclass(frozen=True)
+class Stats:
+    """One metric over the adapted layers. Values keep their type (AUC-90's min/max stay
+    ints), so a summary read back writes the same JSON."""
+
+    mean: float
+    median: float
+    std: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stats:
+        return cls(
+            statistics.fmean(values),
+            statistics.median(values),
+            statistics.pstdev(values),
+            min(values),
+            max(values),
+        )
+
+
+@dataclass(frozen=True)
+class ViewStats:
+    """The layer statistics of one view's metrics."""
+
+    effective_rank: Stats
+    auc90: Stats
+    auc90_fraction: Stats
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ViewStats:
+        return cls(**{f: Stats(**d[f]) for f in METRICS})
+
+
+METRICS = ("effective_rank", "auc90", "auc90_fraction")  # ViewStats' fields
+
+
+@dataclass(frozen=True)
+class SpectralSummary:
+    """A summary's `aggregate`: {view: {metric: {mean, median, std, min, max}}} over layers."""
+
+    latent: ViewStats
+    output: ViewStats
+    weight: ViewStats
+
+    def view(self, name: str) -> ViewStats:
+        if name not in VIEWS:
+            raise AnalysisError(f"unknown view {name!r}; expected one of {VIEWS}")
+        return getattr(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SpectralSummary:
+        return cls(**{v: ViewStats.from_dict(d[v]) for v in VIEWS})
+
+    @classmethod
+    def of(cls, summary: Mapping[str, Any]) -> SpectralSummary:
+        """The aggregate of a whole `analyze` summary (as returned or read from JSON)."""
+        return cls.from_dict(summary["aggregate"])
+
+    @classmethod
+    def over_layers(cls, layers: Mapping[str, Mapping[str, Any]]) -> SpectralSummary:
+        """Aggregate the per-layer view summaries of `analyze`."""
+        return cls(
+            **{
+                v: ViewStats(
+                    **{m: Stats.of([layer[v][m] for layer in layers.values()]) for m in METRICS}
+                )
+                for v in VIEWS
+            }
+        )
 
 
 def analyze(
@@ -421,7 +493,6 @@ def analyze(
         config = get_config(model).to_dict()
     except InjectionError:  # adapters present without nora's bookkeeping
         config = {"method": first.name, "r": first.r}
-    metrics = ("effective_rank", "auc90", "auc90_fraction")
     return {
         "format_version": FORMAT_VERSION,
         "method": config["method"],
@@ -435,10 +506,7 @@ def analyze(
         "tokens_used": len(next(iter(collected.values())).index),
         "n_layers": len(layers),
         "layers": layers,
-        "aggregate": {
-            v: {m: _stats([layer[v][m] for layer in layers.values()]) for m in metrics}
-            for v in VIEWS
-        },
+        "aggregate": SpectralSummary.over_layers(layers).to_dict(),
     }
 
 

@@ -417,7 +417,7 @@ def analyze(
     ] = None,
 ) -> None:
     """Spectra, effective rank and AUC-90 of a trained adapter: JSON summary + plots."""
-    from nora.analysis import analyze_adapter
+    from nora.analysis import VIEWS, SpectralSummary, analyze_adapter
     from nora.checkpoint import write_json
     from nora.data import batches, build_splits
     from nora.models import load_base_model
@@ -432,9 +432,9 @@ def analyze(
     out.mkdir(parents=True, exist_ok=True)
     summary["plots"] = {k: p.name for k, p in plot_run(summary, out).items()}
     write_json(out / "analysis.json", summary, allow_nan=False)
-    agg = summary["aggregate"]
-    for view in ("latent", "output", "weight"):
-        er, auc = agg[view]["effective_rank"]["mean"], agg[view]["auc90"]["mean"]
+    agg = SpectralSummary.of(summary)
+    for view in VIEWS:
+        er, auc = agg.view(view).effective_rank.mean, agg.view(view).auc90.mean
         typer.echo(f"{view:<7} effective rank {er:8.2f}   AUC-90 {auc:7.1f} of r={summary['r']}")
     typer.echo(f"written: {out}")
 

@@ -43,7 +43,7 @@ def log_step(accel, rec) -> None:
 
 def spectral_summary(run) -> dict[str, float]:
     """Effective rank of every adapted layer's latent over the held-out split (nora.analysis)."""
-    from nora.analysis import analyze
+    from nora.analysis import SpectralSummary, analyze
     from nora.data import batches
 
     # plain batches through the whole model (a prefix cache's batches skip the lower layers)
@@ -53,7 +53,7 @@ def spectral_summary(run) -> dict[str, float]:
         f"spectral/effective_rank/{name}": layer["latent"]["effective_rank"]
         for name, layer in summary["layers"].items()
     }
-    ranks["spectral/effective_rank/mean"] = summary["aggregate"]["latent"]["effective_rank"]["mean"]
+    ranks["spectral/effective_rank/mean"] = SpectralSummary.of(summary).latent.effective_rank.mean
     return ranks
 
 

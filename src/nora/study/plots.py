@@ -93,9 +93,11 @@ def _log_limits(ax, curves: list[np.ndarray], decades: float = 10.0) -> None:
 
 
 def layer_mean(summary: Mapping[str, Any], view: str, metric: str) -> float:
-    """`metric` of `view` averaged over the adapted layers (the one place the analysis
-    summary's aggregate layout is spelled out)."""
-    return summary["aggregate"][view][metric]["mean"]
+    """`metric` of `view` averaged over the adapted layers (the aggregate's layout lives in
+    `nora.analysis.SpectralSummary`)."""
+    from nora.analysis import SpectralSummary  # torch: only once a figure needs it
+
+    return getattr(SpectralSummary.of(summary).view(view), metric).mean
 
 
 def _x(n: int) -> np.ndarray:
