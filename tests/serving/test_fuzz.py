@@ -7,6 +7,7 @@ afterwards the server answers a greedy probe exactly as before."""
 from __future__ import annotations
 
 import collections
+import os
 import time
 
 import pytest
@@ -19,7 +20,9 @@ from serving.common import SPECS, make_dir
 schemathesis = pytest.importorskip("schemathesis")  # the `test` extra installs it
 from schemathesis import GenerationMode  # noqa: E402
 
-EXAMPLES = {"positive": 40, "negative": 40}  # per operation (5) and mode: 400 requests
+# per operation (5) and mode: 400 requests in CI; benchmarks/fuzz_api.py sets more
+N = int(os.environ.get("NORA_FUZZ_EXAMPLES", "40"))
+EXAMPLES = {"positive": N, "negative": N}
 PROBE = {"model": "nora", "prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
 # 4xx that concern no field: a body over the size limit, a body that is not JSON at all
 NO_FIELD = {413}
