@@ -45,6 +45,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         (CompletionRequest, {**OK, "best_of": "2"}, "best_of", "best_of"),
         (CompletionRequest, {**OK, "user": 5}, "user", "user"),
         (CompletionRequest, {**OK, "zap": 1, "boo": 2}, "boo", "unsupported fields: boo, zap"),
+        (CompletionRequest, {**OK, "": 1}, '""', 'unsupported fields: ""'),  # fuzz found it
         (CompletionRequest, {"model": "m"}, "prompt", "'prompt' must be a string"),
         (CompletionRequest, {**OK, "prompt": [1, True]}, "prompt", "'prompt' must be"),
         (CompletionRequest, {"prompt": "a"}, "model", "'model' is required"),

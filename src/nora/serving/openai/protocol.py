@@ -113,6 +113,7 @@ def parse(cls: type[_Body], body: Any):
 
 def _first(cls: type[_Body], body: dict, errors: list[dict]) -> ParamError:
     unknown = sorted(str(err["loc"][0]) for err in errors if err["type"] == "extra_forbidden")
+    unknown = [k or '""' for k in unknown]  # JSON allows "" as a key: name it, never param ''
     if unknown:
         return ParamError(unknown[0], f"unsupported fields: {', '.join(unknown)}")
     err = errors[0]
