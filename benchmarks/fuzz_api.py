@@ -19,13 +19,20 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from nora.study.sweep import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 TEST = "tests/serving/test_fuzz.py"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--examples", type=int, default=200, help="per operation and mode")
+    ap.add_argument(
+        "--examples",
+        type=int,
+        default=200,
+        help="per operation and mode, 40 or more (the test asserts ≥ 300 requests)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fuzz_api.md"))
     args = ap.parse_args()
     env = {**os.environ, "NORA_FUZZ_EXAMPLES": str(args.examples)}
@@ -36,13 +43,11 @@ def main() -> None:
         x for x in run.stdout.splitlines() if " requests" in x or "passed" in x or "failed" in x
     ]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True)
-    cpu = next(
-        (x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if "model name" in x), "?"
-    )
+    m = machine_info()  # the sweep's and the suite's machine description
     report = [
         "# schemathesis campaign against nora serve's API",
         "",
-        f"{t0:%Y-%m-%dT%H:%M}Z, commit {git.stdout.decode().strip()}; {cpu}, {os.cpu_count()} "
+        f"{t0:%Y-%m-%dT%H:%M}Z, commit {git.stdout.decode().strip()}; {m['cpu']}, {m['cores']} "
         f"cores; schemathesis {version('schemathesis')}. Command: "
         f"`python benchmarks/fuzz_api.py --examples {args.examples}` ({args.examples} generated "
         "requests per operation and mode; the checks of `tests/serving/test_fuzz.py`).",

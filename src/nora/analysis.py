@@ -40,7 +40,7 @@ import inspect
 import math
 import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -414,8 +414,13 @@ class ViewStats:
     def from_dict(cls, d: Mapping[str, Any]) -> ViewStats:
         return cls(**{f: Stats(**d[f]) for f in METRICS})
 
+    @classmethod
+    def over_layers(cls, layers: Mapping[str, Mapping[str, Any]], view: str) -> ViewStats:
+        """`view`'s metrics of every layer of an `analyze` summary, aggregated."""
+        return cls(**{m: Stats.of([layer[view][m] for layer in layers.values()]) for m in METRICS})
 
-METRICS = ("effective_rank", "auc90", "auc90_fraction")  # ViewStats' fields
+
+METRICS = tuple(f.name for f in fields(ViewStats))  # the per-layer metrics aggregated
 
 
 @dataclass(frozen=True)
@@ -446,14 +451,7 @@ class SpectralSummary:
     @classmethod
     def over_layers(cls, layers: Mapping[str, Mapping[str, Any]]) -> SpectralSummary:
         """Aggregate the per-layer view summaries of `analyze`."""
-        return cls(
-            **{
-                v: ViewStats(
-                    **{m: Stats.of([layer[v][m] for layer in layers.values()]) for m in METRICS}
-                )
-                for v in VIEWS
-            }
-        )
+        return cls(**{v: ViewStats.over_layers(layers, v) for v in VIEWS})
 
 
 def analyze(

@@ -434,7 +434,8 @@ def analyze(
     write_json(out / "analysis.json", summary, allow_nan=False)
     agg = SpectralSummary.of(summary)
     for view in VIEWS:
-        er, auc = agg.view(view).effective_rank.mean, agg.view(view).auc90.mean
+        stats = agg.view(view)
+        er, auc = stats.effective_rank.mean, stats.auc90.mean
         typer.echo(f"{view:<7} effective rank {er:8.2f}   AUC-90 {auc:7.1f} of r={summary['r']}")
     typer.echo(f"written: {out}")
 
