@@ -226,14 +226,16 @@ class Runner:
             self.ctx = self.build_context(dataset)
         return self.ctx
 
-    def guarded(
-        self, out: Path, done: Path, job, what: str, retry_failed: bool = True
-    ) -> dict | None:
-        """`done`'s JSON if it exists; else run `job`, write its result (+ wall_s) to `done`.
+    def guarded(self, out: Path, done: Path, job, what: str, retry_failed: bool = True, parse=None):
+        """`done`'s JSON if it exists; else run `job`, write its result (+ wall_s, cpu_s) to
+        `done`. With `parse` (a typed record's `from_dict`: `nora.study.results.SweepRun`,
+        `TrainedRun`) the job returns such a record (written by its `to_dict`) and the result
+        comes back as one, parsed from what was written; without, both are dicts.
         A failure writes out/error.json (message + traceback), is logged, returns None; a
         later call tries again unless `retry_failed` is False."""
+        typed = parse if parse is not None else (lambda d: d)
         if done.is_file():
-            return json.loads(done.read_text())
+            return typed(json.loads(done.read_text()))
         error = out / "error.json"
         if error.is_file() and not retry_failed:
             return None
@@ -255,9 +257,10 @@ class Runner:
             if self.ctx is not None and nora.has_adapters(self.ctx.model):
                 nora.unload(self.ctx.model)  # the next run starts from the base model
             return None
+        result = result.to_dict() if parse is not None else result
         result["wall_s"] = time.perf_counter() - t0
         result["cpu_s"] = time.process_time() - c0  # all threads: 1 per worker in the study
         write_json(done, result)
         ppl = f" ppl={result['ppl']:.4f}" if isinstance(result.get("ppl"), float) else ""
         self.log(f"done {what}{ppl} in {result['wall_s']:.0f} s")
-        return result
+        return typed(result)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nora.study.plots import VIEWS, plot_metrics_vs_rank
+from nora.study.results import SweepRun
 
 
 def _load(path: Path) -> Any:
@@ -36,12 +37,12 @@ class SweepData:
     """All finished results of a sweep folder, grouped for the report."""
 
     sweep: dict  # sweep.json: spec, config, command, machine
-    runs: dict[str, dict[str, dict[int, list[dict]]]]  # dataset -> variant -> r -> seeds
+    runs: dict[str, dict[str, dict[int, list[SweepRun]]]]  # dataset -> variant -> r -> seeds
     base: dict[str, float]  # dataset -> base model test PPL
-    ablations: dict[str, list[dict]]
+    ablations: dict[str, list[SweepRun]]
     probes: dict[str, list[dict]]
     lrs: dict[str, dict]  # dataset -> chosen-<dataset>.json
-    lr_runs: list[dict]
+    lr_runs: list[SweepRun]
     errors: list[str]
     efficiency: dict | None
     seconds: float | None  # summed wall time of every finished run
@@ -53,23 +54,25 @@ class SweepData:
 
 def collect(sweep_dir: Path) -> SweepData:
     """All finished results of a sweep folder, grouped for the report."""
-    runs: dict[str, dict[str, dict[int, list[dict]]]] = defaultdict(lambda: defaultdict(dict))
+    runs: dict[str, dict[str, dict[int, list[SweepRun]]]] = defaultdict(lambda: defaultdict(dict))
     base: dict[str, float] = {}
     for f in sorted(sweep_dir.glob("runs/*/*/r*/s*/result.json")):
-        r = _load(f)
-        runs[r["dataset"]][r["variant"]].setdefault(r["r"], []).append(r)
+        r = SweepRun.from_dict(_load(f))
+        runs[r.dataset][r.variant].setdefault(r.r, []).append(r)
     for f in sorted(sweep_dir.glob("runs/*/base/result.json")):
         base[f.parts[-3]] = _load(f)["ppl"]
-    ablations: dict[str, list[dict]] = defaultdict(list)
+    ablations: dict[str, list[SweepRun]] = defaultdict(list)
     for f in sorted(sweep_dir.glob("ablations/*/*/s*/result.json")):
-        ablations[f.parts[-3]].append(_load(f))
+        ablations[f.parts[-3]].append(SweepRun.from_dict(_load(f)))
     probes: dict[str, list[dict]] = defaultdict(list)
     for f in sorted(sweep_dir.glob("probe/*/s*/result.json")):
         probes[f.parts[-3]].append(_load(f))
     lrs = {
         f.stem.removeprefix("chosen-"): _load(f) for f in sorted(sweep_dir.glob("lr/chosen-*.json"))
     }
-    lr_runs = [_load(f) for f in sorted(sweep_dir.glob("lr/*/*/lr*/result.json"))]
+    lr_runs = [
+        SweepRun.from_dict(_load(f)) for f in sorted(sweep_dir.glob("lr/*/*/lr*/result.json"))
+    ]
     errors = [str(f.parent.relative_to(sweep_dir)) for f in sorted(sweep_dir.rglob("error.json"))]
     eff = sweep_dir / "efficiency" / "result.json"
     return SweepData(
@@ -87,16 +90,16 @@ def collect(sweep_dir: Path) -> SweepData:
     )
 
 
-def _headline(runs: dict[str, dict[int, list[dict]]], dataset: str) -> list[str]:
+def _headline(runs: dict[str, dict[int, list[SweepRun]]], dataset: str) -> list[str]:
     """Plain statements, NoRA vs LoRA at each rank both ran, difference vs seed spread."""
     out = []
-    loras = [v for v, by_r in runs.items() if next(iter(by_r.values()))[0]["method"] == "lora"]
+    loras = [v for v, by_r in runs.items() if next(iter(by_r.values()))[0].method == "lora"]
     for lora_name in loras:
         if "nora" not in runs:
             break
         for r in sorted(set(runs["nora"]) & set(runs[lora_name])):
-            a = [x["ppl"] for x in runs["nora"][r]]
-            b = [x["ppl"] for x in runs[lora_name][r]]
+            a = [x.ppl for x in runs["nora"][r]]
+            b = [x.ppl for x in runs[lora_name][r]]
             diff = statistics.mean(a) - statistics.mean(b)
             spread = max(
                 statistics.stdev(a) if len(a) > 1 else 0, statistics.stdev(b) if len(b) > 1 else 0
@@ -155,7 +158,7 @@ def _ppl_section(data: SweepData, dataset: str, sweep_dir: Path) -> list[str]:
         L += ["**NoRA vs LoRA** (test perplexity, lower is better):", "", *heads, ""]
     fig = sweep_dir / "figures" / f"ppl_vs_rank_{dataset}.png"
     ppl = {
-        v: {r: [x["ppl"] for x in xs] for r, xs in by_r.items()} for v, by_r in sorted(runs.items())
+        v: {r: [x.ppl for x in xs] for r, xs in by_r.items()} for v, by_r in sorted(runs.items())
     }
     plot_metrics_vs_rank(
         [("held-out perplexity (test split)", ppl, data.base.get(dataset))],
@@ -174,7 +177,7 @@ def _ppl_section(data: SweepData, dataset: str, sweep_dir: Path) -> list[str]:
         L.append(f"| base model | {data.base[dataset]:.3f} |" + " |" * (len(ranks) - 1))
     for v, by_r in sorted(runs.items()):
         L.append(
-            f"| {v} | " + " | ".join(_ms([x["ppl"] for x in by_r.get(r, [])]) for r in ranks) + " |"
+            f"| {v} | " + " | ".join(_ms([x.ppl for x in by_r.get(r, [])]) for r in ranks) + " |"
         )
     return [*L, ""]
 
@@ -190,11 +193,11 @@ def _spectral_section(data: SweepData, dataset: str, sweep_dir: Path) -> list[st
 
     runs = data.runs[dataset]
     summaries = [
-        dict(x["analysis"], group=v)
+        dict(x.analysis, group=v)
         for v, by_r in runs.items()
         for xs in by_r.values()
         for x in xs
-        if "analysis" in x
+        if x.analysis is not None
     ]
     if not summaries:
         return []
@@ -207,7 +210,7 @@ def _spectral_section(data: SweepData, dataset: str, sweep_dir: Path) -> list[st
         "|---|---|---|---|---|---|",
     ]
     for v, by_r in sorted(runs.items()):
-        sp = [Spectra.from_summary(x["analysis"]) for x in by_r.get(top, []) if "analysis" in x]
+        sp = [Spectra.from_summary(x.analysis) for x in by_r.get(top, []) if x.analysis is not None]
         if sp:
             er = {view: _ms([s.effective_rank[view] for s in sp], "{:.1f}") for view in VIEWS}
             auc = {view: _ms([s.auc90[view] for s in sp], "{:.1f}") for view in VIEWS}
@@ -267,8 +270,8 @@ def _lr_section(data: SweepData) -> list[str]:
     if data.lr_runs:
         L += ["", "Validation perplexity per learning rate:", "", "| variant | lr | val PPL |"]
         L.append("|---|---|---|")
-        for x in sorted(data.lr_runs, key=lambda x: (x["variant"], x["lr"])):
-            L.append(f"| {x['variant']} | {x['lr']:g} | {x['ppl']:.3f} |")
+        for x in sorted(data.lr_runs, key=lambda x: (x.variant, x.lr)):
+            L.append(f"| {x.variant} | {x.lr:g} | {x.ppl:.3f} |")
     return [*L, ""]
 
 
@@ -285,12 +288,10 @@ def _ablation_section(data: SweepData) -> list[str]:
     for dataset, runs in data.runs.items():
         full = runs.get(ab.get("base", "nora"), {}).get(ab.get("rank"))
         if full and dataset == ab.get("dataset"):
-            L.append(
-                f"| full NoRA (weight-level, SiLU, dropout) | {_ms([x['ppl'] for x in full])} |"
-            )
+            L.append(f"| full NoRA (weight-level, SiLU, dropout) | {_ms([x.ppl for x in full])} |")
     for xs in data.ablations.values():
-        for v in sorted({x["variant"] for x in xs}):
-            L.append(f"| {v} | {_ms([x['ppl'] for x in xs if x['variant'] == v])} |")
+        for v in sorted({x.variant for x in xs}):
+            L.append(f"| {v} | {_ms([x.ppl for x in xs if x.variant == v])} |")
     return [*L, ""]
 
 
@@ -325,7 +326,7 @@ def _efficiency_section(data: SweepData) -> list[str]:
     for dataset, runs in data.runs.items():
         for v, by_r in runs.items():
             if e["rank"] in by_r:
-                ppl_at.setdefault(v, _ms([x["ppl"] for x in by_r[e["rank"]]]) + f" ({dataset})")
+                ppl_at.setdefault(v, _ms([x.ppl for x in by_r[e["rank"]]]) + f" ({dataset})")
     L = [
         f"## Efficiency (paper Table 3; r={e['rank']}, prefill {e['batch']}×{e['seq']})",
         "",

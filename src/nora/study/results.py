@@ -1,4 +1,5 @@
-"""A study folder read back as typed records (what `nora report` and the demo consume).
+"""Typed run records of the sweep and the study: what their stages write (`to_dict`) and what
+`nora report` and the demo read back (`from_dict` / `from_file`).
 
 res = StudyResults.load("results/study")
 res.cell("math", "nora", 16)          # [TestRun per finished seed], seed order
@@ -8,7 +9,7 @@ res.base["math"].per_example.ppl()
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,50 +46,94 @@ def _cost(d: dict) -> float:
     return d.get("cpu_s", d.get("wall_s", 0.0))
 
 
+def _record_dict(rec, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A record's JSON form: its fields less `skip`, and less optional fields left at None."""
+    return {
+        k: v
+        for k, v in asdict(rec).items()
+        if k not in skip and not (v is None and _field(rec, k).default is None)
+    }
+
+
+def _field(rec, name: str):
+    return next(f for f in fields(rec) if f.name == name)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of the sweep (`nora sweep`): its `result.json`."""
+
+    variant: str
+    dataset: str
+    split: str  # "test", or "validation" for a learning-rate search run
+    method: str
+    r: int
+    seed: int
+    lr: float
+    ppl: float  # on `split`
+    nll: float
+    trainable_params: int
+    train_time_s: float
+    tok_per_s: float
+    steps: int
+    analysis: dict | None = None  # `nora.analysis.analyze`'s summary (test runs of the top rank)
+    wall_s: float = 0.0  # the stage's wall time (`context.Runner.guarded` sets it)
+    cpu_s: float | None = None  # its CPU seconds (runs written before it was recorded: None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _record_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepRun:
+        return cls(**d)
+
+
 @dataclass(frozen=True)
 class TrainedRun:
-    """Stage 1 of a run: training + validation (also what a learning-rate search reads)."""
+    """Stage 1 of a study run: training + validation, its `val.json` (also what a learning-rate
+    search reads)."""
 
     dataset: str
     variant: str
     r: int
-    lr: float
+    k: int  # the rate's index on the study's grid (`runner.lr_of`)
     seed: int
-    val_nll: float
+    lr: float
     val_ppl: float
-    train_time_s: float
-    wall_s: float
-    cost_s: float  # CPU seconds of the stage (older results: its wall time)
+    val_nll: float
+    val_tokens: int
+    final_train_loss: float
     trainable_params: int
+    train_time_s: float
+    tok_per_s: float
     steps: int
-    folder: Path
+    wall_s: float = 0.0  # the stage's wall time (`context.Runner.guarded` sets it)
+    cpu_s: float | None = None  # its CPU seconds (stages written before it was recorded: None)
     same_as: str | None = None  # another variant's identical run, reused (runner.Study.twin)
+    folder: Path | None = None  # where it was read from (not written)
+
+    @property
+    def cost_s(self) -> float:
+        """The stage's CPU seconds: what it cost whatever else ran beside it or paused it (older
+        results: its wall time)."""
+        return self.cpu_s if self.cpu_s is not None else self.wall_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return _record_dict(self, skip=("folder",))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], folder: Path | None = None) -> TrainedRun:
+        return cls(**d, folder=folder)
 
     @classmethod
     def from_file(cls, f: Path) -> TrainedRun:
-        d = _load(f)
-        return cls(
-            d["dataset"],
-            d["variant"],
-            d["r"],
-            d["lr"],
-            d["seed"],
-            d["val_nll"],
-            d["val_ppl"],
-            d["train_time_s"],
-            d.get("wall_s", 0.0),
-            _cost(d),
-            d["trainable_params"],
-            d["steps"],
-            f.parent,
-            d.get("same_as"),
-        )
+        return cls.from_dict(_load(f), f.parent)
 
     def curve(self) -> tuple[list[int], list[float]]:
         """Validation loss by step (the last record of a step wins: a resumed run repeats
         the steps after its last checkpoint)."""
-        f = self.folder / "metrics.jsonl"
-        if not f.is_file():
+        f = self.folder / "metrics.jsonl" if self.folder else None
+        if f is None or not f.is_file():
             return [], []
         by_step = {}
         for line in f.read_text().splitlines():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -36,6 +37,7 @@ import nora
 from nora.checkpoint import write_json
 from nora.config import AdapterConfig, ConfigError, from_mapping
 from nora.study.context import DataContext, Runner
+from nora.study.results import TrainedRun
 from nora.train import TrainConfig, train
 
 
@@ -319,13 +321,13 @@ class Study(Runner):
             else out / "adapter"
         )
 
-    def trained(self, key: RunKey) -> dict | None:
+    def trained(self, key: RunKey) -> TrainedRun | None:
         """Stage 1 (train + validation); its result, or None if the run failed."""
         out = key.folder(self.out)
         if not (out / "val.json").is_file() and (res := self._twin_done(key, "val.json")):
-            return res
+            return TrainedRun.from_dict(res, out)
 
-        def job() -> dict:
+        def job() -> TrainedRun:
             c = self.context(key.dataset)
             tcfg = self._train_config(key, out)
             summary = train(
@@ -338,21 +340,29 @@ class Study(Runner):
             )
             nora.unload(c.model)
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter/ stays
-            return {
+            return TrainedRun(
                 **dataclasses.asdict(key),
-                "lr": lr_of(key.k),
-                "val_ppl": summary.eval_ppl,
-                "val_nll": summary.eval_loss,
-                "val_tokens": summary.eval_tokens,
-                "final_train_loss": summary.final_train_loss,
-                "trainable_params": summary.trainable_params,
-                "train_time_s": summary.train_time_s,
-                "tok_per_s": summary.tok_per_s,
-                "steps": summary.steps,
-            }
+                lr=lr_of(key.k),
+                val_ppl=summary.eval_ppl,
+                val_nll=summary.eval_loss,
+                val_tokens=summary.eval_tokens,
+                final_train_loss=summary.final_train_loss,
+                trainable_params=summary.trainable_params,
+                train_time_s=summary.train_time_s,
+                tok_per_s=summary.tok_per_s,
+                steps=summary.steps,
+                folder=out,
+            )
 
         # a failed training (e.g. diverged) is not retried: it would fail again
-        return self.guarded(out, out / "val.json", job, f"train {key}", retry_failed=False)
+        return self.guarded(
+            out,
+            out / "val.json",
+            job,
+            f"train {key}",
+            retry_failed=False,
+            parse=functools.partial(TrainedRun.from_dict, folder=out),
+        )
 
     def tested(self, key: RunKey) -> dict | None:
         """Stage 2 (test NLL per example, pass@1 per problem, spectra) after stage 1."""
@@ -398,7 +408,7 @@ class Study(Runner):
             scores = {}
             for k in ks:
                 res = self.trained(RunKey(dataset, variant, r, k, 0))
-                scores[k] = res["val_nll"] if res else math.inf
+                scores[k] = res.val_nll if res else math.inf
             best = min(ks, key=lambda k: scores[k])
             if not math.isfinite(scores[best]):
                 return None

@@ -35,6 +35,7 @@ from nora.checkpoint import write_json
 from nora.config import AdapterConfig, ConfigError, from_mapping
 from nora.data import batches
 from nora.study.context import DataContext, Runner
+from nora.study.results import SweepRun
 from nora.train import TrainConfig, train
 
 # The paper's Table 2 rows: each changes one design choice of NoRA.
@@ -301,10 +302,11 @@ def _run(
     ctx: DataContext,
     tcfg: TrainConfig,
     eval_set: list[dict],
-    extra: dict,
+    names: tuple[str, str, str],
     analyze: bool,
-) -> dict:
-    """Train one adapter (resuming if a checkpoint exists), score it, analyse it."""
+) -> SweepRun:
+    """Train one adapter (resuming if a checkpoint exists), score it, analyse it. `names`:
+    (variant, dataset, split) of the record."""
     out = Path(tcfg.output_dir)
     summary = train(
         tcfg,
@@ -314,29 +316,30 @@ def _run(
         splits=(ctx.train_set, eval_set),
         prefix=ctx.prefix,
     )
-    result = {
-        **extra,
-        "method": tcfg.adapter.method,
-        "r": tcfg.adapter.r,
-        "seed": tcfg.seed,
-        "lr": tcfg.lr,
-        "ppl": summary.eval_ppl,
-        "nll": summary.eval_loss,
-        "trainable_params": summary.trainable_params,
-        "train_time_s": summary.train_time_s,
-        "tok_per_s": summary.tok_per_s,
-        "steps": summary.steps,
-    }
+    spectra = None
     if analyze:
         from nora.analysis import analyze as spectral
 
         token_batches = batches(eval_set, ctx.tok.pad_token_id, 8)  # tokens, not cached states
-        result["analysis"] = spectral(
+        spectra = spectral(
             ctx.model, token_batches, max_tokens=cfg.analysis_tokens, keep_singular_values=256
         )
     nora.unload(ctx.model)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # keep the final adapter only
-    return result
+    return SweepRun(
+        *names,
+        method=tcfg.adapter.method,
+        r=tcfg.adapter.r,
+        seed=tcfg.seed,
+        lr=tcfg.lr,
+        ppl=summary.eval_ppl,
+        nll=summary.eval_loss,
+        trainable_params=summary.trainable_params,
+        train_time_s=summary.train_time_s,
+        tok_per_s=summary.tok_per_s,
+        steps=summary.steps,
+        analysis=spectra,
+    )
 
 
 # --- the sweep -----------------------------------------------------------------------------
@@ -372,8 +375,8 @@ class _Sweep(Runner):
         lr: float,
         split: str = "test",
         analyze: bool = False,
-    ) -> dict | None:
-        def job() -> dict:
+    ) -> SweepRun | None:
+        def job() -> SweepRun:
             c = self.context(dataset)
             tcfg = _train_config(self.cfg, c, kw, r, seed, lr, run_dir)
             eval_set = c.val_set if split == "validation" and c.val_set else c.test_set
@@ -382,11 +385,13 @@ class _Sweep(Runner):
                 c,
                 tcfg,
                 eval_set,
-                {"variant": variant, "dataset": dataset, "split": split},
+                (variant, dataset, split),
                 analyze,
             )
 
-        return self.guarded(run_dir, run_dir / "result.json", job, str(run_dir))
+        return self.guarded(
+            run_dir, run_dir / "result.json", job, str(run_dir), parse=SweepRun.from_dict
+        )
 
     def choose_lrs(self, dataset: str) -> dict[str, float]:
         """Best learning rate per variant on the validation split (seed 0, one rank)."""
@@ -407,7 +412,7 @@ class _Sweep(Runner):
                     continue  # chosen on another dataset that has not run yet
                 res = self.run(run_dir, source, name, kw, grid["rank"], 0, lr, "validation")
                 if res is not None:
-                    scores[lr] = res["ppl"]
+                    scores[lr] = res.ppl
             if scores:
                 chosen[name] = min(scores, key=scores.get)
         for name, other in same_as.items():
