@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/fuzz_api.py [--examples 200]
 
 Runs the CI fuzz test (`tests/serving/test_fuzz.py`: every operation of the server's own
-OpenAPI schema, positive and negative bodies; no 5xx, every 4xx names its field, the greedy
-probe answers the same afterwards) with `--examples` generated requests per operation and
+OpenAPI schema, positive and negative bodies, on a server without keys and on one with keys;
+no 5xx, every 4xx names its field, a refused key gets 401, no tenant is answered by another's
+adapter, the greedy probe answers the same afterwards) with `--examples` generated requests per operation and
 mode instead of CI's 40, and writes its counts with the machine, the schemathesis version and
 the commit to `benchmarks/results/fuzz_api.md`. The checks are the test's: one place.
 """
