@@ -203,12 +203,48 @@ def twin_of(variants: dict[str, dict], variant: str, r: int) -> str | None:
     return None
 
 
+class RateChoices:
+    """`lr_choices.json`: the grid index k each finished rate search chose, per dataset,
+    variant and rank, and each search's grid and validation NLLs (what the report shows).
+    Workers on other datasets write it too: every update is a locked read-modify-write."""
+
+    def __init__(self, out: Path):
+        self.file, self.lock = out / "lr_choices.json", out / "lr_choices.lock"
+
+    def chosen(self) -> dict[str, dict[str, dict[str, int]]]:
+        return json.loads(self.file.read_text())["k"] if self.file.is_file() else {}
+
+    def record(self, dataset, variant, r, ks: list[int], scores: dict, best: int) -> None:
+        with _locked(self.lock):
+            f = self.file
+            data = json.loads(f.read_text()) if f.is_file() else {"k": {}, "searches": []}
+            data["k"].setdefault(dataset, {}).setdefault(variant, {})[str(r)] = best
+            data["searches"] = [
+                s
+                for s in data["searches"]
+                if (s["dataset"], s["variant"], s["r"]) != (dataset, variant, r)
+            ]
+            data["searches"].append(
+                {
+                    "dataset": dataset,
+                    "variant": variant,
+                    "r": r,
+                    "grid": [lr_of(k) for k in ks],
+                    "val_nll": [scores[k] for k in ks],
+                    "best_lr": lr_of(best),
+                    "interior": ks[0] < best < ks[-1],
+                }
+            )
+            write_json(f, data)
+
+
 class Study(Runner):
     """One call of `run_study`: runs stages on demand, skipping those already done."""
 
     def __init__(self, cfg: StudyConfig, out: Path, log=print):
         super().__init__(out, log)
         self.cfg = cfg
+        self.rates = RateChoices(out)
 
     def build_context(self, dataset: str) -> DataContext:
         t = self.cfg.train
@@ -399,7 +435,7 @@ class Study(Runner):
 
     def search_lr(self, dataset: str, variant: str, r: int) -> int | None:
         """The grid index k of the best validation NLL, extending the grid past its edges."""
-        done = self.choices().get(dataset, {}).get(variant, {}).get(str(r))
+        done = self.rates.chosen().get(dataset, {}).get(variant, {}).get(str(r))
         if done is not None:
             return done
         ks = self._start(dataset, variant, r)
@@ -417,15 +453,15 @@ class Study(Runner):
             elif best == ks[-1] and len(ks) < limit:
                 ks = [*ks, ks[-1] + 1]
             else:
-                self._record_choice(dataset, variant, r, ks, scores, best)
+                self.rates.record(dataset, variant, r, ks, scores, best)
                 return best
 
     def _start(self, dataset: str, variant: str, r: int) -> list[int]:
         """Three grid points around a guess: the configured start, or shifted from a finished
         search of this variant (another rank: by the ratio of the adapter scales, since Adam's
         step on B·A scales with s) or another dataset (the same k)."""
-        found = self.choices().get(dataset, {}).get(variant) or next(
-            (v[variant] for d, v in self.choices().items() if variant in v), None
+        found = self.rates.chosen().get(dataset, {}).get(variant) or next(
+            (v[variant] for d, v in self.rates.chosen().items() if variant in v), None
         )
         if not found:
             return self.cfg.lr_search.start_of(variant)
@@ -436,36 +472,6 @@ class Study(Runner):
         s1 = AdapterConfig(**{**kw, "r": r}).effective_scale
         k = k0 - round(2 * math.log10(s1 / s0))
         return [k - 1, k, k + 1]
-
-    def choices(self) -> dict[str, dict[str, dict[str, int]]]:
-        f = self.out / "lr_choices.json"
-        return json.loads(f.read_text())["k"] if f.is_file() else {}
-
-    def _record_choice(self, dataset, variant, r, ks, scores, best) -> None:
-        with _locked(self.out / "lr_choices.lock"):  # workers on other datasets write it too
-            self._record_choice_locked(dataset, variant, r, ks, scores, best)
-
-    def _record_choice_locked(self, dataset, variant, r, ks, scores, best) -> None:
-        f = self.out / "lr_choices.json"
-        data = json.loads(f.read_text()) if f.is_file() else {"k": {}, "searches": []}
-        data["k"].setdefault(dataset, {}).setdefault(variant, {})[str(r)] = best
-        data["searches"] = [
-            s
-            for s in data["searches"]
-            if (s["dataset"], s["variant"], s["r"]) != (dataset, variant, r)
-        ]
-        data["searches"].append(
-            {
-                "dataset": dataset,
-                "variant": variant,
-                "r": r,
-                "grid": [lr_of(k) for k in ks],
-                "val_nll": [scores[k] for k in ks],
-                "best_lr": lr_of(best),
-                "interior": ks[0] < best < ks[-1],
-            }
-        )
-        write_json(f, data)
 
     def lr_for(self, dataset: str, variant: str, r: int) -> int | None:
         return self.search_lr(dataset, variant, self.cfg.lr_search.source_rank(variant, r))
