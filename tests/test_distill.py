@@ -13,7 +13,15 @@ from conftest import make_tokenizer, tiny_llama
 
 import nora
 from nora.data import build_splits, collate
-from nora.distill import DistillError, Teacher, batch_kl, fit_teacher, kl_eval, positions
+from nora.distill import (
+    DistillError,
+    Teacher,
+    batch_kl,
+    fit_teacher,
+    kl_eval,
+    positions,
+    random_delta,
+)
 from nora.train import TrainConfig, TrainingError, train
 
 MODULES = ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
@@ -93,6 +101,24 @@ def test_delta_spectra_sees_the_rank_of_the_update():
     u, v = torch.randn(w.shape[0], 2), torch.randn(2, w.shape[1])
     spec = Teacher({MODULES[0]: w + u @ v}).delta_spectra(model)[MODULES[0]]
     assert spec["rank90"] <= 2 and spec["effective_rank"] < 2.01
+
+
+def test_random_delta_keeps_each_norm_and_spreads_the_rank():
+    model = tiny_llama(hidden=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ws = {n: model.get_submodule(n).weight for n in MODULES}
+    low = Teacher(
+        {n: w + torch.randn(w.shape[0], 2) @ torch.randn(2, w.shape[1]) for n, w in ws.items()}
+    )
+    spread = random_delta(low, model, seed=3)
+    again = random_delta(low, model, seed=3)
+    lo, hi = low.delta_spectra(model), spread.delta_spectra(model)
+    for n, w in ws.items():
+        assert hi[n]["fro"] == pytest.approx(lo[n]["fro"], rel=1e-5)  # the same size of change
+        assert lo[n]["effective_rank"] < 2.01 and hi[n]["effective_rank"] > min(w.shape) / 2
+        assert torch.equal(spread.weights[n], again.weights[n])  # seeded: reproducible
+    assert spread.meta["delta"] == "random"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
 
 
 def test_teacher_that_does_not_fit_is_refused(setup):

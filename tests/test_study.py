@@ -302,6 +302,23 @@ def test_a_variant_that_is_the_same_adapter_reuses_the_runs(tmp_path, model_dir,
     assert "logistic-map, r=4: rs is LoRA α=32 (its runs are LoRA α=32's, reused)" in text
 
 
+def test_a_random_delta_teacher_is_the_fitted_one_spread_at_the_same_norms(tmp_path, model_dir):
+    from nora.study.runner import Study
+
+    def teacher(delta):
+        spec = study_dict(model_dir, distill={"steps": 2, "lr": 1e-2, "delta": delta})
+        return Study(StudyConfig.from_dict(spec), tmp_path / delta, log=[].append).teacher(
+            "logistic-map"
+        )
+
+    fitted, spread = teacher("fitted"), teacher("random")
+    assert spread.meta["delta"] == "random" and spread.meta["fitted_delta"] == fitted.meta["delta"]
+    for name, d in spread.meta["delta"].items():
+        assert d["fro"] == pytest.approx(fitted.meta["delta"][name]["fro"], rel=1e-4)
+        assert d["effective_rank"] > fitted.meta["delta"][name]["effective_rank"]
+    assert spread.meta["val_kl_base"] > 0  # measured on the spread teacher
+
+
 def test_a_distillation_study_fits_its_teacher_once_and_scores_the_kl(tmp_path, model_dir):
     spec = study_dict(
         model_dir,
@@ -332,6 +349,8 @@ def test_a_distillation_study_fits_its_teacher_once_and_scores_the_kl(tmp_path, 
     )
     with pytest.raises(StudyError, match="unknown keys"):
         StudyConfig.from_dict({**spec, "distill": {"stepz": 3}})
+    with pytest.raises(StudyError, match="'fitted' or 'random'"):
+        StudyConfig.from_dict({**spec, "distill": {"delta": "noise"}})
     # the run folder reproduces its run: `nora train --config <run>/train_config.json` trains
     # on the same examples (validation, the test split left out, then training) and the same
     # teacher, so every step's loss is the study's

@@ -15,7 +15,8 @@ the adapter, is the limit. Here the target is a function, not labels:
   rank r expresses at most a rank-r ΔW per module, so how close it gets says how much the rank
   limits it, on as many prompts as one asks for (the generators are unlimited).
 
-`batch_kl` is the training objective, `kl_eval` its held-out mean (what `train` logs as
+`random_delta` makes a teacher whose update is high-rank by construction (a Gaussian ΔW of the
+fitted one's norm). `batch_kl` is the training objective, `kl_eval` its held-out mean (what `train` logs as
 `eval_loss` when distilling) and `example_kl` the per-example values a bootstrap resamples.
 """
 
@@ -135,6 +136,23 @@ class Teacher:
             erank = float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()))
             out[name] = {"effective_rank": erank, "fro": float(s2.sum().sqrt()), "rank90": k90}
         return out
+
+
+def random_delta(teacher: Teacher, model: nn.Module, seed: int = 0) -> Teacher:
+    """The teacher with each update ΔW = W_teacher − W0 replaced by a Gaussian matrix of the
+    same Frobenius norm: a change of the same size with its energy spread over every singular
+    direction (a fine-tune's ΔW is low-rank: `delta_spectra`), so that how much of it a rank-r
+    adapter can express grows with r up to min(d, k). Seeded per module name: the same seed
+    gives the same teacher on any machine. The meta says so (`delta: random`)."""
+    weights = {}
+    for name, lin in teacher._modules(model).items():
+        w0 = lin.weight.detach().float()  # (out, in)
+        fro = (teacher.weights[name].float() - w0).norm()
+        g = torch.Generator().manual_seed(seed + sum(map(ord, name)) * 7919)  # per module
+        noise = torch.randn(w0.shape, generator=g)  # (out, in)
+        weights[name] = (w0 + noise * (fro / noise.norm())).to(teacher.weights[name].dtype)
+    meta = {**teacher.meta, "delta": "random", "delta_seed": seed}
+    return Teacher(weights, meta).check(model)
 
 
 def batch_kl(

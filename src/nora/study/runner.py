@@ -120,6 +120,10 @@ class StudyConfig:
             raise StudyError(
                 f"`distill` has unknown keys {unknown}; known: {list(TEACHER_DEFAULTS)}"
             )
+        if self.distill.get("delta", "fitted") not in ("fitted", "random"):
+            raise StudyError(
+                f"`distill.delta` is 'fitted' or 'random', not {self.distill['delta']!r}"
+            )
 
     def teacher_settings(self) -> dict[str, Any]:
         return {**TEACHER_DEFAULTS, **self.distill}
@@ -135,6 +139,9 @@ TEACHER_DEFAULTS: dict[str, Any] = {
     "lr": 1e-4,
     "batch_size": 8,
     "target_modules": ["q_proj", "v_proj"],
+    # "fitted": the fine-tuned weights; "random": each fitted ΔW replaced by a Gaussian one of
+    # the same norm (nora.distill.random_delta), an update that is high-rank by construction
+    "delta": "fitted",
 }
 
 
@@ -486,7 +493,7 @@ def fit_study_teacher(c: DataContext, settings: dict[str, Any], log=print):
     """Fit a teacher on `c`'s training split: every weight of `settings["target_modules"]`
     in the adapted layers; its meta records the update's spectra and how far it moved the
     model (validation KL to the base, the task NLL of both)."""
-    from nora.distill import fit_teacher, kl_eval
+    from nora.distill import fit_teacher, kl_eval, random_delta
     from nora.evaluate import perplexity
     from nora.inject import find_targets
     from nora.train import micro_batch_indices
@@ -504,6 +511,10 @@ def fit_study_teacher(c: DataContext, settings: dict[str, Any], log=print):
     teacher = fit_teacher(
         c.model, batches, modules, settings["steps"], settings["lr"], c.forward_context, log=log
     ).check(c.model)
+    if settings["delta"] == "random":
+        fitted = teacher.delta_spectra(c.model)
+        teacher = random_delta(teacher, c.model)
+        teacher.meta["fitted_delta"] = fitted  # what the fine-tune's own update looked like
     val = c.batches(c.val_set)
     with c.forward_context():
         base_nll = perplexity(c.model, val).nll
@@ -695,6 +706,14 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         **PILOT,
         "datasets": ["reasoning-mix"],
         "distill": {"steps": 480, "lr": 1e-4},
+    },
+    "pilot-distill-random": {
+        # (d) pilot-distill's teacher with each ΔW replaced by a Gaussian one of the same norm
+        # (nora.distill.random_delta): the fitted update is low-rank (rank90 9-19), so r=4
+        # already closes 99 % of its gap; this one's energy is spread over every direction
+        **PILOT,
+        "datasets": ["reasoning-mix"],
+        "distill": {"steps": 480, "lr": 1e-4, "delta": "random"},
     },
 }
 
