@@ -143,7 +143,7 @@ def random_delta(teacher: Teacher, model: nn.Module, seed: int = 0) -> Teacher:
     same Frobenius norm: a change of the same size with its energy spread over every singular
     direction (a fine-tune's ΔW is low-rank: `delta_spectra`), so that how much of it a rank-r
     adapter can express grows with r up to min(d, k). Seeded per module name: the same seed
-    gives the same teacher on any machine. The meta says so (`delta: random`)."""
+    gives the same teacher on any machine. The meta says so (`delta_kind: random`)."""
     weights = {}
     for name, lin in teacher._modules(model).items():
         w0 = lin.weight.detach().float()  # (out, in)
@@ -151,7 +151,7 @@ def random_delta(teacher: Teacher, model: nn.Module, seed: int = 0) -> Teacher:
         g = torch.Generator().manual_seed(seed + sum(map(ord, name)) * 7919)  # per module
         noise = torch.randn(w0.shape, generator=g)  # (out, in)
         weights[name] = (w0 + noise * (fro / noise.norm())).to(teacher.weights[name].dtype)
-    meta = {**teacher.meta, "delta": "random", "delta_seed": seed}
+    meta = {**teacher.meta, "delta_kind": "random", "delta_seed": seed}
     return Teacher(weights, meta).check(model)
 
 
