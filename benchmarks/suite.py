@@ -777,31 +777,20 @@ def main() -> None:
     def tiny():
         return bench_train(tiny_model(), "tiny Llama (4×256)", ranks, reps=3 if args.quick else 10)
 
-    def focus():
+    def at_r16(what: str, reps: int, variants: dict[str, str]) -> dict:
         from nora.models import load_base_model
 
         model, _ = load_base_model()
-        res = bench_train(
-            model,
-            "SmolLM2-135M (embedded default), r = 16, more repeats",
-            [16],
-            reps=2 if args.quick else 8,
-            variants=FOCUS,
-        )
+        label = f"SmolLM2-135M (embedded default), r = 16, {what}"
+        return bench_train(model, label, [16], reps=reps, variants=variants)
+
+    def focus():
+        res = at_r16("more repeats", 2 if args.quick else 8, FOCUS)
         res["pairs"] = focus_pairs(res)
         return res
 
     def hand():
-        from nora.models import load_base_model
-
-        model, _ = load_base_model()
-        res = bench_train(
-            model,
-            "SmolLM2-135M (embedded default), r = 16, nora NoRA against a hand-written one",
-            [16],
-            reps=4 if args.quick else 30,
-            variants=HAND,
-        )
+        res = at_r16("nora NoRA against a hand-written one", 4 if args.quick else 30, HAND)
         a, b = (next(x["rounds_s"] for x in res["rows"] if x["variant"] == n) for n in HAND)
         res["paired"] = paired_ratio(a, b)
         return res
