@@ -10,7 +10,7 @@ import numpy as np
 from nora.study.pilots import load_pilot, pilot_table
 
 
-def write_pilot(root, name, shift, distill):
+def write_pilot(root, name, shift, distill, teacher_meta=None):
     out = root / name
     cfg = {"datasets": ["reasoning-mix"], "variants": {"lora": {}}, "distill": distill}
     (out / "runs").mkdir(parents=True)
@@ -47,6 +47,7 @@ def write_pilot(root, name, shift, distill):
             "m.v": {"effective_rank": 120.0, "rank90": 90},
         }
         meta = {"steps": 480, "lr": 1e-4, "modules": ["m.q", "m.v"], "val_nll_base": 1.0}
+        meta |= teacher_meta or {}
         t.write_text(
             json.dumps(
                 meta | {"val_nll_teacher": 0.5, "val_kl_base": 0.3, "delta": delta, "cpu_s": 3600}
@@ -66,4 +67,10 @@ def test_a_rank_effect_is_called_only_when_it_beats_the_seeds(tmp_path):
     table = pilot_table([big, none])
     assert "| pilot-distill (reasoning-mix) | test KL to teacher" in table
     assert "| yes |" in table and "| no |" in table
-    assert "ΔW effective rank 120–300" in table
+    assert "ΔW effective rank 120–300" in table and "Gaussian" not in table
+    rnd = write_pilot(
+        tmp_path, "pilot-distill-random", -0.1, {"delta": "random"}, {"delta_kind": "random"}
+    )
+    assert "modules, then each ΔW replaced by a seeded Gaussian matrix" in pilot_table(
+        [load_pilot(rnd)]
+    )
