@@ -144,6 +144,8 @@ def test_report_from_the_study_files(study_dir):
         "PEFT method_comparison",
         "would exclude 0 by chance",  # the multiple-comparisons caveat
         "it does not resample training seeds",  # what the interval leaves out
+        "Does the effective rank predict test PPL?",  # the mechanism test
+        "| NoRA | latent | 4 |",
     ):
         assert needle in text, needle
     # every comparison line carries an interval and a verdict

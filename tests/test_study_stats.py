@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nora.study.stats import PerExample, holm, paired_difference
+from nora.study.stats import PerExample, holm, paired_difference, rank_correlation
 
 
 def run(nll, kl=None):
@@ -66,3 +66,39 @@ def test_kl_and_ppl_are_token_weighted_ratios():
 )
 def test_holm(p, want):
     assert holm(p) == pytest.approx(want)
+
+
+# rank_correlation on known cases: (x, y, groups, check on the interval)
+_RNG = np.random.default_rng(5)
+_RANKS = np.repeat([4, 16, 64, 128], 3)  # 4 ranks x 3 seeds
+_ER = np.log2(_RANKS) + _RNG.normal(0, 0.3, 12)  # grows with the rank
+_PPL = 3.0 - 0.1 * np.log2(_RANKS) + _RNG.normal(0, 0.01, 12)  # falls with it, noise unrelated
+CORRELATIONS = [
+    ("monotone", [1, 2, 3, 4, 5], [2, 4, 8, 16, 32], None, lambda iv: iv.low == iv.high == 1.0),
+    ("reversed", [1, 2, 3, 4], [9, 7, 5, 1], None, lambda iv: iv.estimate == -1.0),
+    # average ranks (0.5, 0.5, 2, 3) and (0, 1.5, 1.5, 3): Pearson of those = 3.75 / 4.5
+    ("ties", [1, 1, 2, 3], [1, 2, 2, 3], None, lambda iv: abs(iv.estimate - 5 / 6) < 1e-12),
+    # pooled over ranks, ER "predicts" PPL only because both follow the rank ...
+    ("pooled", _ER, _PPL, None, lambda iv: iv.high < -0.5 and iv.p_value < 0.01),
+    # ... within each rank it does not: the interval contains 0
+    ("within rank", _ER, _PPL, _RANKS, lambda iv: iv.low < 0 < iv.high),
+]
+
+
+@pytest.mark.parametrize(
+    "x, y, groups, ok", [c[1:] for c in CORRELATIONS], ids=[c[0] for c in CORRELATIONS]
+)
+def test_rank_correlation_known_cases(x, y, groups, ok):
+    iv = rank_correlation(list(x), list(y), groups=None if groups is None else list(groups))
+    assert ok(iv), iv
+    assert iv.low <= iv.estimate <= iv.high
+
+
+def test_rank_correlation_is_spearmans_rho_and_refuses_bad_input():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x, y = _RNG.normal(size=30), _RNG.normal(size=30)
+    assert rank_correlation(x, y + x).estimate == pytest.approx(scipy_stats.spearmanr(x, y + x)[0])
+    with pytest.raises(ValueError, match="equal-length"):
+        rank_correlation([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="one group per pair"):
+        rank_correlation([1, 2, 3], [1, 2, 3], groups=[0, 1])

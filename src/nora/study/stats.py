@@ -12,6 +12,11 @@ examples would give; with one seed it covers the examples only, and the report s
 Each interval carries a two-sided bootstrap p-value (twice the smaller tail beyond 0);
 `holm` adjusts a table's p-values for the number of comparisons in it (Holm 1979).
 
+`rank_correlation` asks whether one per-run quantity predicts another (the paper's mechanism:
+does the effective rank of the update predict test PPL across ranks and seeds?): Spearman's ρ
+over runs with a bootstrap interval over runs, optionally within groups (e.g. within each
+rank, so that ρ says whether ER predicts PPL beyond what the rank itself does).
+
 Perplexity of a resample = exp(Σ NLL / Σ tokens) over its examples (token-weighted, like the
 point estimate); KL = Σ KL / Σ positions (nora.distill); accuracy = the mean of the 0/1 scores.
 """
@@ -143,6 +148,64 @@ def paired_difference(
     return Interval(
         float(np.mean(point)), float(low), float(high), tuple(point), p_value=p, over=over
     )
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 of a 1-D array, ties given their average rank."""
+    ranks = np.empty(len(v))
+    ranks[np.argsort(v, kind="stable")] = np.arange(len(v))
+    _, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
+    return np.bincount(inv, weights=ranks)[inv] / counts[inv]  # each tie: its mean rank
+
+
+def _spearman(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None) -> float:
+    """ρ of x and y; with groups, of their ranks within each group, centred per group."""
+    if groups is None:
+        rx, ry = _ranks(x), _ranks(y)
+    else:
+        rx, ry = np.empty(len(x)), np.empty(len(y))
+        for g in np.unique(groups):
+            m = groups == g
+            rx[m], ry[m] = _ranks(x[m]) - (m.sum() - 1) / 2, _ranks(y[m]) - (m.sum() - 1) / 2
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt(float((rx**2).sum() * (ry**2).sum()))
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def rank_correlation(
+    x: list[float],
+    y: list[float],
+    groups: list | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
+    """Spearman's ρ between x[i] and y[i] (one pair per run), with a percentile bootstrap
+    interval over runs (resampled within each group when `groups` is given) and a two-sided
+    p-value of ρ = 0. With `groups`, ρ is computed on ranks within each group: whether x
+    predicts y among runs of the same group (e.g. the same adapter rank)."""
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xa.shape != ya.shape or xa.ndim != 1 or len(xa) < 3:
+        raise ValueError("rank_correlation needs two equal-length lists of at least 3 values")
+    ga = None if groups is None else np.asarray(groups)
+    if ga is not None and len(ga) != len(xa):
+        raise ValueError("groups must give one group per pair")
+    rng = np.random.default_rng(seed)
+    point = _spearman(xa, ya, ga)
+    boots = []
+    for _ in range(n_boot):
+        if ga is None:
+            idx = rng.integers(0, len(xa), len(xa))
+        else:  # resample runs within each group, so every group keeps its size
+            idx = np.concatenate(
+                [rng.choice(np.flatnonzero(ga == g), (ga == g).sum()) for g in np.unique(ga)]
+            )
+        boots.append(_spearman(xa[idx], ya[idx], None if ga is None else ga[idx]))
+    b = np.asarray([v for v in boots if v == v])  # a resample of ties only has no ρ
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(b, [tail, 100 - tail])
+    p = min(1.0, 2 * min(float((b <= 0).mean()), float((b >= 0).mean())))
+    return Interval(point, float(low), float(high), (), p_value=p, over="runs")
 
 
 def holm(p_values: list[float]) -> list[float]:

@@ -3,18 +3,20 @@
 Sections: what ran, the headline comparison, every NoRA-vs-LoRA verdict in one table, the
 compute plan, the learning-rate searches with their learning curves, then per dataset the
 test PPL / pass@1 table, the paired comparisons (every verdict sentence follows from its 95 %
-interval, see `nora.study.stats`), and the spectral figures.
+interval, see `nora.study.stats`), the spectral figures, and the mechanism test: does the
+effective rank of each view predict the test metric across ranks and seeds?
 Each finished run is also written in the layout of PEFT's method_comparison results
 (`peft/`, see `nora.study.peft_layout`).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
 from nora.study.results import StudyResults, TestRun
-from nora.study.stats import paired_difference, verdict, winner
+from nora.study.stats import paired_difference, rank_correlation, verdict, winner
 
 NAMES = {
     "lora": "LoRA α=32",
@@ -390,7 +392,51 @@ def _spectral(res: StudyResults, d: str, figures: Path) -> list[str]:
     top = max(t.r for t in res.tested if t.dataset == d and t.spectra is not None)
     p = plot_spectra_comparison(runs, figures / f"spectrum_{d}.png", rank=top)
     lines += ["", f"![spectrum at r={top}]({p.relative_to(figures.parent)})", ""]
-    return lines
+    return lines + _mechanism(res, d)
+
+
+def _mechanism(res: StudyResults, d: str) -> list[str]:
+    """Spearman's ρ between each run's effective rank (per view) and its test metric, per
+    variant: pooled over ranks and seeds, and within each rank (whether ER says more than
+    the rank itself). Twins' reused runs count once."""
+    kl = bool(res.config.get("distill"))
+    rows = []
+    for v in sorted({t.variant for t in res.tested if t.dataset == d}):
+        runs = [
+            t
+            for t in res.tested
+            if (t.dataset, t.variant) == (d, v) and t.spectra is not None and t.same_as is None
+        ]
+        if len(runs) < 3 or len({t.r for t in runs}) < 2:
+            continue
+        y = [_test_metric(t, kl) for t in runs]
+        ranks = [t.r for t in runs]
+        by_rank = all(ranks.count(r) >= 2 for r in ranks)
+        for view in sorted(runs[0].spectra.effective_rank):
+            x = [t.spectra.effective_rank[view] for t in runs]
+            pooled = rank_correlation(x, y)
+            within = rank_correlation(x, y, groups=ranks).fmt(2) if by_rank else "–"
+            rows.append(f"| {_name(v)} | {view} | {len(runs)} | {pooled.fmt(2)} | {within} |")
+    if not rows:
+        return []
+    metric = "test KL" if kl else "test PPL"
+    return [
+        f"Does the effective rank predict {metric}? Spearman's ρ over runs (ranks × seeds), "
+        "95 % bootstrap interval over runs; *within rank*: ranks taken within each adapter "
+        "rank, so it asks whether ER predicts the metric beyond what the rank does. A negative "
+        f"ρ: a higher effective rank goes with a lower {metric}.",
+        "",
+        "| variant | view | runs | ρ pooled [95 % CI] | ρ within rank [95 % CI] |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _test_metric(t: TestRun, kl: bool) -> float:
+    num, den, exp = t.per_example.ratio("kl" if kl else "ppl")
+    m = float(num.sum() / den.sum())
+    return math.exp(m) if exp else m
 
 
 def _with_group(t: TestRun) -> dict:
