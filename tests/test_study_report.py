@@ -95,12 +95,23 @@ def study_dir(tmp_path_factory):
         "lr_search": {"start": [-4, -3], "default_rank": 2, "max_values": 3},
         "first": ["lora", "nora"],
         "analysis_tokens": 64,
+        "controls": True,
     }
     (root / "study.yaml").write_text(yaml.safe_dump(spec))
     run_study(
         StudyConfig.from_dict(spec), root / "out", log=lambda *_: None, command="nora sweep tiny"
     )
     return root / "out"
+
+
+def test_untrained_controls_are_analysed_once_per_variant_and_rank(study_dir):
+    res = StudyResults.load(study_dir)
+    assert sorted((c.variant, c.r) for c in res.controls) == [
+        ("lora", 2), ("lora", 4), ("nora", 2), ("nora", 4)
+    ]  # fmt: skip
+    for c in res.controls:  # a random B: every view has a spectrum, none is degenerate
+        assert all(er > 1 for er in c.spectra.effective_rank.values()), c
+    assert not list(study_dir.glob("runs/*/*/r*/untrained/adapter"))  # nothing trained or kept
 
 
 def test_results_load_as_typed_records(study_dir):
@@ -146,6 +157,8 @@ def test_report_from_the_study_files(study_dir):
         "it does not resample training seeds",  # what the interval leaves out
         "Does the effective rank predict test PPL?",  # the mechanism test
         "| NoRA | latent | 4 |",
+        "| variant | r | view | ER trained | ER untrained |",  # the untrained controls
+        "| NoRA | 4 | latent | ",
     ):
         assert needle in text, needle
     # every comparison line carries an interval and a verdict

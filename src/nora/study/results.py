@@ -183,6 +183,25 @@ class TestRun:
 
 
 @dataclass(frozen=True)
+class ControlRun:
+    """An untrained adapter's spectra (`Study.control`): the baseline a trained run's
+    effective rank is read against (a random A and B already have a spread spectrum)."""
+
+    dataset: str
+    variant: str
+    r: int
+    spectra: Spectra
+    cost_s: float
+
+    @classmethod
+    def from_file(cls, f: Path) -> ControlRun:
+        d = _load(f)
+        return cls(
+            d["dataset"], d["variant"], d["r"], Spectra.from_summary(d["analysis"]), _cost(d)
+        )
+
+
+@dataclass(frozen=True)
 class Search:
     """One learning-rate search: the grid it ended with and the validation NLL of each value."""
 
@@ -206,6 +225,7 @@ class StudyResults:
     base: dict[str, TestRun]
     searches: list[Search]
     errors: list[str]
+    controls: list[ControlRun] = field(default_factory=list)
 
     @classmethod
     def load(cls, folder: str | Path) -> StudyResults:
@@ -224,6 +244,7 @@ class StudyResults:
             {f.parts[-3]: TestRun.from_file(f) for f in sorted(runs.glob("*/base/test.json"))},
             searches,
             [str(f.parent.relative_to(folder)) for f in sorted(folder.rglob("error.json"))],
+            [ControlRun.from_file(f) for f in sorted(runs.glob("*/*/r*/untrained/test.json"))],
         )
 
     def chosen_lr(self, dataset: str, variant: str, r: int) -> float | None:

@@ -88,6 +88,9 @@ class StudyConfig:
     # distillation (nora.distill): every dataset's adapters match a teacher fitted on it —
     # {"steps", "lr", "target_modules"}; empty: adapters learn the labels
     distill: dict[str, Any] = field(default_factory=dict)
+    # the spectral control of item 3: analyse an untrained adapter of every variant at every
+    # rank (B drawn like A, `init_weights=False`, seed 0) on the test tokens, no training
+    controls: bool = False
     study: bool = True  # marks a file as a study (not a `nora.experiments` sweep)
 
     @classmethod
@@ -438,6 +441,34 @@ class Study(Runner):
 
         return self.guarded(out, done, job, f"test {key}")
 
+    def control(self, dataset: str, variant: str, r: int) -> dict | None:
+        """The untrained control of `variant` at rank `r`: its adapter as initialised with a
+        random B (seed 0), analysed on the test tokens like a trained run (`untrained/`)."""
+        out = self.out / "runs" / dataset / variant / f"r{r}" / "untrained"
+
+        def job() -> dict:
+            from nora.analysis import analyze
+
+            c = self.context(dataset)
+            kw = self.cfg.variants[variant]
+            torch.manual_seed(0)
+            cfg = AdapterConfig(
+                **{**kw, "r": r, "layers_to_transform": c.layers, "init_weights": False}
+            )
+            nora.inject(c.model, cfg)
+            try:
+                spectra = analyze(
+                    c.model,
+                    c.token_batches(c.test_set),
+                    max_tokens=self.cfg.analysis_tokens,
+                    keep_singular_values=256,
+                )
+            finally:
+                nora.unload(c.model)
+            return {"dataset": dataset, "variant": variant, "r": r, "analysis": spectra}
+
+        return self.guarded(out, out / "test.json", job, f"control {dataset} {variant} r{r}")
+
     # --- learning rates ----------------------------------------------------------------------
 
     def search_lr(self, dataset: str, variant: str, r: int) -> int | None:
@@ -541,7 +572,8 @@ def plan(cfg: StudyConfig, datasets: list[str] | None = None) -> list[tuple]:
     their learning-rate searches, seed 0, the base model, the other seeds — the headline
     paired comparison. Then per dataset, tier 2: the `first` variants at the other ranks
     (searches where a variant searches that rank, seed 0 largest rank first, then the other
-    seeds); tier 3: the other variants, default rank first, the same way.
+    seeds); tier 3: the other variants, default rank first, the same way; then, with
+    `controls`, every variant's untrained control at every rank.
     `datasets` keeps only those datasets' steps (one worker per dataset can share a folder).
     """
     lr = cfg.lr_search
@@ -574,6 +606,8 @@ def plan(cfg: StudyConfig, datasets: list[str] | None = None) -> list[tuple]:
         steps += at_others(d, first)
         if rest:
             steps += at_r0(d, rest) + at_others(d, rest)
+        if cfg.controls:  # cheap (no training): after the dataset's runs
+            steps += [("control", d, v, r) for v in cfg.variants for r in cfg.ranks]
     return steps
 
 
@@ -614,6 +648,8 @@ def run_study(
             study.search_lr(*step[1:])
         elif step[0] == "base":
             study.base(step[1])
+        elif step[0] == "control":
+            study.control(*step[1:])
         else:
             study.cell(*step[1:])
     study.ctx = None

@@ -392,7 +392,34 @@ def _spectral(res: StudyResults, d: str, figures: Path) -> list[str]:
     top = max(t.r for t in res.tested if t.dataset == d and t.spectra is not None)
     p = plot_spectra_comparison(runs, figures / f"spectrum_{d}.png", rank=top)
     lines += ["", f"![spectrum at r={top}]({p.relative_to(figures.parent)})", ""]
-    return lines + _mechanism(res, d)
+    return lines + _controls(res, d) + _mechanism(res, d)
+
+
+def _controls(res: StudyResults, d: str) -> list[str]:
+    """Effective rank of the trained runs (mean over seeds) beside the untrained control of
+    the same variant and rank, per view."""
+    controls = {(c.variant, c.r): c for c in res.controls if c.dataset == d}
+    if not controls:
+        return []
+    rows = []
+    for (v, r), c in sorted(controls.items()):
+        trained = [t for t in res.tested if (t.dataset, t.variant, t.r) == (d, v, r) and t.spectra]
+        for view in sorted(c.spectra.effective_rank):
+            er = [t.spectra.effective_rank[view] for t in trained]
+            mean = f"{statistics.mean(er):.1f} ({len(er)} seeds)" if er else "–"
+            rows.append(
+                f"| {_name(v)} | {r} | {view} | {mean} | {c.spectra.effective_rank[view]:.1f} |"
+            )
+    return [
+        "Effective rank after training against the untrained control (the same adapter at its "
+        "initialisation with a random B, seed 0; mean over layers): how much of a trained "
+        "run's spread spectrum training made, and how much a random A and B already have.",
+        "",
+        "| variant | r | view | ER trained | ER untrained |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _mechanism(res: StudyResults, d: str) -> list[str]:
