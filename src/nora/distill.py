@@ -23,6 +23,7 @@ fitted one's norm). `batch_kl` is the training objective, `kl_eval` its held-out
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -148,7 +149,10 @@ def random_delta(teacher: Teacher, model: nn.Module, seed: int = 0) -> Teacher:
     for name, lin in teacher._modules(model).items():
         w0 = lin.weight.detach().float()  # (out, in)
         fro = (teacher.weights[name].float() - w0).norm()
-        g = torch.Generator().manual_seed(seed + sum(map(ord, name)) * 7919)  # per module
+        # a generator per module, seeded from a digest of (seed, name): layers.12 and layers.21
+        # differ; 32 bits, all that torch's CPU generator (mt19937) takes from a seed
+        digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:4], "big"))
         noise = torch.randn(w0.shape, generator=g)  # (out, in)
         weights[name] = (w0 + noise * (fro / noise.norm())).to(teacher.weights[name].dtype)
     meta = {**teacher.meta, "delta_kind": "random", "delta_seed": seed}
