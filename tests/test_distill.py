@@ -118,6 +118,8 @@ def test_random_delta_keeps_each_norm_and_spreads_the_rank():
         assert lo[n]["effective_rank"] < 2.01 and hi[n]["effective_rank"] > min(w.shape) / 2
         assert torch.equal(spread.weights[n], again.weights[n])  # seeded: reproducible
     other = random_delta(low, model, seed=4)
+    big = random_delta(low, model, seed=3, scale=3.0).delta_spectra(model)
+    assert all(big[n]["fro"] == pytest.approx(3 * lo[n]["fro"], rel=1e-5) for n in ws)
     assert not any(torch.equal(spread.weights[n], other.weights[n]) for n in ws)  # seed matters
     assert spread.meta["delta_kind"] == "random"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
