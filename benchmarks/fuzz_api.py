@@ -20,7 +20,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from nora.study.sweep import machine_info
+from nora.study.context import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST = "tests/serving/test_fuzz.py"

@@ -38,7 +38,7 @@ from nora import kernels
 from nora.adapters import METHODS
 from nora.serving.backend import BACKENDS, TritonBackend
 from nora.serving.plan import BatchPlan
-from nora.study.sweep import machine_info
+from nora.study.context import machine_info
 
 FP32_TOL = 1e-5  # max |error| / max |reference|: float32 sums over k = 4096; TF32 misses it
 BF16_TOL = 2**-6  # the latent rounded to bf16 before the expand, the output on store

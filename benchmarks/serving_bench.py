@@ -41,7 +41,7 @@ import nora
 from nora.inject import plan
 from nora.models import load_base_model
 from nora.serving import MultiAdapterLinear, MultiAdapterModel
-from nora.study.sweep import machine_info
+from nora.study.context import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["q_proj", "v_proj"]

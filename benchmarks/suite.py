@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import nora
-from nora.study.sweep import machine_info
+from nora.study.context import machine_info
 
 ROOT = Path(__file__).resolve().parent
 

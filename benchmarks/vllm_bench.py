@@ -30,7 +30,7 @@ import torch
 
 import nora
 from nora.models import DEFAULT_MODEL, cache_root, load_base_model
-from nora.study.sweep import machine_info
+from nora.study.context import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

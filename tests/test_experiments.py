@@ -11,8 +11,8 @@ import yaml
 from conftest import make_tokenizer, save_model_dir
 from transformers import AutoModelForCausalLM
 
-from nora.study.report import build_report
-from nora.study.sweep import SweepConfig, SweepError, probe_logistic, run_sweep
+from nora.study.sweep.report import build_report
+from nora.study.sweep.run import SweepConfig, SweepError, probe_logistic, run_sweep
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ def test_paper_preset_dry_run_on_the_meta_device():
     """The `paper` preset (Llama-3-8B) builds every run on the meta device: no download."""
     from transformers import LlamaConfig
 
-    from nora.study.sweep import SweepConfig, dry_run
+    from nora.study.sweep.run import SweepConfig, dry_run
 
     # Meta-Llama-3-8B's published architecture (config.json on the Hub)
     llama3_8b = LlamaConfig(

@@ -465,7 +465,7 @@ def sweep(
     import torch
 
     from nora.study.runner import load_study, run_study
-    from nora.study.sweep import run_sweep
+    from nora.study.sweep.run import run_sweep
 
     if threads:
         torch.set_num_threads(threads)
@@ -485,8 +485,8 @@ def sweep(
 @_user_errors
 def report(sweep_dir: Path) -> None:
     """Markdown report with the paper's figures and tables, from a sweep or study folder."""
-    from nora.study.report import build_report
     from nora.study.study_report import build_study_report
+    from nora.study.sweep.report import build_report
 
     study = (sweep_dir / "study.json").is_file()
     typer.echo(f"written: {(build_study_report if study else build_report)(sweep_dir)}")

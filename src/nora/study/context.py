@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import platform
 import time
 import traceback
 from pathlib import Path
@@ -264,3 +266,24 @@ class Runner:
         ppl = f" ppl={result['ppl']:.4f}" if isinstance(result.get("ppl"), float) else ""
         self.log(f"done {what}{ppl} in {result['wall_s']:.0f} s")
         return typed(result)
+
+
+def machine_info() -> dict:
+    """The machine a result was measured on (CPU model, cores, torch, GPU): every study,
+    sweep and benchmark records it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "nora": nora.__version__,
+        "python": platform.python_version(),
+    }

@@ -113,7 +113,7 @@ class StudyConfig:
                 AdapterConfig(**{**kw, "r": 4})
             except (TypeError, ValueError) as e:
                 raise StudyError(f"variant {name!r}: {e}") from None
-        from nora.study.sweep import PER_RUN_FIELDS, check_train_keys
+        from nora.study.sweep.run import PER_RUN_FIELDS, check_train_keys
 
         # n_eval is the study's n_val (the split scored during training)
         check_train_keys(self.train, StudyError, PER_RUN_FIELDS | {"n_eval"})
@@ -627,7 +627,7 @@ def run_study(
     datasets: list[str] | None = None,
 ) -> dict:
     """Run (or continue) a study into `out_dir`; `datasets`: only those datasets' runs."""
-    from nora.study.sweep import machine_info
+    from nora.study.context import machine_info
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

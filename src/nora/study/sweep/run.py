@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import shutil
 import statistics
 import time
@@ -34,7 +33,7 @@ import nora
 from nora.checkpoint import write_json
 from nora.config import AdapterConfig, ConfigError, from_mapping
 from nora.data import batches
-from nora.study.context import DataContext, Runner
+from nora.study.context import DataContext, Runner, machine_info
 from nora.study.results import SweepRun
 from nora.train import TrainConfig, train
 
@@ -232,27 +231,6 @@ class SweepConfig:
 
     def ranks_of(self, variant: str) -> list[int]:
         return self.variant_ranks.get(variant, self.ranks)
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "nora": nora.__version__,
-        "python": platform.python_version(),
-    }
 
 
 # --- one run -------------------------------------------------------------------------------
