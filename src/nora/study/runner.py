@@ -448,24 +448,8 @@ class Study(Runner):
         out = self.out / "runs" / dataset / variant / f"r{r}" / "untrained"
 
         def job() -> dict:
-            from nora.analysis import analyze
-
-            c = self.context(dataset)
-            kw = self.cfg.variants[variant]
-            torch.manual_seed(0)
-            cfg = AdapterConfig(
-                **{**kw, "r": r, "layers_to_transform": c.layers, "init_weights": False}
-            )
-            nora.inject(c.model, cfg)
-            try:
-                spectra = analyze(
-                    c.model,
-                    c.token_batches(c.test_set),
-                    max_tokens=self.cfg.analysis_tokens,
-                    keep_singular_values=256,
-                )
-            finally:
-                nora.unload(c.model)
+            kw = {**self.cfg.variants[variant], "r": r}
+            spectra = untrained_spectra(self.context(dataset), kw, self.cfg.analysis_tokens)
             return {"dataset": dataset, "variant": variant, "r": r, "analysis": spectra}
 
         return self.guarded(out, out / "test.json", job, f"control {dataset} {variant} r{r}")
@@ -519,6 +503,23 @@ class Study(Runner):
         k = self.lr_for(dataset, variant, r)
         if k is not None:
             self.tested(RunKey(dataset, variant, r, k, seed))
+
+
+def untrained_spectra(c: DataContext, kw: dict[str, Any], max_tokens: int) -> dict:
+    """`nora.analysis.analyze` of the adapter `kw` on `c`'s adapted layers as initialised
+    with a random B (`init_weights=False`, seed 0), on the test tokens; the model is left
+    without adapters."""
+    from nora.analysis import analyze
+
+    torch.manual_seed(0)
+    cfg = AdapterConfig(**{**kw, "layers_to_transform": c.layers, "init_weights": False})
+    nora.inject(c.model, cfg)
+    try:
+        return analyze(
+            c.model, c.token_batches(c.test_set), max_tokens=max_tokens, keep_singular_values=256
+        )
+    finally:
+        nora.unload(c.model)
 
 
 def fit_study_teacher(c: DataContext, settings: dict[str, Any], log=print):
