@@ -750,8 +750,9 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         # random_delta): the fitted update is low-rank (rank90 9-19), so r=4 already closes
         # 99 % of its gap; this one's energy is spread over every direction. At the fitted
         # norm it moves the model by KL 0.001 only (KL grows ~ scale²: 0.016 at 4x, 0.064 at
-        # 8x, 0.33 at 16x on 32 validation examples), so its norm is 19x the fitted one's:
-        # about the fine-tune's KL to the base (0.46)
+        # 8x, 0.33 at 16x, 0.55 at 19x on 32 validation examples: results/study-v2/
+        # random_teacher_scale.py), so its norm is 19x the fitted one's, a little further from
+        # the base than the fine-tune (0.45)
         **PILOT,
         "datasets": ["reasoning-mix"],
         "distill": {"steps": 480, "lr": 1e-4, "delta": "random", "delta_scale": 19.0},
