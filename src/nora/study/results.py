@@ -9,7 +9,7 @@ res.base["math"].per_example.ppl()
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +47,14 @@ def _cost(d: dict) -> float:
 
 
 def _record_dict(rec, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A record's JSON form: its fields less `skip`, and less optional fields left at None."""
-    return {
-        k: v
-        for k, v in asdict(rec).items()
-        if k not in skip and not (v is None and _field(rec, k).default is None)
-    }
-
-
-def _field(rec, name: str):
-    return next(f for f in fields(rec) if f.name == name)
+    """A record's JSON form: its fields less `skip`, and less optional fields left at None
+    (the values as they are: no deep copy of a run's analysis summary)."""
+    out = {}
+    for f in fields(rec):
+        v = getattr(rec, f.name)
+        if f.name not in skip and not (v is None and f.default is None):
+            out[f.name] = v
+    return out
 
 
 @dataclass(frozen=True)
