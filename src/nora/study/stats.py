@@ -142,12 +142,17 @@ def paired_difference(
             per = np.stack([value(x, idx) - value(y, idx) for x, y in pairs])  # (s, n_boot)
             diffs[:, j] = per[seeds[:, j], np.arange(n_boot)]  # (n_boot,)
         boots = diffs.mean(1)
+    low, high, p = _percentile_interval(boots, level)
+    return Interval(float(np.mean(point)), low, high, tuple(point), p_value=p, over=over)
+
+
+def _percentile_interval(boots: np.ndarray, level: float) -> tuple[float, float, float]:
+    """(low, high) percentile interval of bootstrap values and the two-sided p-value of 0
+    (twice the smaller tail beyond 0)."""
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(boots, [tail, 100 - tail])
     p = min(1.0, 2 * min(float((boots <= 0).mean()), float((boots >= 0).mean())))
-    return Interval(
-        float(np.mean(point)), float(low), float(high), tuple(point), p_value=p, over=over
-    )
+    return float(low), float(high), p
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
@@ -202,10 +207,8 @@ def rank_correlation(
             )
         boots.append(_spearman(xa[idx], ya[idx], None if ga is None else ga[idx]))
     b = np.asarray([v for v in boots if v == v])  # a resample of ties only has no ρ
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(b, [tail, 100 - tail])
-    p = min(1.0, 2 * min(float((b <= 0).mean()), float((b >= 0).mean())))
-    return Interval(point, float(low), float(high), (), p_value=p, over="runs")
+    low, high, p = _percentile_interval(b, level)
+    return Interval(point, low, high, (), p_value=p, over="runs")
 
 
 def holm(p_values: list[float]) -> list[float]:
