@@ -69,8 +69,13 @@ def test_a_rank_effect_is_called_only_when_it_beats_the_seeds(tmp_path):
     assert "| yes |" in table and "| no |" in table
     assert "ΔW effective rank 120–300" in table and "Gaussian" not in table
     rnd = write_pilot(
-        tmp_path, "pilot-distill-random", -0.1, {"delta": "random"}, {"delta_kind": "random"}
+        tmp_path,
+        "pilot-distill-random",
+        -0.1,
+        {"delta": "random"},
+        {"delta_kind": "random", "delta_scale": 19.0},
     )
-    assert "modules, then each ΔW replaced by a seeded Gaussian matrix" in pilot_table(
-        [load_pilot(rnd)]
+    assert (
+        "modules, then each ΔW replaced by a seeded Gaussian matrix of 19× its Frobenius norm"
+        in pilot_table([load_pilot(rnd)])
     )

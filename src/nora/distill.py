@@ -15,9 +15,10 @@ the adapter, is the limit. Here the target is a function, not labels:
   rank r expresses at most a rank-r ΔW per module, so how close it gets says how much the rank
   limits it, on as many prompts as one asks for (the generators are unlimited).
 
-`random_delta` makes a teacher whose update is high-rank by construction (a Gaussian ΔW of the
-fitted one's norm). `batch_kl` is the training objective, `kl_eval` its held-out mean (what `train` logs as
-`eval_loss` when distilling) and `example_kl` the per-example values a bootstrap resamples.
+`random_delta` makes a teacher whose update is high-rank by construction (a Gaussian ΔW of a
+multiple of the fitted one's norm). `batch_kl` is the training objective, `kl_eval` its
+held-out mean (what `train` logs as `eval_loss` when distilling) and `example_kl` the
+per-example values a bootstrap resamples.
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ def random_delta(teacher: Teacher, model: nn.Module, seed: int = 0, scale: float
     adapter can express grows with r up to min(d, k). At scale 1 it barely moves the model
     (measured on pilot-distill's teacher: KL to the base 0.001 against the fine-tune's 0.45,
     0.33 at 16x, 0.55 at 19x; results/study-v2/random_teacher_scale.py), so a study sets the
-    scale that moves the model about as far as the fine-tune did. Seeded per module name: the same seed gives the same teacher on any
-    machine. The meta says so (`delta_kind: random`, `delta_scale`)."""
+    scale that moves the model about as far as the fine-tune did. Seeded per module name:
+    the same seed gives the same teacher on any machine. The meta says so (`delta_kind:
+    random`, `delta_scale`)."""
     weights = {}
     for name, lin in teacher._modules(model).items():
         w0 = lin.weight.detach().float()  # (out, in)

@@ -136,15 +136,15 @@ def pilot_table(pilots: list[Pilot]) -> str:
             ranks = [d["effective_rank"] for d in t.get("delta", {}).values()]
             r90 = [d["rank90"] for d in t.get("delta", {}).values()]
             spread = (
-                ", then each ΔW replaced by a seeded Gaussian matrix of the same Frobenius norm"
+                f", then each ΔW replaced by a seeded Gaussian matrix of {t['delta_scale']:g}× "
+                "its Frobenius norm"
                 if t.get("delta_kind") == "random"
                 else ""
             )
             lines.append(
                 f"\n{p.name}'s teacher: {t['steps']} steps at lr {t['lr']:g} on every weight of "
                 f"{len(t['modules'])} modules{spread}; validation NLL {t['val_nll_base']:.4f} "
-                f"(base) → "
-                f"{t['val_nll_teacher']:.4f} (teacher); KL(teacher ‖ base) "
+                f"(base) → {t['val_nll_teacher']:.4f} (teacher); KL(teacher ‖ base) "
                 f"{t['val_kl_base']:.4f} nats/position; ΔW effective rank "
                 f"{min(ranks):.0f}–{max(ranks):.0f}, 90 % of its energy in "
                 f"{min(r90)}–{max(r90)} singular values."

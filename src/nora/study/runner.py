@@ -143,7 +143,7 @@ TEACHER_DEFAULTS: dict[str, Any] = {
     "batch_size": 8,
     "target_modules": ["q_proj", "v_proj"],
     # "fitted": the fine-tuned weights; "random": each fitted ΔW replaced by a Gaussian one of
-    # the same norm (nora.distill.random_delta), an update that is high-rank by construction
+    # delta_scale times its norm (nora.distill.random_delta), high-rank by construction
     "delta": "fitted",
     "delta_scale": 1.0,  # "random": the Gaussian ΔW's norm, in units of the fitted ΔW's
 }
@@ -483,8 +483,9 @@ class Study(Runner):
         """Three grid points around a guess: the configured start, or shifted from a finished
         search of this variant (another rank: by the ratio of the adapter scales, since Adam's
         step on B·A scales with s) or another dataset (the same k)."""
-        found = self.rates.chosen().get(dataset, {}).get(variant) or next(
-            (v[variant] for d, v in self.rates.chosen().items() if variant in v), None
+        chosen = self.rates.chosen()  # one read of lr_choices.json
+        found = chosen.get(dataset, {}).get(variant) or next(
+            (v[variant] for d, v in chosen.items() if variant in v), None
         )
         if not found:
             return self.cfg.lr_search.start_of(variant)
