@@ -352,6 +352,9 @@ def test_a_distillation_study_fits_its_teacher_once_and_scores_the_kl(tmp_path, 
         StudyConfig.from_dict({**spec, "distill": {"stepz": 3}})
     with pytest.raises(StudyError, match="'fitted' or 'random'"):
         StudyConfig.from_dict({**spec, "distill": {"delta": "noise"}})
+    for bad in (0, -1.0, "big", True):
+        with pytest.raises(StudyError, match="delta_scale` must be a number > 0"):
+            StudyConfig.from_dict({**spec, "distill": {"delta": "random", "delta_scale": bad}})
     # the run folder reproduces its run: `nora train --config <run>/train_config.json` trains
     # on the same examples (validation, the test split left out, then training) and the same
     # teacher, so every step's loss is the study's

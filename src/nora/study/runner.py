@@ -127,6 +127,9 @@ class StudyConfig:
             raise StudyError(
                 f"`distill.delta` is 'fitted' or 'random', not {self.distill['delta']!r}"
             )
+        scale = self.distill.get("delta_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise StudyError(f"`distill.delta_scale` must be a number > 0, not {scale!r}")
 
     def teacher_settings(self) -> dict[str, Any]:
         return {**TEACHER_DEFAULTS, **self.distill}
