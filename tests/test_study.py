@@ -117,6 +117,11 @@ def test_bad_study_files(tmp_path, model_dir):
         StudyConfig.from_dict(study_dict(model_dir, train={"steps": 3}))
     with pytest.raises(StudyError, match="variant 'x'"):
         StudyConfig.from_dict(study_dict(model_dir, variants={"x": {"method": "nope"}}))
+    for bad in (0, -2.0):
+        with pytest.raises(StudyError, match="budget_cpu_hours` must be a number > 0"):
+            StudyConfig.from_dict(study_dict(model_dir, budget_cpu_hours=bad))
+    with pytest.raises(StudyError, match="budget_cpu_hours must be a number, got True"):
+        StudyConfig.from_dict(study_dict(model_dir, budget_cpu_hours=True))
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(study_dict(model_dir)))
     assert isinstance(load_study(str(f)), StudyConfig)
@@ -383,6 +388,7 @@ def test_a_saved_study_without_a_newer_field_is_the_same_study(tmp_path, model_d
     cfg = StudyConfig.from_dict(study_dict(model_dir))
     older = cfg.to_dict()
     del older["distill"]  # written before the field existed: it meant "no distillation"
+    del older["title"], older["budget_cpu_hours"]  # the report's, added later still
     (tmp_path / "study.json").write_text(json.dumps({"config": older}))
     assert _saved_config(tmp_path / "study.json") == cfg.to_dict()
     (tmp_path / "study.json").write_text(json.dumps({"config": {**older, "n_test": 99}}))

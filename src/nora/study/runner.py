@@ -91,6 +91,9 @@ class StudyConfig:
     # the spectral control of item 3: analyse an untrained adapter of every variant at every
     # rank (B drawn like A, `init_weights=False`, seed 0) on the test tokens, no training
     controls: bool = False
+    # the report's title and the CPU hours its compute plan counts against (issue 13's 10)
+    title: str = "NoRA vs LoRA: the rank-scaling study (issue 13)"
+    budget_cpu_hours: float = 10.0
     study: bool = True  # marks a file as a study (not a `nora.experiments` sweep)
 
     @classmethod
@@ -127,6 +130,9 @@ class StudyConfig:
             raise StudyError(
                 f"`distill.delta` is 'fitted' or 'random', not {self.distill['delta']!r}"
             )
+        b = self.budget_cpu_hours
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
+            raise StudyError(f"`budget_cpu_hours` must be a number > 0, not {b!r}")
         scale = self.distill.get("delta_scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise StudyError(f"`distill.delta_scale` must be a number > 0, not {scale!r}")
