@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -272,6 +273,39 @@ def test_runner_stages_skip_when_done_and_record_failures(tmp_path):
     with pytest.raises(TrainingInterrupted):
         runner.guarded(b, b / "val.json", interrupted, "train b", retry_failed=False)
     assert not (b / "error.json").exists() and runner.failed == 1
+
+
+def test_a_stage_costs_every_attempt(tmp_path):
+    from nora.study.context import CostMeter, Runner
+    from nora.train import TrainingInterrupted
+
+    out, seen = tmp_path / "a", []
+    cost = out / "val.cost.json"
+
+    def killed():  # an attempt that stops mid-run: its cost so far is kept on disk
+        time.sleep(0.2)
+        seen.append(json.loads(cost.read_text()))  # the meter's tick wrote it meanwhile
+        raise TrainingInterrupted("interrupted at step 3")
+
+    runner = Runner(tmp_path, log=lambda m: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CostMeter, "every", 0.01)
+        with pytest.raises(TrainingInterrupted):
+            runner.guarded(out, out / "val.json", killed, "a")
+    assert seen[0]["wall_s"] > 0 and cost.is_file()
+    first = json.loads(cost.read_text())
+    assert first["wall_s"] >= 0.2
+    cost.write_text(json.dumps({"wall_s": 100.0, "cpu_s": 50.0}))  # a session's earlier attempt
+    res = runner.guarded(out, out / "val.json", lambda: {"ppl": 2.0}, "a")
+    assert 100.0 <= res["wall_s"] < 110.0 and 50.0 <= res["cpu_s"] < 60.0
+    assert not cost.exists()  # finished: the stage's file holds the total
+    from nora.study.runner import export_results
+
+    (tmp_path / "runs/x/s0").mkdir(parents=True)
+    (tmp_path / "runs/x/s0/val.json").write_text("{}")
+    (tmp_path / "runs/x/s0/test.cost.json").write_text("{}")  # a test stage still running
+    export_results(tmp_path, tmp_path / "exported")
+    assert [p.name for p in (tmp_path / "exported").glob("runs/x/s0/*")] == ["val.json"]
 
 
 def test_a_variant_that_is_the_same_adapter_reuses_the_runs(tmp_path, model_dir, monkeypatch):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -245,12 +246,14 @@ class Runner:
         error.unlink(missing_ok=True)
         from nora.train import TrainingInterrupted
 
-        t0, c0 = time.perf_counter(), time.process_time()
+        meter = CostMeter(done.with_name(done.stem + ".cost.json"))
         try:
-            result = job()
+            with meter:
+                result = job()
         except TrainingInterrupted:
             raise  # Ctrl-C stops the whole run; the same command resumes from the checkpoint
         except Exception as e:  # noqa: BLE001 - a failed run is reported, not fatal
+            meter.path.unlink(missing_ok=True)
             write_json(
                 error, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             )
@@ -260,12 +263,55 @@ class Runner:
                 nora.unload(self.ctx.model)  # the next run starts from the base model
             return None
         result = result.to_dict() if parse is not None else result
-        result["wall_s"] = time.perf_counter() - t0
-        result["cpu_s"] = time.process_time() - c0  # all threads: 1 per worker in the study
+        result |= meter.totals()  # wall_s, cpu_s: every attempt's
         write_json(done, result)
+        meter.path.unlink(missing_ok=True)
         ppl = f" ppl={result['ppl']:.4f}" if isinstance(result.get("ppl"), float) else ""
         self.log(f"done {what}{ppl} in {result['wall_s']:.0f} s")
         return typed(result)
+
+
+class CostMeter:
+    """Wall and CPU seconds a stage costs over all its attempts. A worker killed mid-run (a
+    session ends) resumes the run from its checkpoint later; without a record the finished
+    stage would count only its last attempt. So the running total (earlier attempts plus
+    this one) is written to `path` every `every` seconds and read back by the next attempt;
+    a killed attempt loses at most `every` seconds of the count. CPU time is the process's
+    (all threads: one worker, one stage at a time)."""
+
+    every = 30.0  # seconds between writes
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.before = {"wall_s": 0.0, "cpu_s": 0.0}  # earlier attempts
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            d = json.loads(path.read_text())
+            self.before = {"wall_s": float(d["wall_s"]), "cpu_s": float(d["cpu_s"])}
+        self._stop = threading.Event()
+
+    def totals(self) -> dict[str, float]:
+        """Earlier attempts plus this one so far (or until it ended)."""
+        wall, cpu = self._end or (time.perf_counter(), time.process_time())
+        return {
+            "wall_s": self.before["wall_s"] + wall - self._t0,
+            "cpu_s": self.before["cpu_s"] + cpu - self._c0,
+        }
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            write_json(self.path, self.totals())
+
+    def __enter__(self) -> CostMeter:
+        self._t0, self._c0, self._end = time.perf_counter(), time.process_time(), None
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._end = (time.perf_counter(), time.process_time())
+        self._stop.set()
+        self._thread.join()
+        write_json(self.path, self.totals())  # e.g. Ctrl-C: the resumed attempt adds to it
 
 
 def machine_info() -> dict:

@@ -803,6 +803,8 @@ def export_results(src: str | Path, dst: str | Path) -> int:
         rel = f.relative_to(src)
         if "checkpoints" in rel.parts or rel.parts[0] in ("figures", "peft"):
             continue
+        if f.name.endswith(".cost.json"):  # a running stage's cost so far (context.CostMeter)
+            continue
         run = f.parent.parent if f.parent.name == "adapter" else f.parent
         if rel.parts[0] == "runs" and not any((run / d).is_file() for d in STAGES):
             continue  # a run still training: its files come with its first finished stage
