@@ -93,6 +93,30 @@ def test_plan_puts_the_headline_comparison_first():
     assert all(s[1] == "math" for s in split[1])
 
 
+def test_a_variant_runs_only_at_its_ranks():
+    spec = {
+        **STUDY_PRESETS["study"],
+        "datasets": ["reasoning-mix"],
+        "variants": {"lora": {"method": "lora"}, "nora-relu": {"method": "nora"}},
+        "variant_ranks": {"nora-relu": [16, 128]},
+        "first": ["lora"],
+        "lr_search": {"ranks": {"lora": [4, 128], "nora-relu": [16, 128]}},
+        "controls": True,
+    }
+    steps = plan(StudyConfig.from_dict(spec))
+    ran = {(s[0], s[2], s[3]) for s in steps if s[0] != "base"}
+    assert {r for kind, v, r in ran if v == "nora-relu"} == {16, 128}
+    assert {r for kind, v, r in ran if v == "lora"} == {4, 16, 64, 128}
+    assert ("lr", "nora-relu", 16) in ran and ("control", "nora-relu", 64) not in ran
+    for bad, match in (
+        ({"nora": [16]}, r"names unknown variants \['nora'\]"),
+        ({"nora-relu": [32]}, "must be some of the study's ranks"),
+        ({"nora-relu": []}, "must be some of the study's ranks"),
+    ):
+        with pytest.raises(StudyError, match=match):
+            StudyConfig.from_dict({**spec, "variant_ranks": bad})
+
+
 def test_variant_specific_search_start():
     s = LRSearch(start={"nora": [-5, -4, -3]})
     assert s.start_of("nora") == [-5, -4, -3] and s.start_of("lora") == [-6, -5, -4]
@@ -422,7 +446,7 @@ def test_a_saved_study_without_a_newer_field_is_the_same_study(tmp_path, model_d
     cfg = StudyConfig.from_dict(study_dict(model_dir))
     older = cfg.to_dict()
     del older["distill"]  # written before the field existed: it meant "no distillation"
-    del older["title"], older["budget_cpu_hours"]  # the report's, added later still
+    del older["title"], older["budget_cpu_hours"], older["variant_ranks"]  # added later still
     (tmp_path / "study.json").write_text(json.dumps({"config": older}))
     assert _saved_config(tmp_path / "study.json") == cfg.to_dict()
     (tmp_path / "study.json").write_text(json.dumps({"config": {**older, "n_test": 99}}))

@@ -80,6 +80,8 @@ class StudyConfig:
     max_new_tokens: dict[str, int] = field(default_factory=dict)  # per dataset (default 256)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     ranks: list[int] = field(default_factory=lambda: [16])
+    # variant -> the ranks its cells run at (default: every rank), e.g. ablations at 16 only
+    variant_ranks: dict[str, list[int]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     lr_search: LRSearch = field(default_factory=LRSearch)
     first: list[str] = field(default_factory=list)  # variants searched/run before the rest
@@ -122,6 +124,14 @@ class StudyConfig:
         check_train_keys(self.train, StudyError, PER_RUN_FIELDS | {"n_eval"})
         if unknown := sorted(set(self.first) - set(self.variants)):
             raise StudyError(f"`first` names unknown variants {unknown}")
+        if unknown := sorted(set(self.variant_ranks) - set(self.variants)):
+            raise StudyError(f"`variant_ranks` names unknown variants {unknown}")
+        for v, rs in self.variant_ranks.items():
+            if not rs or set(rs) - set(self.ranks):
+                raise StudyError(
+                    f"`variant_ranks` of {v!r} must be some of the study's ranks {self.ranks}, "
+                    f"not {rs}"
+                )
         if unknown := sorted(set(self.distill) - set(TEACHER_DEFAULTS)):
             raise StudyError(
                 f"`distill` has unknown keys {unknown}; known: {list(TEACHER_DEFAULTS)}"
@@ -136,6 +146,9 @@ class StudyConfig:
         scale = self.distill.get("delta_scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise StudyError(f"`distill.delta_scale` must be a number > 0, not {scale!r}")
+
+    def ranks_of(self, variant: str) -> list[int]:
+        return [r for r in self.ranks if r in self.variant_ranks.get(variant, self.ranks)]
 
     def teacher_settings(self) -> dict[str, Any]:
         return {**TEACHER_DEFAULTS, **self.distill}
@@ -585,7 +598,8 @@ def plan(cfg: StudyConfig, datasets: list[str] | None = None) -> list[tuple]:
     paired comparison. Then per dataset, tier 2: the `first` variants at the other ranks
     (searches where a variant searches that rank, seed 0 largest rank first, then the other
     seeds); tier 3: the other variants, default rank first, the same way; then, with
-    `controls`, every variant's untrained control at every rank.
+    `controls`, every variant's untrained control at each of its ranks. A variant runs (and
+    searches) only at its `variant_ranks`.
     `datasets` keeps only those datasets' steps (one worker per dataset can share a folder).
     """
     lr = cfg.lr_search
@@ -595,11 +609,20 @@ def plan(cfg: StudyConfig, datasets: list[str] | None = None) -> list[tuple]:
     others = sorted((r for r in cfg.ranks if r != r0), reverse=True)
     seed0, later = cfg.seeds[0], cfg.seeds[1:]
 
-    def searches(d, group, ranks):
-        return [("lr", d, v, r) for r in ranks for v in group if r in lr.ranks_of(v)]
+    def searches(d, group, ranks):  # a variant searches where it searches and runs
+        runs = cfg.ranks_of
+        return [
+            ("lr", d, v, r) for r in ranks for v in group if r in lr.ranks_of(v) and r in runs(v)
+        ]
 
     def cells(d, group, ranks, seeds):
-        return [("cell", d, v, r, s) for s in seeds for r in ranks for v in group]
+        return [
+            ("cell", d, v, r, s)
+            for s in seeds
+            for r in ranks
+            for v in group
+            if r in cfg.ranks_of(v)
+        ]
 
     def at_r0(d, group, base=False):
         steps = searches(d, group, [r0]) + cells(d, group, [r0], [seed0])
@@ -619,7 +642,7 @@ def plan(cfg: StudyConfig, datasets: list[str] | None = None) -> list[tuple]:
         if rest:
             steps += at_r0(d, rest) + at_others(d, rest)
         if cfg.controls:  # cheap (no training): after the dataset's runs
-            steps += [("control", d, v, r) for v in cfg.variants for r in cfg.ranks]
+            steps += [("control", d, v, r) for v in cfg.variants for r in cfg.ranks_of(v)]
     return steps
 
 
