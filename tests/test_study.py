@@ -117,6 +117,35 @@ def test_a_variant_runs_only_at_its_ranks():
             StudyConfig.from_dict({**spec, "variant_ranks": bad})
 
 
+@pytest.mark.parametrize(
+    "variant, found, r, start",
+    [
+        # LoRA α=32: s·r = 32 at every rank, so the rate carries unchanged (the pilots' r=4
+        # and r=128 best rates are at most a half-decade apart)
+        ("lora", {4: -5}, 128, [-6, -5, -4]),
+        # scale 1 (NoRA's default, LoRA α=r): s·r grows 8x from 16 to 128, lr ∝ 8^(-1/2)
+        ("lora-alpha-r", {16: -4}, 128, [-6, -5, -4]),
+        ("nora", {16: -4}, 128, [-6, -5, -4]),
+        ("nora", {128: -5}, 4, [-4, -3, -2]),
+        # rsLoRA: s·r = 8·√r grows √8 = 2.8x (0.45 of a half-decade: rounds to no shift)
+        ("lora-rslora", {16: -5}, 128, [-6, -5, -4]),
+        # the nearest finished rank in log2 is the one carried: r=64 takes r=128's
+        ("nora", {4: -2, 128: -5}, 64, [-6, -5, -4]),
+    ],
+)
+def test_a_rate_carries_across_ranks_as_the_inverse_root_of_scale_times_rank(
+    tmp_path, variant, found, r, start
+):
+    from nora.study.runner import Study
+
+    study = Study(StudyConfig.from_dict(STUDY_PRESETS["study"]), tmp_path)
+    for r0, k in found.items():
+        study.rates.record("math", variant, r0, [k], {k: 1.0}, k)
+    assert study._start("math", variant, r) == start
+    # a search on another dataset carries its k to this one
+    assert study._start("reasoning-mix", variant, r) == start
+
+
 def test_variant_specific_search_start():
     s = LRSearch(start={"nora": [-5, -4, -3]})
     assert s.start_of("nora") == [-5, -4, -3] and s.start_of("lora") == [-6, -5, -4]
