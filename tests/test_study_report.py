@@ -3,14 +3,17 @@ method_comparison layout, and the report built from a tiny study's files."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from conftest import make_tokenizer, tiny_llama
 
+from nora.study import study_report
 from nora.study.results import StudyResults
 from nora.study.runner import StudyConfig, run_study
 from nora.study.stats import Interval, PerExample, paired_difference, verdict
@@ -140,34 +143,50 @@ def test_report_from_the_study_files(study_dir):
     text = report.read_text()
     # the headline section comes first: NoRA vs LoRA at the default rank, with its interval
     head = text.split("## Headline: NoRA vs LoRA at r = 2")[1].split("## Compute plan")[0]
-    assert "NoRA − LoRA α=32, ΔPPL =" in head and "spread of mean test PPL over the 2" in head
+    assert "| NoRA − LoRA α=32, logistic-map | ΔPPL | 2 |" in head
+    assert "- logistic-map: spread of mean test PPL over the 2" in head
+    assert text.startswith("# NoRA vs LoRA: the rank-scaling study (issue 13)\n")  # the default
     for needle in (
         "## Compute plan",
         "CPU hours",
+        "of the 10 budgeted",  # StudyConfig's default budget_cpu_hours
         "## Learning rates",
         "## logistic-map",
-        "NoRA − LoRA α=32",
-        "ΔPPL",
+        "### Rank study: test PPL per variant and rank",
+        "| NoRA − LoRA α=32, r=4 | ΔPPL | 2 |",
         "Δpass@1",
-        "(2 seeds;",
+        "(2 seeds; lr ",  # the rate each cell ran at
+        "| majority answer per family (pass@1) |",  # the prior beside pass@1
+        "| NoRA − majority answer, r=2 | Δpass@1 |",
+        "above the prior",
         "vs the base model",
         "nora sweep tiny",
         "PEFT method_comparison",
-        "would exclude 0 by chance",  # the multiple-comparisons caveat
-        "it does not resample training seeds",  # what the interval leaves out
+        "hierarchical bootstrap",  # what the interval resamples: seeds, then examples
+        "| Holm p |",
+        "**The crossover question**: the best LoRA cell is LoRA α=32 r=",
         "Does the effective rank predict test PPL?",  # the mechanism test
         "| NoRA | latent | 4 |",
-        "| variant | r | view | ER trained | ER untrained |",  # the untrained controls
+        "| variant | r | view | ER trained | ER untrained | AUC-90 trained | AUC-90 untrained |",
         "| NoRA | 4 | latent | ",
     ):
         assert needle in text, needle
-    # every comparison line carries an interval and a verdict
-    lines = [x for x in text.splitlines() if "ΔPPL =" in x or "Δpass@1 =" in x]
-    assert lines and all("[" in x and ("is better" in x or "no difference" in x) for x in lines)
+    for absent in ("### Table 2", "### Siblings", "## Step 1: pilots", "ΔKL"):
+        assert absent not in text, absent  # v1's variants, no pilots given, no distillation
+    pass1 = next(x for x in text.splitlines() if x.startswith("| NoRA (pass@1) |"))
+    assert "seeds)" in pass1 and "lr " not in pass1  # the rate: beside the primary metric only
+    # every comparison row carries an interval, a Holm-adjusted p and a verdict
+    rows = [x for x in text.splitlines() if "| ΔPPL |" in x or "| Δpass@1 |" in x]
+    assert rows and all(
+        "[" in x and ("is better" in x or "no difference" in x or "above the prior" in x)
+        for x in rows
+    )
     for png in (
         "learning_curves_logistic-map.png",
         "metrics_vs_rank_logistic-map.png",
-        "effective_rank_logistic-map.png",
+        "effective_rank_weight_logistic-map.png",
+        "effective_rank_output_logistic-map.png",
+        "effective_rank_latent_logistic-map.png",
         "spectrum_logistic-map.png",
     ):
         assert (study_dir / "figures" / png).stat().st_size > 1000
@@ -201,18 +220,19 @@ def test_at_a_glance_table_agrees_with_every_interval(study_dir):
     glance = text.split("## At a glance")[1].split("## Compute plan")[0]
     rows = [x.split(" | ") for x in glance.splitlines() if x.startswith("| logistic-map")]
     assert [(r[1], r[2]) for r in rows] == [("LoRA α=32", "test PPL"), ("LoRA α=32", "pass@1")]
+    section = text.split("**NoRA vs each LoRA variant**")[1].split("**The crossover")[0]
     for row in rows:
         label = "ΔPPL" if row[2] == "test PPL" else "Δpass@1"
         for r, cell in zip((2, 4), row[3:], strict=True):
             line = next(
                 x
-                for x in text.splitlines()
-                if x.startswith(f"- r={r}, NoRA − LoRA α=32, {label} =")
+                for x in section.splitlines()
+                if x.startswith(f"| NoRA − LoRA α=32, r={r} | {label} |")
             )
-            estimate = line.split(" = ")[1].split(" ")[0]
+            estimate = line.split(" | ")[5].split(" ")[0]
             assert f"({estimate}" in cell and "seeds" not in cell  # all seeds: none noted
             if cell.startswith("**"):
-                assert f"{cell[2:].split('**')[0]} is better" in line
+                assert f"| {cell[2:].split('**')[0]} is better |" in line
             else:
                 assert cell.startswith("no difference") and "no difference" in line
 
@@ -243,3 +263,302 @@ def test_cli_sweep_resumes_a_study_and_report_dispatches(study_dir):
     res = runner.invoke(app, ["report", str(study_dir)])
     assert res.exit_code == 0, res.output
     assert "## Compute plan" in (study_dir / "report.md").read_text()
+
+
+# --- study v2's report, from synthetic study folders (tests/testing_study.py) ---------------
+
+V2_VARIANTS = {
+    "lora": {"method": "lora", "alpha": 32},
+    "lora-alpha-r": {"method": "lora", "scale": 1.0},
+    # 8/√16 = 32/16 and 8/√64 = 1: the same adapter as LoRA α=32 at r=16, as LoRA α=r at r=64
+    "lora-rslora": {"method": "lora", "alpha": 8, "rslora": True},
+    "nora": {"method": "nora"},
+    "nora-identity": {"method": "nora", "activation": "identity"},
+    "nora-relu": {"method": "nora", "activation": "relu"},
+    "nora-no-dropout": {"method": "nora", "dropout": 0.0},
+    "nora-module": {"method": "nora", "placement": "module"},
+    "lora-dropout": {"method": "lora", "alpha": 32, "dropout": 0.1},
+    "lora-nora-init": {"method": "lora", "scale": 1.0},  # here: LoRA α=r's adapter
+    "nolora": {"method": "nolora"},
+    "loran": {"method": "loran"},
+}
+# test KL per cell: LoRA α=32 at r=64 is the best LoRA cell; NoRA is clearly worse at r=4
+# and at the same level at r=16 (a tie: only the runs' noise differs)
+V2_LEVELS = {
+    ("lora", 4): 0.0120, ("lora", 16): 0.0105, ("lora", 64): 0.0100,
+    ("lora-alpha-r", 4): 0.0125, ("lora-alpha-r", 16): 0.0110, ("lora-alpha-r", 64): 0.0108,
+    ("lora-rslora", 4): 0.0118, ("lora-rslora", 16): 0, ("lora-rslora", 64): 0,  # twins' copies
+    ("nora", 4): 0.0200, ("nora", 16): 0.0100, ("nora", 64): 0.0095,
+    # Table 2 and the siblings at r=16 only; NoRA-ReLU's level is set by `_borderline`
+    ("nora-identity", 16): 0.0130, ("nora-no-dropout", 16): 0.0100,
+    ("nora-module", 16): 0.0100,
+    ("lora-dropout", 16): 0.0090,  # a LoRA, not the rank study's: not the best LoRA cell
+    ("lora-nora-init", 16): 0, ("nolora", 16): 0.0102, ("loran", 16): 0.0160,
+}  # fmt: skip
+V2_SEEDS = [0, 1, 2]
+DATASET = "reasoning-mix"
+
+
+def _borderline() -> float:
+    """A NoRA-ReLU level whose raw p against NoRA at r=16 is in [0.03, 0.05): a win on its
+    own, not after Holm over Table 2's five comparisons (two of them p ≈ 0: ×3 at least)."""
+    from testing_study import per_example as synthetic
+
+    nora = [synthetic(0.0100, (DATASET, "nora", 16, s), True) for s in V2_SEEDS]
+    for step in range(1, 200):
+        level = 0.0100 * (1 + step / 2000)
+        relu = [synthetic(level, (DATASET, "nora-relu", 16, s), True) for s in V2_SEEDS]
+        if 0.03 <= paired_difference(relu, nora, "kl").p_value < 0.05:
+            return level
+    raise AssertionError("no level gives a borderline p")
+
+
+@pytest.fixture(scope="module")
+def v2_report(tmp_path_factory):
+    """A distillation study with the rank study, Table 2, the siblings, twins, spectra and
+    controls: its folder and report text."""
+    from testing_study import spec, write_study
+
+    levels = {**V2_LEVELS, ("nora-relu", 16): _borderline()}
+    config = spec(
+        title="Study v2 (synthetic)",
+        budget_cpu_hours=15,
+        distill={"steps": 2, "lr": 1e-4},
+        variants=V2_VARIANTS,
+        ranks=[4, 16, 64],
+        seeds=V2_SEEDS,
+    )
+    root = write_study(
+        tmp_path_factory.mktemp("v2"),
+        config,
+        lambda v, r, s: levels.get((v, r)),
+        base_level=0.44,
+        spectra=("lora", "lora-alpha-r", "lora-rslora", "nora", "nora-identity", "nolora"),
+        controls=("lora", "nora"),
+    )
+    # the mechanism test's ρ intervals at 200 draws, not 2000: its 18 bootstraps would take
+    # most of this fixture's time (rank_correlation itself: test_study_stats.py)
+    fast = functools.partial(study_report.rank_correlation, n_boot=200)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_report, "rank_correlation", fast)
+        return root, build_study_report(root).read_text()
+
+
+def _rows(text: str, start: str, end: str = "\n#") -> dict[str, list[str]]:
+    """The comparison rows between `start` and the next heading, by their first cell."""
+    part = text.split(start)[1].split(end)[0]
+    rows = [x.split(" | ") for x in part.splitlines() if x.startswith("| ") and " − " in x]
+    rows = [r for r in rows if r[0] != "| A − B"]  # the header
+    return {r[0][2:]: r[1:] for r in rows}
+
+
+def test_distillation_report_is_read_in_kl(v2_report):
+    from nora.study.study_report import _primary
+
+    root, text = v2_report
+    assert text.startswith("# Study v2 (synthetic)\n") and "of the 15 budgeted" in text
+    assert "Primary metric: **test KL**" in text and "| ΔKL |" in text
+    assert "PPL" not in text  # no perplexity table, comparison or verdict
+    res = StudyResults.load(root)
+    kl = _primary(res)
+    assert kl.key == "kl" and kl.digits == 6  # 4 significant digits of the smallest, 0.0095
+    best = np.mean([kl.of(t.per_example) for t in res.cell(DATASET, "lora", 64)])
+    assert (
+        "the best LoRA cell is LoRA α=32 r=64 (the lowest mean test KL of the LoRA variants at "
+        f"any rank: {best:.6f})"
+    ) in text
+    assert "Does the effective rank predict test KL?" in text
+    assert "pass@1" not in text  # the study generates nothing (n_gen = 0)
+    # a run's KL as its test.json has it; the base's (read with its per-example KL too) stands
+    # alone against every seed: no ± over identical values
+    (test_json,) = root.glob(f"runs/{DATASET}/nora/r16/*/s0/test.json")
+    t = json.loads(test_json.read_text())
+    assert kl.of(res.cell(DATASET, "nora", 16)[0].per_example) == pytest.approx(t["test_kl"])
+    base = kl.fmt(json.loads((root / f"runs/{DATASET}/base/test.json").read_text())["test_kl"])
+    assert _rows(text, "**Each adapter vs the base model**")["NoRA − base, r=16"][3] == base
+
+
+def test_crossover_names_the_rank_that_ties_the_best_lora_cell(v2_report):
+    _, text = v2_report
+    rows = _rows(text, "**The crossover question**", "\nThe smallest")
+    assert list(rows) == ["NoRA r=4 − LoRA α=32 r=64", "NoRA r=16 − LoRA α=32 r=64",
+                          "NoRA r=64 − LoRA α=32 r=64"]  # fmt: skip
+    assert rows["NoRA r=4 − LoRA α=32 r=64"][-1] == "LoRA α=32 r=64 is better |"
+    assert rows["NoRA r=16 − LoRA α=32 r=64"][-1].startswith("no difference (the interval")
+    assert (
+        "The smallest NoRA rank whose interval ties (no difference) or beats (NoRA better) the "
+        "best LoRA cell is **r = 16** (ties it)."
+    ) in text
+
+
+def test_table2_verdicts_are_holm_adjusted_within_the_table(v2_report):
+    from nora.study.stats import holm
+    from nora.study.study_report import _p
+
+    root, text = v2_report
+    rows = _rows(text, "### Table 2")
+    res = StudyResults.load(root)
+    ablations = ["nora-identity", "nora-relu", "nora-no-dropout", "nora-module", "lora-dropout"]
+    raw = []
+    for v in ablations:
+        a, b = res.paired(DATASET, v, "nora", 16)
+        raw.append(paired_difference([t.per_example for t in a], [t.per_example for t in b], "kl"))
+    adjusted = holm([iv.p_value for iv in raw])
+    names = ["NoRA-identity (σ = identity)", "NoRA-ReLU", "NoRA without dropout",
+             "module-level NoRA (matched parameters)", "LoRA + latent-equivalent dropout 0.1"]  # fmt: skip
+    assert sorted(rows) == sorted(f"{n} − NoRA, r=16" for n in names)  # the twin: not here
+    for name, q in zip(names, adjusted, strict=True):
+        assert rows[f"{name} − NoRA, r=16"][-2] == _p(q)  # the Holm p column
+    relu = rows["NoRA-ReLU − NoRA, r=16"]
+    assert raw[1].p_value < 0.05 and raw[1].excludes_zero  # a win on its own ...
+    assert relu[-1] == "no difference after Holm (adjusted p ≥ 0.05) |"  # ... not in the table
+    assert rows["NoRA-identity (σ = identity) − NoRA, r=16"][-1] == "NoRA is better |"
+    assert rows["NoRA-identity (σ = identity) − NoRA, r=16"][-2] == "< 0.001"
+    # the A and B columns: mean ± std over the paired seeds
+    kl = [t.per_example for t in res.cell(DATASET, "nora-relu", 16)]
+    from nora.study.study_report import _primary
+
+    assert relu[2] == _primary(res).spread(kl) and " ± " in relu[2]
+
+
+def test_twins_are_shown_once_and_compared_once(v2_report):
+    _, text = v2_report
+    table = next(x for x in text.splitlines() if x.startswith("| rsLoRA (test KL) |"))
+    cells = table.split(" | ")[1:]
+    assert cells[1] == "= LoRA α=32" and cells[2] == "= LoRA α=r |" and "lr 0.01" in cells[0]
+    assert "- r=16: rsLoRA = LoRA α=32 (the same adapter: shown and compared once" in text
+    assert "- r=16: LoRA with NoRA's init and scale = LoRA α=r" in text  # in Table 2 ...
+    assert "- r=4: LoRA with NoRA's init" not in text  # ... where it ran
+    assert "| NoRA − rsLoRA, r=4 |" in text
+    for twin_row in ("NoRA − rsLoRA, r=16", "NoRA − rsLoRA, r=64", "rsLoRA − base, r=16",
+                     "LoRA with NoRA's init and scale −"):  # fmt: skip
+        assert f"| {twin_row}" not in text, twin_row
+    glance = text.split("## At a glance")[1].split("## Compute plan")[0]
+    row = next(x for x in glance.splitlines() if "| rsLoRA |" in x)
+    assert row.split(" | ")[4:6] == ["= LoRA α=32", "= LoRA α=r |"]
+
+
+def test_table2_siblings_and_spectra_sections(v2_report):
+    root, text = v2_report
+    siblings = _rows(text, "### Siblings: NoLoRA, LoRAN against NoRA and LoRA α=32")
+    assert sorted(siblings) == sorted(
+        f"{s} − {ref}, r=16" for s in ("NoLoRA", "LoRAN") for ref in ("NoRA", "LoRA α=32")
+    )
+    assert siblings["LoRAN − NoRA, r=16"][-1] == "NoRA is better |"
+    for view in ("weight", "output", "latent"):
+        assert (root / "figures" / f"effective_rank_{view}_{DATASET}.png").stat().st_size > 1000
+        assert f"![{view} view: effective rank and AUC-90 vs rank]" in text
+    assert "dashed: the untrained controls" in text and "| NoRA | 16 | weight |" in text
+    from nora.study.study_report import _spectral_runs
+
+    runs, controls = _spectral_runs(StudyResults.load(root), DATASET)  # what the figures draw
+    assert {s["group"] for s in runs} == {
+        "LoRA α=32",
+        "LoRA α=r",
+        "rsLoRA",
+        "NoRA",
+        "NoRA-identity (σ = identity)",
+    }  # fmt: skip  (not NoLoRA, whose runs have spectra too)
+    assert {(s["group"], s["r"]) for s in controls} == {
+        (g, r) for g in ("LoRA α=32", "NoRA") for r in (4, 16, 64)
+    }
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tmp_path_factory):
+    """A plain (no distillation) study that generates: LoRA α=32 and NoRA at r=4 and 16, NoRA
+    twice LoRA's perplexity at both; LoRA's pass@1 far above the majority-answer prior, NoRA's
+    at it."""
+    from testing_study import spec, write_study
+
+    return write_study(
+        tmp_path_factory.mktemp("plain"),
+        spec(n_gen=20),
+        lambda v, r, s: 3.0 if v == "lora" else 6.0,
+        base_level=28.0,
+        accuracy=lambda v, r, s: 0.9 if v == "lora" else 0.25,
+        prior=0.25,
+    )
+
+
+def test_plain_study_none_crossover_prior_and_no_v2_sections(plain_dir):
+    from nora.study.study_report import (
+        PPL,
+        _crossover,
+        _header,
+        _primary,
+        _prior,
+        _siblings,
+        _table,
+        _table2,
+    )
+
+    res = StudyResults.load(plain_dir)
+    assert _primary(res) is PPL
+    crossover = "\n".join(_crossover(res, DATASET))
+    assert "No NoRA rank ties or beats the best LoRA cell: LoRA α=32 r=" in crossover
+    assert "better than NoRA at every rank compared (r = 4, 16)." in crossover
+    assert _table2(res, DATASET) == [] and _siblings(res, DATASET) == []
+    assert "| majority answer per family (pass@1) | 25.0% |" in _table(res, DATASET)
+    prior = {k: v[-1] for k, v in _rows("\n".join(_prior(res, DATASET)), "prior**").items()}
+    assert prior == {
+        "LoRA α=32 − majority answer, r=4": "above the prior |",
+        "LoRA α=32 − majority answer, r=16": "above the prior |",
+        "NoRA − majority answer, r=4": "not above the prior |",
+        "NoRA − majority answer, r=16": "not above the prior |",
+    }
+    del res.config["title"]  # a study saved before the field existed: the default title
+    assert _header(res)[0] == "# NoRA vs LoRA: the rank-scaling study (issue 13)"
+
+
+def test_report_pilots_option(plain_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from nora.cli import app
+    from nora.study.pilots import load_pilot, pilot_table
+
+    study = tmp_path / "study"
+    shutil.copytree(plain_dir, study)
+    pilots = []
+    for name in ("pilot-distill", "pilot-logistic"):  # the exported pilots, copied: read-only
+        shutil.copytree(f"results/study-v2/{name}", tmp_path / name)
+        pilots.append(tmp_path / name)
+    runner = CliRunner()
+    bad = runner.invoke(app, ["report", str(study), "--pilots", str(pilots[0]), str(tmp_path)])
+    assert bad.exit_code == 2 and f"{tmp_path} is not a pilot folder" in bad.output
+    assert "Traceback" not in bad.output and not (study / "report.md").exists()  # none written
+    for args in (["--pilots"], [str(pilots[0])]):  # no folders after --pilots; folders, no flag
+        assert runner.invoke(app, ["report", str(study), *args]).exit_code == 2
+    ok = runner.invoke(app, ["report", str(study), "--pilots", *map(str, pilots)])
+    assert ok.exit_code == 0, ok.output
+    text = (study / "report.md").read_text()
+    section = text.split("## Step 1: pilots")[1].split("\n## ")[0]
+    loaded = [load_pilot(p) for p in pilots]
+    assert pilot_table(loaded) in section
+    for p in loaded:
+        said = next(x for x in section.splitlines() if x.startswith(f"- {p.name} ({p.dataset}): "))
+        if p.change is None:
+            assert said.endswith("not decided yet (fewer than two ranks finished)")
+        else:
+            assert ("**shows a rank effect**" in said) == p.shows_rank_effect
+    assert "## Step 1: pilots" not in build_study_report(study).read_text()  # without pilots
+
+
+def test_effective_rank_figure_draws_controls_beside_their_variant(monkeypatch, tmp_path):
+    from testing_study import analysis
+
+    from nora.study import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or Path(path))
+    runs = [{**analysis(m, r, r / 4), "group": g} for g, m in (("LoRA", "lora"), ("NoRA", "nora"))
+            for r in (4, 16)]  # fmt: skip
+    controls = [{**analysis("nora", r, r / 2), "group": "NoRA"} for r in (4, 16)]
+    plots.plot_effective_rank_vs_rank(runs, tmp_path / "x.png", "output", controls, auc90=True)
+    er, auc = figs[0].axes
+    assert "Effective rank" in er.get_title() and "AUC-90" in auc.get_title()
+    for ax in (er, auc):
+        lines = {c.get_label(): c.lines[0] for c in ax.containers}  # the errorbar lines
+        trained, untrained = lines["NoRA"], lines["NoRA (untrained)"]
+        assert untrained.get_color() == trained.get_color() != lines["LoRA"].get_color()
+        assert untrained.get_linestyle() == "--" and trained.get_linestyle() == "-"

@@ -6,6 +6,7 @@ nora eval --adapter runs/x/adapter --accuracy 32
 nora analyze runs/x/adapter      spectra and effective rank of a trained adapter
 nora sweep paper-mini            methods x ranks x seeds (resumable)
 nora report results/sweep        markdown report with figures from a sweep folder
+nora report STUDY --pilots P1 P2  a study's report with study v2's pilot table
 nora serve --adapters adapters/  OpenAI-compatible server, many adapters over one base
 nora params --method nora --r 64 --target-modules q_proj,v_proj
 nora inspect runs/x/adapter      what an adapter folder holds
@@ -483,13 +484,33 @@ def sweep(
 
 @app.command()
 @_user_errors
-def report(sweep_dir: Path) -> None:
+def report(
+    sweep_dir: Path,
+    folders: Annotated[
+        list[Path] | None,
+        typer.Argument(help="the pilot folders, after --pilots", show_default=False),
+    ] = None,
+    pilots: Annotated[
+        bool,
+        typer.Option(
+            "--pilots",
+            help="a study's report with study v2's pilot table, from the pilot folders that "
+            "follow: nora report STUDY_DIR --pilots P1 P2",
+        ),
+    ] = False,
+) -> None:
     """Markdown report with the paper's figures and tables, from a sweep or study folder."""
     from nora.study.study_report import build_study_report
     from nora.study.sweep.report import build_report
 
+    # click takes no variadic option: --pilots is a flag, the folders after it are arguments
+    if bool(folders) != pilots:
+        raise typer.BadParameter("pilot folders go after --pilots: --pilots P1 P2 ...")
     study = (sweep_dir / "study.json").is_file()
-    typer.echo(f"written: {(build_study_report if study else build_report)(sweep_dir)}")
+    if pilots and not study:
+        raise typer.BadParameter(f"--pilots is for a study's report; {sweep_dir} is not a study")
+    written = build_study_report(sweep_dir, folders or ()) if study else build_report(sweep_dir)
+    typer.echo(f"written: {written}")
 
 
 def _serve_groups():

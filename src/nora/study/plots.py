@@ -11,7 +11,8 @@ Several runs (a sweep): `runs` is a list of summaries, or a dict of them (keys u
 are grouped by `summary.get("group", summary["method"])`, so a sweep can tell "lora α=32"
 from "lora α/r fixed"; runs sharing group and r are seeds, averaged (± std where shown).
     plot_spectra_comparison      Fig. 4/7: mean spectrum of each run at one rank
-    plot_effective_rank_vs_rank  Fig. 5/8: ER vs r per group, mean ± std over seeds
+    plot_effective_rank_vs_rank  Fig. 5/8: ER (and AUC-90) vs r per group, mean ± std over
+                                 seeds, untrained controls dashed beside
     plot_cumulative_energy       Fig. 6/9: energy curves, and AUC-90 vs r per group
 Test metrics vs rank (Fig. 2/3): plot_metrics_vs_rank, one panel per metric.
 """
@@ -217,10 +218,20 @@ def _plain_ticks(axis) -> None:
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
-def _plot_vs_rank(ax, runs: Runs, view: str, metric: str, ylabel: str) -> None:
-    """Mean over layers of `metric` vs r, one line per group, mean ± std over seeds."""
+def _plot_vs_rank(
+    ax, runs: Runs, view: str, metric: str, ylabel: str, controls: Runs | None = None
+) -> None:
+    """Mean over layers of `metric` vs r, one line per group, mean ± std over seeds; each
+    control group dashed with hollow markers in the colour of the trained group it shares
+    its name with."""
     data = _seeds(runs)
-    for i, (group, by_r) in enumerate(data.items()):
+    colour = {g: f"C{i % 10}" for i, g in enumerate(data)}
+    untrained = _seeds(controls) if controls else {}
+    for i, group in enumerate(untrained):
+        colour.setdefault(group, f"C{(len(data) + i) % 10}")
+    lines = [(g, by_r, {}) for g, by_r in data.items()]
+    lines += [(g, by_r, {"ls": "--", "mfc": "none"}) for g, by_r in untrained.items()]
+    for group, by_r, style in lines:
         values = [[layer_mean(s, view, metric) for s in seeds] for seeds in by_r.values()]
         ax.errorbar(
             list(by_r),
@@ -228,11 +239,12 @@ def _plot_vs_rank(ax, runs: Runs, view: str, metric: str, ylabel: str) -> None:
             yerr=[np.std(v) for v in values],
             marker="o",
             capsize=3,
-            color=f"C{i % 10}",
-            label=group,
+            color=colour[group],
+            label=f"{group} (untrained)" if style else group,
+            **style,
         )
-    ranks = sorted({r for by_r in data.values() for r in by_r})
-    ax.plot(ranks, ranks, color="grey", ls="--", lw=1, label="= r (budget)")
+    ranks = sorted({r for d in (data, untrained) for by_r in d.values() for r in by_r})
+    ax.plot(ranks, ranks, color="grey", ls=":", lw=1, label="= r (budget)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set(xlabel="rank r", ylabel=ylabel)
@@ -274,13 +286,27 @@ def plot_spectra_comparison(
     return _save(fig, path)
 
 
-def plot_effective_rank_vs_rank(runs: Runs, path: str | Path, view: str = "latent") -> Path:
-    """Fig. 5/8: mean-over-layers effective rank vs r, one line per group, ± std over seeds."""
-    fig, (ax,) = _figure(1, width=6.0, height=4.4)
-    _plot_vs_rank(ax, runs, view, "effective_rank", "effective rank (mean over layers)")
-    ax.set_yscale("log", base=2)
-    _plain_ticks(ax.yaxis)
-    ax.set_title(f"Effective rank vs rank, {VIEW_TITLES[view]}")
+def plot_effective_rank_vs_rank(
+    runs: Runs,
+    path: str | Path,
+    view: str = "latent",
+    controls: Runs | None = None,
+    auc90: bool = False,
+) -> Path:
+    """Fig. 5/8: mean-over-layers effective rank vs r, one line per group, ± std over seeds.
+
+    controls: untrained adapters' summaries (grouped like `runs`), drawn dashed beside the
+    trained group of the same name. auc90: a second panel, AUC-90 (mean over layers) vs r.
+    """
+    fig, axes = _figure(2 if auc90 else 1, width=6.0, height=4.4)
+    panels = [("effective_rank", "effective rank (mean over layers)", "Effective rank")]
+    if auc90:
+        panels.append(("auc90", "AUC-90 (components, mean over layers)", "AUC-90"))
+    for ax, (metric, ylabel, title) in zip(axes, panels, strict=True):
+        _plot_vs_rank(ax, runs, view, metric, ylabel, controls)
+        ax.set_yscale("log", base=2)
+        _plain_ticks(ax.yaxis)
+        ax.set_title(f"{title} vs rank, {VIEW_TITLES[view]}")
     return _save(fig, path)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from nora.study.stats import PerExample
 
 
@@ -159,10 +161,15 @@ class TestRun:
     spectra: Spectra | None
     samples: list[str] = field(default_factory=list)
     same_as: str | None = None  # another variant's identical run, reused (runner.Study.twin)
+    # the base model's only: the per-family majority answer's 0/1 score per generated problem
+    prior: np.ndarray | None = None
 
     @classmethod
     def from_file(cls, f: Path) -> TestRun:
+        """A test.json: its per-example KL too where the study distils, the prior's scores
+        where it is the base model's of a generating study."""
         d = _load(f)
+        prior = d.get("prior")
         return cls(
             d["dataset"],
             d["variant"],
@@ -171,12 +178,13 @@ class TestRun:
             d.get("seed"),
             d["test_ppl"],
             d["accuracy"],
-            PerExample.from_dict(d["per_example"]),
+            PerExample.from_dict(d["per_example"], d.get("per_example_kl")),
             d.get("wall_s", 0.0),
             _cost(d),
             Spectra.from_summary(d["analysis"]) if "analysis" in d else None,
             d.get("samples", []),
             d.get("same_as"),
+            np.asarray(prior["correct"], dtype=float) if prior else None,
         )
 
 

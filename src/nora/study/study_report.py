@@ -1,42 +1,287 @@
-"""`nora report STUDY_DIR`: the study's report (issue 13), regenerated from its JSON files.
+"""`nora report STUDY_DIR`: a study's report (issue 13's v1, issue 21's v2), regenerated from
+its JSON files.
 
-Sections: what ran, the headline comparison, every NoRA-vs-LoRA verdict in one table, the
-compute plan, the learning-rate searches with their learning curves, then per dataset the
-test PPL / pass@1 table, the paired comparisons (every verdict sentence follows from its 95 %
-interval, see `nora.study.stats`), the spectral figures, and the mechanism test: does the
-effective rank of each view predict the test metric across ranks and seeds?
-Each finished run is also written in the layout of PEFT's method_comparison results
-(`peft/`, see `nora.study.peft_layout`).
+Sections: what ran (under the config's `title`), how the verdicts are read, study v2's pilot
+table (with `pilots=`: `nora report STUDY_DIR --pilots P1 P2`), the headline comparison,
+every NoRA-vs-LoRA verdict in one table, the compute plan (against the config's
+`budget_cpu_hours`), the learning-rate searches with their learning curves, then per dataset:
+the rank study (the primary metric per variant and rank with each cell's rate, its figure,
+NoRA vs each LoRA variant, the crossover question, pass@1 against the majority-answer prior,
+each adapter against the base model), Table 2 (ablations) and the siblings where the config
+has those variants, and the spectra (weight, output and latent views, beside the untrained
+controls) with the mechanism test: does each view's effective rank predict the test metric?
+
+The primary metric is the test KL(teacher ‖ adapter) in a distillation study (config
+`distill`), else the test perplexity; pass@1 is a second metric where the study generates.
+Every verdict comes from a paired hierarchical-bootstrap interval (seeds, then examples;
+`stats.paired_difference`) and Holm's adjustment within its table (`_family`): a winner is
+named only when the interval excludes 0 and the adjusted p < 0.05. A variant that is the same
+adapter as an earlier one at a rank (`runner.twin_of`) is shown once there, as "X = Y", and
+not compared again. Each finished run is also written in the layout of PEFT's
+method_comparison results (`peft/`, see `nora.study.peft_layout`).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from nora.study.results import StudyResults, TestRun
-from nora.study.stats import paired_difference, rank_correlation, verdict, winner
+from nora.study.results import StudyResults
+from nora.study.stats import Interval, PerExample, holm, paired_difference, rank_correlation
+from nora.study.stats import winner as interval_winner
 
 NAMES = {
     "lora": "LoRA α=32",
     "lora-alpha-r": "LoRA α=r",
     "lora-rslora": "rsLoRA",
     "nora": "NoRA",
+    # Table 2 (the paper's ablations)
+    "nora-identity": "NoRA-identity (σ = identity)",
+    "nora-relu": "NoRA-ReLU",
+    "nora-no-dropout": "NoRA without dropout",
+    "nora-module": "module-level NoRA (matched parameters)",
+    "lora-dropout": "LoRA + latent-equivalent dropout 0.1",
+    "lora-nora-init": "LoRA with NoRA's init and scale",
+    # the siblings
+    "nolora": "NoLoRA",
+    "aurora": "AuroRA",
+    "loran": "LoRAN",
 }
+TABLE2 = (
+    "nora-identity",
+    "nora-relu",
+    "nora-no-dropout",
+    "nora-module",
+    "lora-dropout",
+    "lora-nora-init",
+)
+SIBLINGS = ("nolora", "aurora", "loran")
+ALPHA = 0.05  # a verdict's level, after Holm's adjustment within its table
 
 
 def _name(variant: str) -> str:
     return NAMES.get(variant, variant)
 
 
-def _mean(values: list[float], fmt: str = "{:.3f}") -> str:
-    if not values:
-        return "–"
-    m = fmt.format(statistics.mean(values))
-    if len(values) == 1:
-        return f"{m} (1 seed)"
-    return f"{m} ± {fmt.format(statistics.stdev(values))} ({len(values)} seeds)"
+def _rank_study(config: dict) -> list[str]:
+    """The variants of the rank study: every one that is not an ablation or a sibling."""
+    return [v for v in config["variants"] if v not in TABLE2 + SIBLINGS]
+
+
+def _lora_variants(config: dict) -> list[str]:
+    """The rank study's LoRA variants (method "lora", AdapterConfig's default)."""
+    return [v for v in _rank_study(config) if config["variants"][v].get("method", "lora") == "lora"]
+
+
+def _twin(res: StudyResults, variant: str, r: int) -> str | None:
+    """The earlier variant `variant` is the same adapter as at rank r (its runs are that
+    one's), or None."""
+    from nora.study.runner import twin_of
+
+    return (
+        twin_of(res.config["variants"], variant, r) if variant in res.config["variants"] else None
+    )
+
+
+def _defaults():
+    """A config's defaults (a study saved before a field existed reads as its default)."""
+    from nora.study.runner import StudyConfig
+
+    return StudyConfig()
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A test metric as the report prints it."""
+
+    key: str  # stats.paired_difference's name: "ppl", "kl" or "accuracy"
+    label: str  # "test KL"
+    what: str  # the header's sentence
+    digits: int  # decimals of values and differences, after `scale`
+    scale: float = 1.0
+    unit: str = ""  # of a value
+    delta_unit: str = ""  # of a difference
+    lower_is_better: bool = True
+
+    @property
+    def delta(self) -> str:
+        return "Δ" + self.label.removeprefix("test ")
+
+    def of(self, pe: PerExample) -> float | None:
+        """A run's value: token-weighted like the bootstrap's point estimate (KL: Σ KL / Σ
+        positions; PPL: exp(Σ NLL / Σ tokens)); pass@1: the mean score, None without any."""
+        if self.key == "accuracy":
+            return pe.accuracy()
+        num, den, exp = pe.ratio(self.key)
+        m = float(num.sum() / den.sum())
+        return math.exp(m) if exp else m
+
+    def fmt(self, v: float) -> str:
+        return f"{v * self.scale:.{self.digits}f}{self.unit}"
+
+    def spread(self, runs: Sequence[PerExample]) -> str:
+        """Mean ± std over runs (seeds); the value alone where they agree (one run, or the base
+        model standing against every seed), – for none."""
+        values = [v for v in map(self.of, runs) if v is not None]
+        if not values:
+            return "–"
+        m = self.fmt(statistics.mean(values))
+        return m if len(set(values)) == 1 else f"{m} ± {self.fmt(statistics.stdev(values))}"
+
+
+PPL = Metric("ppl", "test PPL", "token-weighted test perplexity, lower is better", 3)
+PASS1 = Metric("accuracy", "pass@1", "greedy pass@1", 1, 100.0, "%", " pp", lower_is_better=False)
+
+
+def _primary(res: StudyResults) -> Metric:
+    """The study's primary metric: the test KL(teacher ‖ adapter) per position where it distils
+    (to about 4 significant digits of its smallest run), else the test perplexity."""
+    if not res.config.get("distill"):
+        return PPL
+    per_run = [
+        pe.kl.sum() / pe.positions.sum() for t in res.tested if (pe := t.per_example).kl is not None
+    ]
+    low = float(min((v for v in per_run if v > 0), default=0.1))
+    what = "test KL(teacher ‖ adapter), nats per position, lower is better"
+    return Metric("kl", "test KL", what, max(3, 3 - math.floor(math.log10(low))))
+
+
+def _metrics(res: StudyResults) -> tuple[Metric, ...]:
+    """The primary metric, then pass@1 where the study generates (n_gen > 0)."""
+    return (_primary(res), PASS1) if res.config.get("n_gen") else (_primary(res),)
+
+
+# --- comparisons: one table's intervals, Holm-adjusted together ------------------------------
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: its label and its runs' per-example scores, in seed order."""
+
+    label: str
+    runs: list[PerExample]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A − B, seed s of A with seed s of B; `where` is a row's context (e.g. "r=16")."""
+
+    a: Side
+    b: Side
+    where: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.a.label} − {self.b.label}" + (f", {self.where}" if self.where else "")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    pair: Pair
+    metric: Metric
+    iv: Interval
+    p_holm: float  # the bootstrap p-value adjusted by Holm over the comparison's table
+
+    @property
+    def winner(self) -> str | None:
+        """A's or B's label where the interval excludes 0 and the adjusted p < ALPHA."""
+        if self.p_holm >= ALPHA:
+            return None
+        return interval_winner(
+            self.iv, self.pair.a.label, self.pair.b.label, self.metric.lower_is_better
+        )
+
+
+def _pair(
+    res: StudyResults,
+    d: str,
+    a: tuple[str, int],
+    b: tuple[str, int],
+    where: str = "",
+    labels: tuple[str, str] | None = None,
+) -> Pair:
+    """Cell a (variant, rank) − cell b over the seeds both finished, seed with seed."""
+    ra = {t.seed: t for t in res.cell(d, *a)}
+    rb = {t.seed: t for t in res.cell(d, *b)}
+    seeds = sorted(set(ra) & set(rb))
+    la, lb = labels or (_name(a[0]), _name(b[0]))
+    return Pair(
+        Side(la, [ra[s].per_example for s in seeds]),
+        Side(lb, [rb[s].per_example for s in seeds]),
+        where,
+    )
+
+
+def _family(pairs: list[Pair], metrics: Sequence[Metric]) -> list[Comparison]:
+    """One table's comparisons: each pair's interval per metric (metric by metric; a pair with
+    no shared seed, or pass@1 without generated problems, has none), and their p-values
+    adjusted together by Holm: the only place a verdict's p is made."""
+    found = [
+        (p, m, iv)
+        for m in metrics
+        for p in pairs
+        if (iv := paired_difference(p.a.runs, p.b.runs, m.key)) is not None
+    ]
+    adjusted = holm([iv.p_value for _, _, iv in found])
+    return [Comparison(p, m, iv, q) for (p, m, iv), q in zip(found, adjusted, strict=True)]
+
+
+def _p(p: float) -> str:
+    # 2000 bootstrap draws: a p of 0 means none crossed 0, so p < 0.001
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _verdict(c: Comparison) -> str:
+    if w := c.winner:
+        return f"{w} is better"
+    if c.iv.excludes_zero:
+        return f"no difference after Holm (adjusted p ≥ {ALPHA})"
+    return "no difference (the interval contains 0)"
+
+
+def _prior_verdict(c: Comparison) -> str:
+    return "above the prior" if c.winner == c.pair.a.label else "not above the prior"
+
+
+def _comparison_table(
+    comps: list[Comparison], verdict: Callable[[Comparison], str] = _verdict
+) -> list[str]:
+    """A family as a table: both sides' mean ± std over the paired seeds, the difference with
+    its 95 % interval, per seed, the Holm-adjusted p and the verdict."""
+    if not comps:
+        return ["- nothing finished for both sides yet"]
+    rows = [
+        "| A − B | metric | seeds | A | B | A − B [95 % CI] | per seed | Holm p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comps:
+        m, (a, b) = c.metric, (c.pair.a, c.pair.b)
+        per_seed = ", ".join(f"{v * m.scale:+.{m.digits}f}" for v in c.iv.per_seed)
+        rows.append(
+            f"| {c.pair.name} | {m.delta} | {len(a.runs)} | {m.spread(a.runs)} | "
+            f"{m.spread(b.runs)} | {c.iv.fmt(m.digits, m.scale, m.delta_unit)} | {per_seed} | "
+            f"{_p(c.p_holm)} | {verdict(c)} |"
+        )
+    return rows
+
+
+def _twin_notes(res: StudyResults, d: str, variants: list[str]) -> list[str]:
+    """One line per variant and rank where it ran as another variant's adapter (its runs are
+    that one's, copied)."""
+    notes = [
+        f"- r={r}: {_name(v)} = {_name(t)} (the same adapter: shown and compared once, as "
+        f"{_name(t)})"
+        for v in variants
+        for r in res.config["ranks"]
+        if (t := _twin(res, v, r)) and res.cell(d, v, r)
+    ]
+    return [*notes, ""] if notes else []
 
 
 # --- sections ------------------------------------------------------------------------------
@@ -56,8 +301,12 @@ def _command(command: str | None) -> str:
 def _header(res: StudyResults) -> list[str]:
     c, m = res.config, res.machine
     t = c["train"]
-    return [
-        "# NoRA vs LoRA: the rank-scaling study (issue 13)",
+    test = f"- **Test**: {c['n_test']} held-out examples ({_primary(res).what})"
+    if c["n_gen"]:
+        new = ", ".join(f"{d} {n}" for d, n in c["max_new_tokens"].items()) or "256"
+        test += f" and greedy pass@1 on the first {c['n_gen']} of them (max new tokens: {new})"
+    lines = [
+        f"# {c.get('title') or _defaults().title}",
         "",
         f"- **Machine**: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch "
         f"{m.get('torch', '?')}; 1 torch thread per run, one worker per dataset running side "
@@ -67,16 +316,84 @@ def _header(res: StudyResults) -> list[str]:
         f"({t.get('n_train')} training examples, one pass), cosine schedule, warmup "
         f"{t.get('warmup_ratio')}; validation loss every {t.get('eval_every')} steps on "
         f"{c['n_val']} examples",
-        f"- **Test**: {c['n_test']} held-out examples (token-weighted perplexity) and greedy "
-        f"pass@1 on the first {c['n_gen']} of them (max new tokens: "
-        + ", ".join(f"{d} {n}" for d, n in c["max_new_tokens"].items())
-        + ")",
+    ]
+    if c.get("distill"):
+        fit = ", ".join(f"{k} {v}" for k, v in c["distill"].items())
+        lines.append(
+            f"- **Distillation**: each dataset's teacher fine-tunes every weight of the adapted "
+            f"modules ({fit}); the adapters are trained to match its next-token distributions "
+            "at every position (`nora.distill`); its fit is in `teachers/<dataset>/teacher.json`"
+        )
+    return [
+        *lines,
+        test,
         f"- **Command**: {_command(res.command)}, then `nora report {res.folder}`",
         "",
     ]
 
 
-BUDGET_CPU_HOURS = 10  # issue 13: "Budget about 10 CPU hours in total"
+def _reading(res: StudyResults) -> list[str]:
+    """How every verdict of the report is made (the rule `_family` and `Comparison` apply)."""
+    return [
+        "## How the verdicts are read",
+        "",
+        f"Primary metric: **{_primary(res).label}** ({_primary(res).what})"
+        + ("; pass@1 beside it." if res.config.get("n_gen") else "."),
+        "Every comparison is a paired difference A − B: seed s of A with seed s of B, over the "
+        "seeds both finished, on the same test examples. Its 95 % interval is a hierarchical "
+        "bootstrap (`nora.study.stats.paired_difference`: each draw resamples the seeds, then "
+        "the test examples within each drawn seed), so it includes seed-to-seed variance as "
+        "well as the choice of test examples (with one seed, the examples only). Within each "
+        "table the bootstrap p-values are adjusted together by Holm's method (*Holm p*): a "
+        f"verdict names the better one only when the interval excludes 0 **and** the adjusted "
+        f"p < {ALPHA}; otherwise it says no difference. A variant that is the same adapter as "
+        'an earlier one at a rank is shown there once, as "X = Y", and not compared again.',
+        "",
+    ]
+
+
+def _pilots(folders: Sequence[str | Path]) -> list:
+    """The pilots (`nora.study.pilots.Pilot`); a folder that is not one is a ValueError that
+    names it (the CLI prints it, no traceback)."""
+    from nora.study.pilots import load_pilot
+
+    pilots = []
+    for f in folders:
+        try:
+            pilots.append(load_pilot(f))
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise ValueError(
+                f"{f} is not a pilot folder (a study of one variant on one dataset, "
+                f"`nora sweep pilot-…`): {type(e).__name__}: {e}"
+            ) from None
+    return pilots
+
+
+def _pilot_section(pilots: list) -> list[str]:
+    """Study v2's step 1: the pilot table and each pilot's verdict on a rank effect."""
+    from nora.study.pilots import pilot_table
+
+    lines = [
+        "## Step 1: pilots",
+        "",
+        "In which setting does LoRA's quality depend on its rank? Each pilot runs one variant "
+        "at a low and a high rank, each rank's rate searched, two or more seeds "
+        "(`nora.study.pilots`). A setting shows a rank effect when the high − low interval "
+        "(hierarchical bootstrap: seeds, then examples) excludes 0 and the change is more than "
+        "twice the seed spread (the largest difference between two seeds of one rank).",
+        "",
+        pilot_table(pilots),
+        "",
+    ]
+    for p in pilots:
+        if p.change is None:
+            said = "not decided yet (fewer than two ranks finished)"
+        else:
+            spread = f"{p.spread:.4f}" if p.spread == p.spread else "not measured (one seed)"
+            yes = "**shows a rank effect**" if p.shows_rank_effect else "shows no rank effect"
+            said = f"{yes} (high − low {p.change.fmt(4)}, seed spread {spread})"
+        lines.append(f"- {p.name} ({p.dataset}): {said}")
+    return [*lines, ""]
 
 
 def _compute(res: StudyResults) -> list[str]:
@@ -94,10 +411,8 @@ def _compute(res: StudyResults) -> list[str]:
     ]
     done = {(t.dataset, t.variant, t.r, t.seed) for t in res.tested}
     trained_keys = {(t.dataset, t.variant, t.r, t.seed, t.lr) for t in res.trained}
-    from nora.study.runner import twin_of
-
     # a cell whose variant is the same adapter as an earlier one's reuses its runs (no cost)
-    todo = [k for k in cells if k not in done and not twin_of(c["variants"], k[1], k[2])]
+    todo = [k for k in cells if k not in done and not _twin(res, k[1], k[2])]
     # a missing cell needs a test stage, and a training unless its search already trained it
     need_train = [
         d for d, v, r, s in todo if (d, v, r, s, res.chosen_lr(d, v, r)) not in trained_keys
@@ -126,10 +441,11 @@ def _compute(res: StudyResults) -> list[str]:
         )
     else:
         rest = "(minutes per run: not measured yet, no stage of each kind has finished)"
+    budget = c.get("budget_cpu_hours", _defaults().budget_cpu_hours)
     lines += [
-        f"- Spent so far: **{spent:.1f} CPU hours** of the about {BUDGET_CPU_HOURS} the issue "
-        "budgets (summed over finished stages; a worker's first stage includes building its "
-        "dataset's prefix cache).",
+        f"- Spent so far: **{spent:.1f} CPU hours** of the {budget:g} budgeted (the config's "
+        "`budget_cpu_hours`; summed over finished stages; a worker's first stage includes "
+        "building its dataset's prefix cache).",
         f"- Headline cells finished: **{sum(k in done for k in cells)} of {len(cells)}** "
         f"(datasets × {len(c['variants'])} variants × {len(c['ranks'])} ranks × "
         f"{len(c['seeds'])} seeds); learning-rate searches finished: {len(res.searches)}.",
@@ -242,162 +558,288 @@ def _learning_rates(res: StudyResults, figures: Path) -> list[str]:
     return [*lines, ""]
 
 
+# --- one dataset: the rank study ----------------------------------------------------------
+
+
 def _table(res: StudyResults, d: str) -> list[str]:
-    c = res.config
+    """The rank study's cells: each metric's mean ± std over seeds, the seeds and the rate;
+    a twin's cell names the variant it is; the base model, and the prior beside pass@1."""
+    c, base = res.config, res.base.get(d)
     lines = [
         "| variant | " + " | ".join(f"r={r}" for r in c["ranks"]) + " |",
         "|---|" + "---|" * len(c["ranks"]),
     ]
-    base = res.base.get(d)
-    for metric, fmt in (("test_ppl", "{:.3f}"), ("accuracy", "{:.1%}")):
-        label = "test PPL" if metric == "test_ppl" else "pass@1"
+    for m in _metrics(res):
         if base is not None:
-            v = getattr(base, metric)
-            lines.append(f"| base model ({label}) | {fmt.format(v) if v is not None else '–'} |")
-        for v in c["variants"]:
-            cells = []
-            for r in c["ranks"]:
-                vals = [getattr(t, metric) for t in res.cell(d, v, r)]
-                cells.append(_mean([x for x in vals if x is not None], fmt))
-            lines.append(f"| {_name(v)} ({label}) | " + " | ".join(cells) + " |")
+            v = m.of(base.per_example)
+            lines.append(f"| base model ({m.label}) | {m.fmt(v) if v is not None else '–'} |")
+        if m is PASS1 and base is not None and base.prior is not None:
+            lines.append(f"| majority answer per family (pass@1) | {m.fmt(base.prior.mean())} |")
+        for v in _rank_study(c):
+            cells = [_cell(res, d, v, r, m) for r in c["ranks"]]
+            lines.append(f"| {_name(v)} ({m.label}) | " + " | ".join(cells) + " |")
     return lines
 
 
-def _comparisons(res: StudyResults, d: str, against: str = "nora") -> list[str]:
-    """NoRA against each LoRA variant, and each adapter against the base model, per rank."""
-    lines = []
-    for other in [v for v in res.config["variants"] if v != against]:
-        for r in res.config["ranks"]:
-            a, b = res.paired(d, against, other, r)
-            lines += _compare(
-                [t.per_example for t in a], [t.per_example for t in b], against, other, r
-            )
-    return lines
+def _cell(res: StudyResults, d: str, v: str, r: int, m: Metric) -> str:
+    """Mean ± std over the seeds, how many, and (beside the primary metric) the rate the cell
+    ran at; a twin's cell names the variant it is."""
+    if twin := _twin(res, v, r):
+        return f"= {_name(twin)}"
+    runs = [t for t in res.cell(d, v, r) if m.of(t.per_example) is not None]
+    if not runs:
+        return "–"
+    rates = {t.lr for t in runs}
+    rate = f"; lr {rates.pop():.3g}" if m is not PASS1 and len(rates) == 1 else ""
+    seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+    return f"{m.spread([t.per_example for t in runs])} ({seeds}{rate})"
 
 
-# metric, lower is better, digits, scale, unit
-METRICS = (("ppl", True, 3, 1.0, ""), ("accuracy", False, 1, 100.0, " pp"))
+def _vs_lora(res: StudyResults, d: str, against: str = "nora") -> list[Comparison]:
+    """NoRA against each other rank-study variant at each rank (twins left out): one family."""
+    pairs = [
+        _pair(res, d, (against, r), (other, r), where=f"r={r}")
+        for other in _rank_study(res.config)
+        if other != against
+        for r in res.config["ranks"]
+        if not _twin(res, other, r) and not _twin(res, against, r)
+    ]
+    return _family(pairs, _metrics(res))
 
 
-def _compare(a, b, name_a: str, name_b: str, r: int | None) -> list[str]:
-    out = []
-    where = f"r={r}, " if r is not None else ""
-    for metric, lower, digits, scale, unit in METRICS:
-        iv = paired_difference(a, b, metric)
-        if iv is None:
-            continue
-        seeds = f"{len(a)} seed{'s' if len(a) > 1 else ''}"
-        per_seed = ", ".join(f"{v * scale:+.{digits}f}" for v in iv.per_seed)
-        label = "ΔPPL" if metric == "ppl" else "Δpass@1"
-        out.append(
-            f"- {where}{_name(name_a)} − {_name(name_b)}, {label} = "
-            f"{iv.fmt(digits, scale, unit)} ({seeds}; per seed {per_seed}): "
-            f"{verdict(iv, _name(name_a), _name(name_b), lower_is_better=lower)}"
+def _crossover(res: StudyResults, d: str) -> list[str]:
+    """The crossover question: the best LoRA cell (the lowest mean primary metric of any LoRA
+    variant at any rank), and NoRA at each rank, ascending, against it; the smallest NoRA rank
+    that ties it (no difference) or beats it."""
+    c, m = res.config, _primary(res)
+    means = {
+        (v, r): statistics.mean(m.of(t.per_example) for t in res.cell(d, v, r))
+        for v in _lora_variants(c)
+        for r in c["ranks"]
+        if res.cell(d, v, r) and not _twin(res, v, r)
+    }
+    nora = [r for r in sorted(c["ranks"]) if res.cell(d, "nora", r)]
+    if not means or not nora:
+        return []
+    best = min(means, key=means.get)
+    best_label = f"{_name(best[0])} r={best[1]}"
+    pairs = [_pair(res, d, ("nora", r), best, labels=(f"NoRA r={r}", best_label)) for r in nora]
+    comps = _family(pairs, (m,))
+    rank_of = {p.a.label: r for p, r in zip(pairs, nora, strict=True)}
+    won = {rank_of[x.pair.a.label]: x.winner for x in comps}  # NoRA's rank -> the winner
+    first = next((r for r in sorted(won) if won[r] != best_label), None)
+    if not won:
+        answer = "Not answerable yet: no NoRA rank shares a finished seed with the best LoRA cell."
+    elif first is None:
+        answer = (
+            f"No NoRA rank ties or beats the best LoRA cell: {best_label} is better than NoRA at "
+            f"every rank compared (r = {', '.join(map(str, sorted(won)))})."
         )
-    return out
+    else:
+        how = "beats it" if won[first] else "ties it"
+        answer = (
+            "The smallest NoRA rank whose interval ties (no difference) or beats (NoRA better) "
+            f"the best LoRA cell is **r = {first}** ({how})."
+        )
+    return [
+        f"**The crossover question**: the best LoRA cell is {best_label} (the lowest mean "
+        f"{m.label} of the LoRA variants at any rank: {m.fmt(means[best])}). NoRA at each rank "
+        "against it, paired seed by seed; Holm over this table:",
+        "",
+        *_comparison_table(comps),
+        "",
+        answer,
+        "",
+    ]
 
 
-def _base_comparisons(res: StudyResults, d: str) -> list[str]:
+def _each_cell_vs(res: StudyResults, d: str, label: str, ref: PerExample) -> list[Pair]:
+    """Every variant's cell at every rank (twins left out) against one fixed run, which
+    stands against each of the cell's seeds."""
+    return [
+        Pair(
+            Side(_name(v), [t.per_example for t in runs]), Side(label, [ref] * len(runs)), f"r={r}"
+        )
+        for v in res.config["variants"]
+        for r in res.config["ranks"]
+        if (runs := res.cell(d, v, r)) and not _twin(res, v, r)
+    ]
+
+
+def _prior(res: StudyResults, d: str) -> list[str]:
+    """pass@1 of every cell against the per-family majority answer (the base's `prior`)."""
+    base = res.base.get(d)
+    if not res.config.get("n_gen") or base is None or base.prior is None:
+        return []
+    prior = PerExample(base.per_example.nll, base.per_example.tokens, base.prior)
+    comps = _family(_each_cell_vs(res, d, "majority answer", prior), (PASS1,))
+    return [
+        "**pass@1 against the majority-answer prior** (each family's most common training "
+        "answer, whatever the question): a cell is *above the prior* only when its interval "
+        f"excludes 0 and its Holm-adjusted p < {ALPHA}:",
+        "",
+        *_comparison_table(comps, _prior_verdict),
+        "",
+    ]
+
+
+def _vs_base(res: StudyResults, d: str) -> list[str]:
     base = res.base.get(d)
     if base is None:
         return []
-    lines = []
-    for v in res.config["variants"]:
-        for r in res.config["ranks"]:
-            runs = res.cell(d, v, r)
-            if runs:
-                lines += _compare(
-                    [t.per_example for t in runs], [base.per_example] * len(runs), v, "base", r
-                )
-    return lines
-
-
-def _dataset(res: StudyResults, d: str, figures: Path) -> list[str]:
-    lines = [f"## {d}", "", "Test perplexity and greedy pass@1, mean ± std over seeds:", ""]
-    lines += _table(res, d)
-    lines += _rank_figure(res, d, figures)
-    comps = _comparisons(res, d)
-    lines += [
+    return [
+        "**Each adapter vs the base model** (same intervals; Holm over this table):",
         "",
-        "**NoRA vs each LoRA variant** (paired over seeds, 95 % bootstrap interval over test "
-        "examples; negative ΔPPL and positive Δpass@1 favour NoRA). The interval is the "
-        "uncertainty from which test examples were drawn, for these seeds; it does not "
-        "resample training seeds, whose spread the per-seed values show:",
-        "",
-        *(comps or ["- no cell has finished for both yet"]),
-        *(
-            [
-                "",
-                f"Each interval is 95 % on its own: of these {len(comps)}, about "
-                f"{len(comps) / 20:.1f} would exclude 0 by chance if there were no difference, "
-                "so a single verdict that stands alone among its neighbours is weak evidence.",
-            ]
-            if len(comps) > 2
-            else []
-        ),
-        "",
-        "**Each adapter vs the base model** (same intervals):",
-        "",
-        *(_base_comparisons(res, d) or ["- nothing finished yet"]),
+        *_comparison_table(_family(_each_cell_vs(res, d, "base", base.per_example), _metrics(res))),
         "",
     ]
-    return lines + _spectral(res, d, figures)
+
+
+def _rank_section(res: StudyResults, d: str, figures: Path, vs_lora: list[Comparison]) -> list[str]:
+    m = _primary(res)
+    lines = [
+        f"### Rank study: {m.label} per variant and rank",
+        "",
+        "Mean ± std over seeds (how many, and the rate each cell ran at, in brackets):",
+        "",
+        *_table(res, d),
+        "",
+        *_twin_notes(res, d, _rank_study(res.config)),
+        *_rank_figure(res, d, figures),
+        "**NoRA vs each LoRA variant** (Holm over this table):",
+        "",
+        *_comparison_table(vs_lora),
+        "",
+    ]
+    return lines + _crossover(res, d) + _prior(res, d) + _vs_base(res, d)
 
 
 def _rank_figure(res: StudyResults, d: str, figures: Path) -> list[str]:
-    """Test PPL and pass@1 vs rank per variant (the paper's Fig. 2/3), once a cell finished."""
+    """Each metric vs rank per rank-study variant (the paper's Fig. 2/3), once a cell finished."""
     from nora.study.plots import plot_metrics_vs_rank
 
     c, base = res.config, res.base.get(d)
     panels = []
-    for metric, label, scale in (
-        ("test_ppl", "test perplexity", 1),
-        ("accuracy", "pass@1 (%)", 100),
-    ):
+    for m in _metrics(res):
         groups = {
             _name(v): {
                 r: [
-                    getattr(t, metric) * scale
-                    for t in res.cell(d, v, r)
-                    if getattr(t, metric) is not None
+                    x * m.scale for t in res.cell(d, v, r) if (x := m.of(t.per_example)) is not None
                 ]
                 for r in c["ranks"]
             }
-            for v in c["variants"]
+            for v in _rank_study(c)
         }
-        b = getattr(base, metric) if base is not None else None
-        panels.append((label, groups, b * scale if b is not None else None))
+        b = m.of(base.per_example) if base is not None else None
+        panels.append((m.label, groups, b * m.scale if b is not None else None))
     if not any(vs for _, groups, _ in panels for by_r in groups.values() for vs in by_r.values()):
         return []
     p = plot_metrics_vs_rank(
         panels, figures / f"metrics_vs_rank_{d}.png", f"{d}: test metrics vs rank"
     )
     return [
-        "",
         "Mean ± std over the finished seeds (the table above says how many):",
         "",
         f"![test metrics vs rank]({p.relative_to(figures.parent)})",
+        "",
     ]
+
+
+# --- one dataset: Table 2 and the siblings ------------------------------------------------
+
+
+def _against(res: StudyResults, d: str, variants: Sequence[str], refs: Sequence[str]) -> list[str]:
+    """Each of `variants` (those the config has) against each reference variant at every rank
+    where both have cells: one family."""
+    c = res.config
+    pairs = [
+        _pair(res, d, (v, r), (ref, r), where=f"r={r}")
+        for v in variants
+        for ref in refs
+        if ref in c["variants"]
+        for r in c["ranks"]
+        if res.cell(d, v, r) and not _twin(res, v, r) and not _twin(res, ref, r)
+    ]
+    return [
+        *_twin_notes(res, d, list(variants)),
+        *_comparison_table(_family(pairs, _metrics(res))),
+        "",
+    ]
+
+
+def _table2(res: StudyResults, d: str) -> list[str]:
+    """The paper's Table 2: each ablation against NoRA at the same rank."""
+    variants = [v for v in TABLE2 if v in res.config["variants"]]
+    if not variants:
+        return []
+    return [
+        f"### Table 2: ablations against NoRA ({_primary(res).label}; Holm over this table)",
+        "",
+        *_against(res, d, variants, ["nora"]),
+    ]
+
+
+def _siblings(res: StudyResults, d: str) -> list[str]:
+    """NoLoRA, AuroRA and LoRAN against NoRA and LoRA α=32 at each rank."""
+    variants = [v for v in SIBLINGS if v in res.config["variants"]]
+    if not variants:
+        return []
+    return [
+        f"### Siblings: {', '.join(map(_name, variants))} against NoRA and LoRA α=32 "
+        "(Holm over this table)",
+        "",
+        *_against(res, d, variants, ["nora", "lora"]),
+    ]
+
+
+# --- one dataset: spectra ------------------------------------------------------------------
+
+# weight (s·B·A) and output (Δh, the function view) first: the views the paper draws
+SPECTRAL_VIEWS = ("weight", "output", "latent")
+
+
+def _spectral_runs(res: StudyResults, d: str) -> tuple[list[dict], list[dict]]:
+    """The summaries the spectral figures draw: the tuned runs of the rank study's variants and
+    NoRA-identity, and those variants' untrained controls."""
+    drawn = {*_rank_study(res.config), "nora-identity"}
+    runs = [t for t in res.tested if t.dataset == d and t.spectra and t.variant in drawn]
+    controls = [c for c in res.controls if c.dataset == d and c.variant in drawn]
+    return [_with_group(t) for t in runs], [_with_group(c) for c in controls]
 
 
 def _spectral(res: StudyResults, d: str, figures: Path) -> list[str]:
     from nora.study.plots import plot_effective_rank_vs_rank, plot_spectra_comparison
 
-    runs = [_with_group(t) for t in res.tested if t.dataset == d and t.spectra is not None]
+    runs, controls = _spectral_runs(res, d)
     if not runs:
         return []
-    lines = ["Spectra of the tuned runs (latent activations; mean over layers):", ""]
-    p = plot_effective_rank_vs_rank(runs, figures / f"effective_rank_{d}.png")
-    lines.append(f"![effective rank vs rank]({p.relative_to(figures.parent)})")
-    top = max(t.r for t in res.tested if t.dataset == d and t.spectra is not None)
+    dashed = "; dashed: the untrained controls (the adapters at initialisation)" if controls else ""
+    lines = [
+        "### Spectra",
+        "",
+        "Effective rank and AUC-90 (the fewest singular values holding 90 % of the energy) of "
+        "each tuned run against its rank, per variant (the rank study's and NoRA-identity), "
+        "mean over the adapted layers, ± std over seeds, in the three views of "
+        "`nora.analysis`: the weight s·B·A, the output Δh (the function view) and the latent "
+        f"σ(A·x){dashed}.",
+        "",
+    ]
+    for view in SPECTRAL_VIEWS:
+        path = figures / f"effective_rank_{view}_{d}.png"
+        p = plot_effective_rank_vs_rank(runs, path, view=view, controls=controls, auc90=True)
+        lines += [
+            f"![{view} view: effective rank and AUC-90 vs rank]({p.relative_to(figures.parent)})",
+            "",
+        ]
+    top = max(run["r"] for run in runs)
     p = plot_spectra_comparison(runs, figures / f"spectrum_{d}.png", rank=top)
-    lines += ["", f"![spectrum at r={top}]({p.relative_to(figures.parent)})", ""]
+    lines += [f"![latent spectrum at r={top}]({p.relative_to(figures.parent)})", ""]
     return lines + _controls(res, d) + _mechanism(res, d)
 
 
 def _controls(res: StudyResults, d: str) -> list[str]:
-    """Effective rank of the trained runs (mean over seeds) beside the untrained control of
-    the same variant and rank, per view."""
+    """Effective rank and AUC-90 of the trained runs (mean over seeds) beside the untrained
+    control of the same variant and rank, per view."""
     controls = {(c.variant, c.r): c for c in res.controls if c.dataset == d}
     if not controls:
         return []
@@ -406,27 +848,31 @@ def _controls(res: StudyResults, d: str) -> list[str]:
         trained = [t for t in res.tested if (t.dataset, t.variant, t.r) == (d, v, r) and t.spectra]
         for view in sorted(c.spectra.effective_rank):
             er = [t.spectra.effective_rank[view] for t in trained]
+            auc = [t.spectra.auc90[view] for t in trained]
             mean = f"{statistics.mean(er):.1f} ({len(er)} seeds)" if er else "–"
+            auc_mean = f"{statistics.mean(auc):.1f}" if auc else "–"
             rows.append(
-                f"| {_name(v)} | {r} | {view} | {mean} | {c.spectra.effective_rank[view]:.1f} |"
+                f"| {_name(v)} | {r} | {view} | {mean} | {c.spectra.effective_rank[view]:.1f} | "
+                f"{auc_mean} | {c.spectra.auc90[view]:.1f} |"
             )
     return [
-        "Effective rank after training against the untrained control (the same adapter at its "
-        "initialisation with a random B, seed 0; mean over layers): how much of a trained "
-        "run's spread spectrum training made, and how much a random A and B already have.",
+        "Effective rank and AUC-90 after training against the untrained control (the same "
+        "adapter at its initialisation with a random B, seed 0; mean over layers): how much of "
+        "a trained run's spread spectrum training made, and how much a random A and B already "
+        "have.",
         "",
-        "| variant | r | view | ER trained | ER untrained |",
-        "|---|---|---|---|---|",
+        "| variant | r | view | ER trained | ER untrained | AUC-90 trained | AUC-90 untrained |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
 
 
 def _mechanism(res: StudyResults, d: str) -> list[str]:
-    """Spearman's ρ between each run's effective rank (per view) and its test metric, per
-    variant: pooled over ranks and seeds, and within each rank (whether ER says more than
+    """Spearman's ρ between each run's effective rank (per view) and its primary test metric,
+    per variant: pooled over ranks and seeds, and within each rank (whether ER says more than
     the rank itself). Twins' reused runs count once."""
-    kl = bool(res.config.get("distill"))
+    m = _primary(res)
     rows = []
     for v in sorted({t.variant for t in res.tested if t.dataset == d}):
         runs = [
@@ -436,7 +882,7 @@ def _mechanism(res: StudyResults, d: str) -> list[str]:
         ]
         if len(runs) < 3 or len({t.r for t in runs}) < 2:
             continue
-        y = [_test_metric(t, kl) for t in runs]
+        y = [m.of(t.per_example) for t in runs]
         ranks = [t.r for t in runs]
         by_rank = all(ranks.count(r) >= 2 for r in ranks)
         for view in sorted(runs[0].spectra.effective_rank):
@@ -446,12 +892,11 @@ def _mechanism(res: StudyResults, d: str) -> list[str]:
             rows.append(f"| {_name(v)} | {view} | {len(runs)} | {pooled.fmt(2)} | {within} |")
     if not rows:
         return []
-    metric = "test KL" if kl else "test PPL"
     return [
-        f"Does the effective rank predict {metric}? Spearman's ρ over runs (ranks × seeds), "
+        f"Does the effective rank predict {m.label}? Spearman's ρ over runs (ranks × seeds), "
         "95 % bootstrap interval over runs; *within rank*: ranks taken within each adapter "
         "rank, so it asks whether ER predicts the metric beyond what the rank does. A negative "
-        f"ρ: a higher effective rank goes with a lower {metric}.",
+        f"ρ: a higher effective rank goes with a lower {m.label}.",
         "",
         "| variant | view | runs | ρ pooled [95 % CI] | ρ within rank [95 % CI] |",
         "|---|---|---|---|---|",
@@ -460,101 +905,123 @@ def _mechanism(res: StudyResults, d: str) -> list[str]:
     ]
 
 
-def _test_metric(t: TestRun, kl: bool) -> float:
-    num, den, exp = t.per_example.ratio("kl" if kl else "ppl")
-    m = float(num.sum() / den.sum())
-    return math.exp(m) if exp else m
+def _with_group(run) -> dict:
+    """A run's (or an untrained control's) analysis summary, grouped by its variant's name."""
+    return {**run.spectra.summary, "group": _name(run.variant)}
 
 
-def _with_group(t: TestRun) -> dict:
-    return {**t.spectra.summary, "group": _name(t.variant)}
+def _dataset(res: StudyResults, d: str, figures: Path, vs_lora: list[Comparison]) -> list[str]:
+    return [
+        f"## {d}",
+        "",
+        *_rank_section(res, d, figures, vs_lora),
+        *_table2(res, d),
+        *_siblings(res, d),
+        *_spectral(res, d, figures),
+    ]
+
+
+# --- the overview --------------------------------------------------------------------------
 
 
 def _headline(res: StudyResults) -> list[str]:
     """The paper's question first: NoRA vs LoRA α=32 at the default rank, per dataset, and
     how far apart all variants are there once each has its own tuned learning rate."""
     r = res.config["lr_search"].get("default_rank", 16)
-    lines = [f"## Headline: NoRA vs LoRA at r = {r}, each at its tuned learning rate", ""]
+    m, want = _primary(res), len(res.config["seeds"])
+    pairs = [_pair(res, d, ("nora", r), ("lora", r), where=d) for d in res.config["datasets"]]
+    lines = [
+        f"## Headline: NoRA vs LoRA at r = {r}, each at its tuned learning rate",
+        "",
+        *_comparison_table(_family(pairs, _metrics(res))),
+        "",
+    ]
     for d in res.config["datasets"]:
-        a, b = res.paired(d, "nora", "lora", r)
-        comp = _compare(
-            [t.per_example for t in a], [t.per_example for t in b], "nora", "lora", None
-        )
-        lines += [f"**{d}**:", ""]
-        lines += comp or ["- not finished yet for both"]
-        runs = {_name(v): res.cell(d, v, r) for v in res.config["variants"]}
-        means = {k: statistics.mean(t.test_ppl for t in ts) for k, ts in runs.items() if ts}
+        runs = {_name(v): res.cell(d, v, r) for v in _rank_study(res.config)}
+        means = {
+            k: statistics.mean(m.of(t.per_example) for t in ts) for k, ts in runs.items() if ts
+        }
         if len(means) > 1:
             lo, hi = min(means.values()), max(means.values())
-            want = len(res.config["seeds"])
             # a mean over fewer seeds than the others is marked: the spread mixes them
             seeds = {
                 k: "" if len(runs[k]) == want else f" ({len(runs[k])} of {want} seeds)"
                 for k in means
             }
             lines.append(
-                f"- spread of mean test PPL over the {len(means)} finished variants at r={r}: "
-                f"{lo:.3f} – {hi:.3f} ({(hi - lo) / lo:.1%} of the best; "
-                + ", ".join(f"{k} {v:.3f}{seeds[k]}" for k, v in means.items())
+                f"- {d}: spread of mean {m.label} over the {len(means)} finished variants at "
+                f"r={r}: {m.fmt(lo)} – {m.fmt(hi)} ({(hi - lo) / lo:.1%} of the best; "
+                + ", ".join(f"{k} {m.fmt(v)}{seeds[k]}" for k, v in means.items())
                 + ")"
             )
-        lines.append("")
-    return lines
+    return [*lines, ""]
 
 
-def _glance(res: StudyResults, against: str = "nora") -> list[str]:
-    """Every NoRA-vs-LoRA verdict of the report in one table: the better one per rank (its
-    Δ in brackets), "no difference" where the interval contains 0, – where a cell is missing."""
+def _glance(res: StudyResults, vs_lora: dict[str, list[Comparison]]) -> list[str]:
+    """Every NoRA-vs-LoRA verdict of the report in one table, read from each dataset's family
+    (the same verdicts as there): the better one per rank (its Δ in brackets), "no difference"
+    otherwise, "= Y" where the variant is Y's adapter, – where a cell is missing."""
     c = res.config
     lines = [
         "## At a glance: NoRA vs each LoRA variant, per rank",
         "",
-        "Each cell names the better of the two where the 95 % interval of the paired "
-        'difference (NoRA − the other) excludes 0, and says "no difference" where it '
-        "contains 0; the intervals themselves are in each dataset's section. Learning rates: "
-        + _searched_ranks(c),
+        "Each cell names the better of the two where its dataset's table below does (the "
+        "interval of NoRA − the other excludes 0 and the Holm-adjusted p < 0.05) and says "
+        '"no difference" otherwise. Learning rates: ' + _searched_ranks(c),
         "",
         "| dataset | NoRA vs | metric | " + " | ".join(f"r={r}" for r in c["ranks"]) + " |",
         "|---|---|---|" + "---|" * len(c["ranks"]),
     ]
+    want = len(c["seeds"])
     for d in c["datasets"]:
-        for other in [v for v in c["variants"] if v != against]:
-            for metric, lower, digits, scale, unit in METRICS:
+        found = {(x.pair.b.label, x.pair.where, x.metric.key): x for x in vs_lora[d]}
+        for other in [v for v in _rank_study(c) if v != "nora"]:
+            for m in _metrics(res):
                 cells = []
                 for r in c["ranks"]:
-                    a, b = res.paired(d, against, other, r)
-                    pa, pb = [t.per_example for t in a], [t.per_example for t in b]
-                    iv = paired_difference(pa, pb, metric)
-                    if iv is None:
+                    x = found.get((_name(other), f"r={r}", m.key))
+                    if twin := _twin(res, other, r):
+                        cells.append(f"= {_name(twin)}")
+                    elif x is None:
                         cells.append("–")
-                        continue
-                    w = winner(iv, _name(against), _name(other), lower_is_better=lower)
-                    est = f"{iv.estimate * scale:+.{digits}f}{unit}"
-                    n, want = len(a), len(c["seeds"])
-                    seeds = "" if n == want else f", {n} of {want} seeds"
-                    cells.append(f"{f'**{w}**' if w else 'no difference'} ({est}{seeds})")
-                label = "test PPL" if metric == "ppl" else "pass@1"
-                row = f"| {d} | {_name(other)} | {label} | " + " | ".join(cells) + " |"
-                if any(x != "–" for x in cells):
-                    lines.append(row)
+                    else:
+                        n = len(x.pair.a.runs)
+                        seeds = "" if n == want else f", {n} of {want} seeds"
+                        est = f"{x.iv.estimate * m.scale:+.{m.digits}f}{m.delta_unit}"
+                        w = f"**{x.winner}**" if x.winner else "no difference"
+                        cells.append(f"{w} ({est}{seeds})")
+                if any(x != "–" and not x.startswith("=") for x in cells):
+                    lines.append(
+                        f"| {d} | {_name(other)} | {m.label} | " + " | ".join(cells) + " |"
+                    )
+    if not lines[-1].startswith("| "):  # no row: the table's header alone
+        lines.append("| – | – | – | " + " | ".join("–" for _ in c["ranks"]) + " |")
     return [*lines, ""]
 
 
 # --- the report ----------------------------------------------------------------------------
 
 
-def build_study_report(folder: str | Path) -> Path:
-    """Write `report.md`, `figures/` and `peft/` into the study folder; returns the report."""
+def build_study_report(folder: str | Path, pilots: Sequence[str | Path] = ()) -> Path:
+    """Write `report.md`, `figures/` and `peft/` into the study folder; returns the report.
+    `pilots`: study v2's pilot folders, for a "Step 1: pilots" section (read before anything
+    is written: a folder that is not a pilot is a ValueError naming it)."""
     from nora.study.peft_layout import write_peft_results
 
     folder = Path(folder)
+    loaded = _pilots(pilots)
     res = StudyResults.load(folder)
     figures = folder / "figures"
     figures.mkdir(exist_ok=True)
-    lines = _header(res) + _headline(res) + _glance(res) + _compute(res)
+    # each dataset's NoRA-vs-LoRA family, computed once: the glance table and its section
+    vs_lora = {d: _vs_lora(res, d) for d in res.config["datasets"]}
+    lines = _header(res) + _reading(res)
+    if loaded:
+        lines += _pilot_section(loaded)
+    lines += _headline(res) + _glance(res, vs_lora) + _compute(res)
     lines += _learning_rates(res, figures)
     for d in res.config["datasets"]:
-        lines += _dataset(res, d, figures)
+        lines += _dataset(res, d, figures, vs_lora[d])
     n = write_peft_results(res, folder / "peft")
     lines += [
         "## PEFT method_comparison layout",
