@@ -146,6 +146,32 @@ def test_a_rate_carries_across_ranks_as_the_inverse_root_of_scale_times_rank(
     assert study._start("reasoning-mix", variant, r) == start
 
 
+def test_an_ablation_starts_at_the_rate_of_the_variant_it_is_like(tmp_path):
+    from nora.study.runner import Study
+
+    spec = {
+        **STUDY_PRESETS["study"],
+        "variants": {
+            "nora": {"method": "nora"},
+            "nora-relu": {"method": "nora", "activation": "relu"},
+            "lora-dropout": {"method": "lora", "alpha": 32, "dropout": 0.1},
+        },
+        "first": ["nora"],
+        "lr_search": {"like": {"nora-relu": "nora", "lora-dropout": "nora"}},
+    }
+    study = Study(StudyConfig.from_dict(spec), tmp_path)
+    assert study._start("math", "nora-relu", 16) == [-6, -5, -4]  # nothing finished yet
+    study.rates.record("math", "nora", 16, [-4], {-4: 1.0}, -4)
+    assert study._start("math", "nora-relu", 16) == [-5, -4, -3]
+    assert study._start("math", "nora-relu", 128) == [-6, -5, -4]  # s·r 8x: a half-decade
+    # LoRA α=32 at r=16 has s·r = 32 against NoRA's 16: lr x 2^(-1/2), 0.3 of a half-decade
+    assert study._start("math", "lora-dropout", 16) == [-5, -4, -3]
+    study.rates.record("math", "nora-relu", 16, [-3], {-3: 1.0}, -3)  # its own, once it has it
+    assert study._start("math", "nora-relu", 16) == [-4, -3, -2]
+    with pytest.raises(StudyError, match=r"lr_search.like` names unknown variants \['lora'\]"):
+        StudyConfig.from_dict({**spec, "lr_search": {"like": {"nora-relu": "lora"}}})
+
+
 def test_variant_specific_search_start():
     s = LRSearch(start={"nora": [-5, -4, -3]})
     assert s.start_of("nora") == [-5, -4, -3] and s.start_of("lora") == [-6, -5, -4]

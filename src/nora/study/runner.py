@@ -52,6 +52,9 @@ class LRSearch:
     # k: lr = 10^(k/2); one list for every variant, or variant -> list (missing: [-6, -5, -4])
     start: list[int] | dict[str, list[int]] = field(default_factory=lambda: [-6, -5, -4])
     ranks: dict[str, list[int]] = field(default_factory=dict)  # variant -> searched ranks
+    # variant -> another variant whose finished search starts this one's until it has its own
+    # (an ablation of NoRA starts at NoRA's rate, carried by the scale rule of Study._start)
+    like: dict[str, str] = field(default_factory=dict)
     default_rank: int = 16
     max_values: int = 7  # a search that would need more says so instead of going on
 
@@ -124,6 +127,9 @@ class StudyConfig:
         check_train_keys(self.train, StudyError, PER_RUN_FIELDS | {"n_eval"})
         if unknown := sorted(set(self.first) - set(self.variants)):
             raise StudyError(f"`first` names unknown variants {unknown}")
+        like = self.lr_search.like
+        if unknown := sorted((set(like) | set(like.values())) - set(self.variants)):
+            raise StudyError(f"`lr_search.like` names unknown variants {unknown}")
         if unknown := sorted(set(self.variant_ranks) - set(self.variants)):
             raise StudyError(f"`variant_ranks` names unknown variants {unknown}")
         for v, rs in self.variant_ranks.items():
@@ -503,7 +509,8 @@ class Study(Runner):
 
     def _start(self, dataset: str, variant: str, r: int) -> list[int]:
         """Three grid points around a guess: the configured start, or carried from a finished
-        search of this variant at another rank (below) or on another dataset (the same k).
+        search of this variant at another rank (below) or on another dataset (the same k), or
+        while it has none, from the variant it is `like` (lr_search.like).
 
         Across ranks the rate is carried as lr ∝ (s·r)^(-1/2), s the adapter's scale: Adam
         moves every entry of A and B by about lr per step, so after t steps the update
@@ -512,18 +519,24 @@ class Study(Runner):
         are at most a half-decade apart, while carrying lr ∝ 1/s (Adam's step on B alone)
         started r=128 three half-decades higher, at rates that diverged."""
         chosen = self.rates.chosen()  # one read of lr_choices.json
-        found = chosen.get(dataset, {}).get(variant) or next(
-            (v[variant] for d, v in chosen.items() if variant in v), None
-        )
+
+        def finished(v: str) -> dict | None:  # this dataset's searches of v, else another's
+            return chosen.get(dataset, {}).get(v) or next(
+                (by_v[v] for by_v in chosen.values() if v in by_v), None
+            )
+
+        source = variant
+        found = finished(variant)
+        if not found and (like := self.cfg.lr_search.like.get(variant)):
+            source, found = like, finished(like)
         if not found:
             return self.cfg.lr_search.start_of(variant)
         # the finished search nearest in log2 rank
         r0, k0 = min(
             ((int(q), k) for q, k in found.items()), key=lambda x: abs(math.log2(x[0] / r))
         )
-        kw = self.cfg.variants[variant]
-        s0 = AdapterConfig(**{**kw, "r": r0}).effective_scale
-        s1 = AdapterConfig(**{**kw, "r": r}).effective_scale
+        s0 = AdapterConfig(**{**self.cfg.variants[source], "r": r0}).effective_scale
+        s1 = AdapterConfig(**{**self.cfg.variants[variant], "r": r}).effective_scale
         k = k0 - round(math.log10(s1 * r / (s0 * r0)))  # k = 2·log10(lr): half-decades
         return [k - 1, k, k + 1]
 
