@@ -93,6 +93,24 @@ def test_plan_puts_the_headline_comparison_first():
     assert all(s[1] == "math" for s in split[1])
 
 
+def test_the_v2_study_searches_every_rank_and_runs_the_crossover_first():
+    cfg = StudyConfig.from_dict(STUDY_PRESETS["study-v2"])
+    steps = plan(cfg)
+    # each variant's rate is searched at every rank it runs at
+    for v in cfg.variants:
+        searched = {s[3] for s in steps if s[0] == "lr" and s[2] == v}
+        ran = {s[3] for s in steps if s[0] == "cell" and s[2] == v}
+        assert searched == ran == set(cfg.ranks_of(v)), v
+    # LoRA α=32 and NoRA at every rank, every seed, before any other variant's run
+    crossover = [s for s in steps if s[0] in ("lr", "cell") and s[2] in ("lora", "nora")]
+    assert len(crossover) == 2 * 4 + 2 * 4 * 3
+    assert max(map(steps.index, crossover)) < min(
+        steps.index(s) for s in steps if s[0] in ("lr", "cell") and s[2] not in ("lora", "nora")
+    )
+    assert cfg.ranks_of("nolora") == [16] and cfg.ranks_of("nora-identity") == [16, 128]
+    assert cfg.distill["delta"] == "random" and cfg.controls
+
+
 def test_a_variant_runs_only_at_its_ranks():
     spec = {
         **STUDY_PRESETS["study"],

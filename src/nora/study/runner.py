@@ -749,6 +749,8 @@ PILOT: dict[str, Any] = {
     "analysis_tokens": 2048,
 }
 
+PILOT_DISTILL_RANDOM = {"steps": 480, "lr": 1e-4, "delta": "random", "delta_scale": 19.0}
+
 STUDY_PRESETS: dict[str, dict[str, Any]] = {
     # The rank-scaling study on the embedded default (issue 13), for a 2-core CPU over
     # several sessions: 240 steps x 8 examples (10x the first paper-mini runs' tokens),
@@ -809,9 +811,58 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         # the base than the fine-tune (0.45)
         **PILOT,
         "datasets": ["reasoning-mix"],
-        "distill": {"steps": 480, "lr": 1e-4, "delta": "random", "delta_scale": 19.0},
+        "distill": PILOT_DISTILL_RANDOM,
     },
 }
+
+
+# Study v2's main grid (issue 21), in the regime the pilots chose. The rank study (LoRA α=32,
+# α=r, rsLoRA, NoRA at r = 4…128, each rate searched at every rank, 3 seeds) comes first:
+# LoRA α=32 and NoRA at every rank (the crossover question), then everything at r=16, then
+# the other variants' other ranks. Table 2 runs at 16 and 128, the siblings at 16 only.
+V2_VARIANTS: dict[str, dict[str, Any]] = {
+    "lora": {"method": "lora", "alpha": 32},
+    "nora": {"method": "nora"},
+    # Table 2: NoRA with one thing changed, or LoRA with one of NoRA's things
+    "nora-identity": {"method": "nora", "activation": "identity"},  # isolates SiLU
+    "lora-alpha-r": {"method": "lora", "scale": 1.0},
+    "lora-rslora": {"method": "lora", "alpha": 8, "rslora": True},
+    "nora-relu": {"method": "nora", "activation": "relu"},
+    "nora-no-dropout": {"method": "nora", "dropout": 0.0},
+    # LoRA's dropout sits on its input (PEFT's place); NoRA-identity vs LoRA-NoRA-init
+    # is the latent-dropout contrast at NoRA's init and scale
+    "lora-dropout": {"method": "lora", "alpha": 32, "dropout": 0.1},
+    "lora-nora-init": {"method": "nora", "activation": "identity", "dropout": 0.0},
+    "nolora": {"method": "nolora"},
+    "aurora": {"method": "aurora"},
+    "loran": {"method": "loran"},
+}
+V2_RANKS = [4, 16, 64, 128]
+V2_VARIANT_RANKS = {
+    **{v: [16, 128] for v in ("nora-identity", "nora-relu", "nora-no-dropout")},
+    **{v: [16, 128] for v in ("lora-dropout", "lora-nora-init")},
+    **{v: [16] for v in ("nolora", "aurora", "loran")},
+}
+V2: dict[str, Any] = {
+    **PILOT,
+    "title": "Study v2 (issue 21): NoRA vs LoRA where LoRA's quality depends on its rank",
+    "budget_cpu_hours": 15.0,
+    "variants": V2_VARIANTS,
+    "ranks": V2_RANKS,
+    "variant_ranks": V2_VARIANT_RANKS,
+    "seeds": [0, 1, 2],
+    "lr_search": {
+        # searched at every rank each variant runs at; the first search of a variant
+        # starts from the pilots' (LoRA) or NoRA's rate, carried by Study._start's rule
+        "start": [-6, -5, -4],
+        "ranks": {v: V2_VARIANT_RANKS.get(v, V2_RANKS) for v in V2_VARIANTS},
+        "like": {"nora": "lora", **{v: "nora" for v in V2_VARIANTS if v not in ("lora", "nora")}},
+        "default_rank": 16,
+    },
+    "first": ["lora", "nora"],
+    "controls": True,
+}
+STUDY_PRESETS["study-v2"] = {**V2, "datasets": ["reasoning-mix"], "distill": PILOT_DISTILL_RANDOM}
 
 
 def load_study(spec: str) -> StudyConfig | None:
