@@ -353,14 +353,14 @@ def _rows(text: str, start: str, end: str = "\n#") -> dict[str, list[str]]:
 
 
 def test_distillation_report_is_read_in_kl(v2_report):
-    from nora.study.study_report import _primary
+    from nora.study.compare import primary
 
     root, text = v2_report
     assert text.startswith("# Study v2 (synthetic)\n") and "of the 15 budgeted" in text
     assert "Primary metric: **test KL**" in text and "| ΔKL |" in text
     assert "PPL" not in text  # no perplexity table, comparison or verdict
     res = StudyResults.load(root)
-    kl = _primary(res)
+    kl = primary(res)
     assert kl.key == "kl" and kl.digits == 6  # 4 significant digits of the smallest, 0.0095
     best = np.mean([kl.of(t.per_example) for t in res.cell(DATASET, "lora", 64)])
     assert (
@@ -392,8 +392,8 @@ def test_crossover_names_the_rank_that_ties_the_best_lora_cell(v2_report):
 
 
 def test_table2_verdicts_are_holm_adjusted_within_the_table(v2_report):
+    from nora.study.compare import fmt_p
     from nora.study.stats import holm
-    from nora.study.study_report import _p
 
     root, text = v2_report
     rows = _rows(text, "### Table 2")
@@ -408,7 +408,7 @@ def test_table2_verdicts_are_holm_adjusted_within_the_table(v2_report):
              "module-level NoRA (matched parameters)", "LoRA + latent-equivalent dropout 0.1"]  # fmt: skip
     assert sorted(rows) == sorted(f"{n} − NoRA, r=16" for n in names)  # the twin: not here
     for name, q in zip(names, adjusted, strict=True):
-        assert rows[f"{name} − NoRA, r=16"][-2] == _p(q)  # the Holm p column
+        assert rows[f"{name} − NoRA, r=16"][-2] == fmt_p(q)  # the Holm p column
     relu = rows["NoRA-ReLU − NoRA, r=16"]
     assert raw[1].p_value < 0.05 and raw[1].excludes_zero  # a win on its own ...
     assert relu[-1] == "no difference after Holm (adjusted p ≥ 0.05) |"  # ... not in the table
@@ -416,9 +416,9 @@ def test_table2_verdicts_are_holm_adjusted_within_the_table(v2_report):
     assert rows["NoRA-identity (σ = identity) − NoRA, r=16"][-2] == "< 0.001"
     # the A and B columns: mean ± std over the paired seeds
     kl = [t.per_example for t in res.cell(DATASET, "nora-relu", 16)]
-    from nora.study.study_report import _primary
+    from nora.study.compare import primary
 
-    assert relu[2] == _primary(res).spread(kl) and " ± " in relu[2]
+    assert relu[2] == primary(res).spread(kl) and " ± " in relu[2]
 
 
 def test_twins_are_shown_once_and_compared_once(v2_report):
@@ -482,11 +482,10 @@ def plain_dir(tmp_path_factory):
 
 
 def test_plain_study_none_crossover_prior_and_no_v2_sections(plain_dir):
+    from nora.study.compare import PPL, primary
     from nora.study.study_report import (
-        PPL,
         _crossover,
         _header,
-        _primary,
         _prior,
         _siblings,
         _table,
@@ -494,7 +493,7 @@ def test_plain_study_none_crossover_prior_and_no_v2_sections(plain_dir):
     )
 
     res = StudyResults.load(plain_dir)
-    assert _primary(res) is PPL
+    assert primary(res) is PPL
     crossover = "\n".join(_crossover(res, DATASET))
     assert "No NoRA rank ties or beats the best LoRA cell: LoRA α=32 r=" in crossover
     assert "better than NoRA at every rank compared (r = 4, 16)." in crossover

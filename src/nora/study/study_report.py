@@ -14,7 +14,7 @@ controls) with the mechanism test: does each view's effective rank predict the t
 The primary metric is the test KL(teacher ‖ adapter) in a distillation study (config
 `distill`), else the test perplexity; pass@1 is a second metric where the study generates.
 Every verdict comes from a paired hierarchical-bootstrap interval (seeds, then examples;
-`stats.paired_difference`) and Holm's adjustment within its table (`_family`): a winner is
+`stats.paired_difference`) and Holm's adjustment within its table (`compare.family`): a winner is
 named only when the interval excludes 0 and the adjusted p < 0.05. A variant that is the same
 adapter as an earlier one at a rank (`runner.twin_of`) is shown once there, as "X = Y", and
 not compared again. Each finished run is also written in the layout of PEFT's
@@ -23,15 +23,26 @@ method_comparison results (`peft/`, see `nora.study.peft_layout`).
 
 from __future__ import annotations
 
-import math
 import statistics
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
+from nora.study.compare import (
+    ALPHA,
+    PASS1,
+    Comparison,
+    Metric,
+    Pair,
+    Side,
+    comparison_table,
+    family,
+    metrics,
+    pair,
+    primary,
+    prior_verdict,
+)
 from nora.study.results import StudyResults
-from nora.study.stats import Interval, PerExample, holm, paired_difference, rank_correlation
-from nora.study.stats import winner as interval_winner
+from nora.study.stats import PerExample, rank_correlation
 
 NAMES = {
     "lora": "LoRA α=32",
@@ -59,7 +70,6 @@ TABLE2 = (
     "lora-nora-init",
 )
 SIBLINGS = ("nolora", "aurora", "loran")
-ALPHA = 0.05  # a verdict's level, after Holm's adjustment within its table
 
 
 def _name(variant: str) -> str:
@@ -93,184 +103,6 @@ def _defaults():
     return StudyConfig()
 
 
-# --- metrics -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A test metric as the report prints it."""
-
-    key: str  # stats.paired_difference's name: "ppl", "kl" or "accuracy"
-    label: str  # "test KL"
-    what: str  # the header's sentence
-    digits: int  # decimals of values and differences, after `scale`
-    scale: float = 1.0
-    unit: str = ""  # of a value
-    delta_unit: str = ""  # of a difference
-    lower_is_better: bool = True
-
-    @property
-    def delta(self) -> str:
-        return "Δ" + self.label.removeprefix("test ")
-
-    def of(self, pe: PerExample) -> float | None:
-        """A run's value: token-weighted like the bootstrap's point estimate (KL: Σ KL / Σ
-        positions; PPL: exp(Σ NLL / Σ tokens)); pass@1: the mean score, None without any."""
-        if self.key == "accuracy":
-            return pe.accuracy()
-        num, den, exp = pe.ratio(self.key)
-        m = float(num.sum() / den.sum())
-        return math.exp(m) if exp else m
-
-    def fmt(self, v: float) -> str:
-        return f"{v * self.scale:.{self.digits}f}{self.unit}"
-
-    def spread(self, runs: Sequence[PerExample]) -> str:
-        """Mean ± std over runs (seeds); the value alone where they agree (one run, or the base
-        model standing against every seed), – for none."""
-        values = [v for v in map(self.of, runs) if v is not None]
-        if not values:
-            return "–"
-        m = self.fmt(statistics.mean(values))
-        return m if len(set(values)) == 1 else f"{m} ± {self.fmt(statistics.stdev(values))}"
-
-
-PPL = Metric("ppl", "test PPL", "token-weighted test perplexity, lower is better", 3)
-PASS1 = Metric("accuracy", "pass@1", "greedy pass@1", 1, 100.0, "%", " pp", lower_is_better=False)
-
-
-def _primary(res: StudyResults) -> Metric:
-    """The study's primary metric: the test KL(teacher ‖ adapter) per position where it distils
-    (to about 4 significant digits of its smallest run), else the test perplexity."""
-    if not res.config.get("distill"):
-        return PPL
-    per_run = [
-        pe.kl.sum() / pe.positions.sum() for t in res.tested if (pe := t.per_example).kl is not None
-    ]
-    low = float(min((v for v in per_run if v > 0), default=0.1))
-    what = "test KL(teacher ‖ adapter), nats per position, lower is better"
-    return Metric("kl", "test KL", what, max(3, 3 - math.floor(math.log10(low))))
-
-
-def _metrics(res: StudyResults) -> tuple[Metric, ...]:
-    """The primary metric, then pass@1 where the study generates (n_gen > 0)."""
-    return (_primary(res), PASS1) if res.config.get("n_gen") else (_primary(res),)
-
-
-# --- comparisons: one table's intervals, Holm-adjusted together ------------------------------
-
-
-@dataclass(frozen=True)
-class Side:
-    """One side of a comparison: its label and its runs' per-example scores, in seed order."""
-
-    label: str
-    runs: list[PerExample]
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A − B, seed s of A with seed s of B; `where` is a row's context (e.g. "r=16")."""
-
-    a: Side
-    b: Side
-    where: str = ""
-
-    @property
-    def name(self) -> str:
-        return f"{self.a.label} − {self.b.label}" + (f", {self.where}" if self.where else "")
-
-
-@dataclass(frozen=True)
-class Comparison:
-    pair: Pair
-    metric: Metric
-    iv: Interval
-    p_holm: float  # the bootstrap p-value adjusted by Holm over the comparison's table
-
-    @property
-    def winner(self) -> str | None:
-        """A's or B's label where the interval excludes 0 and the adjusted p < ALPHA."""
-        if self.p_holm >= ALPHA:
-            return None
-        return interval_winner(
-            self.iv, self.pair.a.label, self.pair.b.label, self.metric.lower_is_better
-        )
-
-
-def _pair(
-    res: StudyResults,
-    d: str,
-    a: tuple[str, int],
-    b: tuple[str, int],
-    where: str = "",
-    labels: tuple[str, str] | None = None,
-) -> Pair:
-    """Cell a (variant, rank) − cell b over the seeds both finished, seed with seed."""
-    ra = {t.seed: t for t in res.cell(d, *a)}
-    rb = {t.seed: t for t in res.cell(d, *b)}
-    seeds = sorted(set(ra) & set(rb))
-    la, lb = labels or (_name(a[0]), _name(b[0]))
-    return Pair(
-        Side(la, [ra[s].per_example for s in seeds]),
-        Side(lb, [rb[s].per_example for s in seeds]),
-        where,
-    )
-
-
-def _family(pairs: list[Pair], metrics: Sequence[Metric]) -> list[Comparison]:
-    """One table's comparisons: each pair's interval per metric (metric by metric; a pair with
-    no shared seed, or pass@1 without generated problems, has none), and their p-values
-    adjusted together by Holm: the only place a verdict's p is made."""
-    found = [
-        (p, m, iv)
-        for m in metrics
-        for p in pairs
-        if (iv := paired_difference(p.a.runs, p.b.runs, m.key)) is not None
-    ]
-    adjusted = holm([iv.p_value for _, _, iv in found])
-    return [Comparison(p, m, iv, q) for (p, m, iv), q in zip(found, adjusted, strict=True)]
-
-
-def _p(p: float) -> str:
-    # 2000 bootstrap draws: a p of 0 means none crossed 0, so p < 0.001
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _verdict(c: Comparison) -> str:
-    if w := c.winner:
-        return f"{w} is better"
-    if c.iv.excludes_zero:
-        return f"no difference after Holm (adjusted p ≥ {ALPHA})"
-    return "no difference (the interval contains 0)"
-
-
-def _prior_verdict(c: Comparison) -> str:
-    return "above the prior" if c.winner == c.pair.a.label else "not above the prior"
-
-
-def _comparison_table(
-    comps: list[Comparison], verdict: Callable[[Comparison], str] = _verdict
-) -> list[str]:
-    """A family as a table: both sides' mean ± std over the paired seeds, the difference with
-    its 95 % interval, per seed, the Holm-adjusted p and the verdict."""
-    if not comps:
-        return ["- nothing finished for both sides yet"]
-    rows = [
-        "| A − B | metric | seeds | A | B | A − B [95 % CI] | per seed | Holm p | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for c in comps:
-        m, (a, b) = c.metric, (c.pair.a, c.pair.b)
-        per_seed = ", ".join(f"{v * m.scale:+.{m.digits}f}" for v in c.iv.per_seed)
-        rows.append(
-            f"| {c.pair.name} | {m.delta} | {len(a.runs)} | {m.spread(a.runs)} | "
-            f"{m.spread(b.runs)} | {c.iv.fmt(m.digits, m.scale, m.delta_unit)} | {per_seed} | "
-            f"{_p(c.p_holm)} | {verdict(c)} |"
-        )
-    return rows
-
-
 def _twin_notes(res: StudyResults, d: str, variants: list[str]) -> list[str]:
     """One line per variant and rank where it ran as another variant's adapter (its runs are
     that one's, copied)."""
@@ -301,7 +133,7 @@ def _command(command: str | None) -> str:
 def _header(res: StudyResults) -> list[str]:
     c, m = res.config, res.machine
     t = c["train"]
-    test = f"- **Test**: {c['n_test']} held-out examples ({_primary(res).what})"
+    test = f"- **Test**: {c['n_test']} held-out examples ({primary(res).what})"
     if c["n_gen"]:
         new = ", ".join(f"{d} {n}" for d, n in c["max_new_tokens"].items()) or "256"
         test += f" and greedy pass@1 on the first {c['n_gen']} of them (max new tokens: {new})"
@@ -333,11 +165,11 @@ def _header(res: StudyResults) -> list[str]:
 
 
 def _reading(res: StudyResults) -> list[str]:
-    """How every verdict of the report is made (the rule `_family` and `Comparison` apply)."""
+    """How every verdict of the report is made (the rule `compare.family` and `Comparison` apply)."""
     return [
         "## How the verdicts are read",
         "",
-        f"Primary metric: **{_primary(res).label}** ({_primary(res).what})"
+        f"Primary metric: **{primary(res).label}** ({primary(res).what})"
         + ("; pass@1 beside it." if res.config.get("n_gen") else "."),
         "Every comparison is a paired difference A − B: seed s of A with seed s of B, over the "
         "seeds both finished, on the same test examples. Its 95 % interval is a hierarchical "
@@ -569,7 +401,7 @@ def _table(res: StudyResults, d: str) -> list[str]:
         "| variant | " + " | ".join(f"r={r}" for r in c["ranks"]) + " |",
         "|---|" + "---|" * len(c["ranks"]),
     ]
-    for m in _metrics(res):
+    for m in metrics(res):
         if base is not None:
             v = m.of(base.per_example)
             lines.append(f"| base model ({m.label}) | {m.fmt(v) if v is not None else '–'} |")
@@ -598,20 +430,20 @@ def _cell(res: StudyResults, d: str, v: str, r: int, m: Metric) -> str:
 def _vs_lora(res: StudyResults, d: str, against: str = "nora") -> list[Comparison]:
     """NoRA against each other rank-study variant at each rank (twins left out): one family."""
     pairs = [
-        _pair(res, d, (against, r), (other, r), where=f"r={r}")
+        pair(res, d, (against, r), (other, r), (_name(against), _name(other)), f"r={r}")
         for other in _rank_study(res.config)
         if other != against
         for r in res.config["ranks"]
         if not _twin(res, other, r) and not _twin(res, against, r)
     ]
-    return _family(pairs, _metrics(res))
+    return family(pairs, metrics(res))
 
 
 def _crossover(res: StudyResults, d: str) -> list[str]:
     """The crossover question: the best LoRA cell (the lowest mean primary metric of any LoRA
     variant at any rank), and NoRA at each rank, ascending, against it; the smallest NoRA rank
     that ties it (no difference) or beats it."""
-    c, m = res.config, _primary(res)
+    c, m = res.config, primary(res)
     means = {
         (v, r): statistics.mean(m.of(t.per_example) for t in res.cell(d, v, r))
         for v in _lora_variants(c)
@@ -623,8 +455,8 @@ def _crossover(res: StudyResults, d: str) -> list[str]:
         return []
     best = min(means, key=means.get)
     best_label = f"{_name(best[0])} r={best[1]}"
-    pairs = [_pair(res, d, ("nora", r), best, labels=(f"NoRA r={r}", best_label)) for r in nora]
-    comps = _family(pairs, (m,))
+    pairs = [pair(res, d, ("nora", r), best, (f"NoRA r={r}", best_label)) for r in nora]
+    comps = family(pairs, (m,))
     rank_of = {p.a.label: r for p, r in zip(pairs, nora, strict=True)}
     won = {rank_of[x.pair.a.label]: x.winner for x in comps}  # NoRA's rank -> the winner
     first = next((r for r in sorted(won) if won[r] != best_label), None)
@@ -646,7 +478,7 @@ def _crossover(res: StudyResults, d: str) -> list[str]:
         f"{m.label} of the LoRA variants at any rank: {m.fmt(means[best])}). NoRA at each rank "
         "against it, paired seed by seed; Holm over this table:",
         "",
-        *_comparison_table(comps),
+        *comparison_table(comps),
         "",
         answer,
         "",
@@ -672,13 +504,13 @@ def _prior(res: StudyResults, d: str) -> list[str]:
     if not res.config.get("n_gen") or base is None or base.prior is None:
         return []
     prior = PerExample(base.per_example.nll, base.per_example.tokens, base.prior)
-    comps = _family(_each_cell_vs(res, d, "majority answer", prior), (PASS1,))
+    comps = family(_each_cell_vs(res, d, "majority answer", prior), (PASS1,))
     return [
         "**pass@1 against the majority-answer prior** (each family's most common training "
         "answer, whatever the question): a cell is *above the prior* only when its interval "
         f"excludes 0 and its Holm-adjusted p < {ALPHA}:",
         "",
-        *_comparison_table(comps, _prior_verdict),
+        *comparison_table(comps, prior_verdict),
         "",
     ]
 
@@ -690,13 +522,13 @@ def _vs_base(res: StudyResults, d: str) -> list[str]:
     return [
         "**Each adapter vs the base model** (same intervals; Holm over this table):",
         "",
-        *_comparison_table(_family(_each_cell_vs(res, d, "base", base.per_example), _metrics(res))),
+        *comparison_table(family(_each_cell_vs(res, d, "base", base.per_example), metrics(res))),
         "",
     ]
 
 
 def _rank_section(res: StudyResults, d: str, figures: Path, vs_lora: list[Comparison]) -> list[str]:
-    m = _primary(res)
+    m = primary(res)
     lines = [
         f"### Rank study: {m.label} per variant and rank",
         "",
@@ -708,7 +540,7 @@ def _rank_section(res: StudyResults, d: str, figures: Path, vs_lora: list[Compar
         *_rank_figure(res, d, figures),
         "**NoRA vs each LoRA variant** (Holm over this table):",
         "",
-        *_comparison_table(vs_lora),
+        *comparison_table(vs_lora),
         "",
     ]
     return lines + _crossover(res, d) + _prior(res, d) + _vs_base(res, d)
@@ -720,7 +552,7 @@ def _rank_figure(res: StudyResults, d: str, figures: Path) -> list[str]:
 
     c, base = res.config, res.base.get(d)
     panels = []
-    for m in _metrics(res):
+    for m in metrics(res):
         groups = {
             _name(v): {
                 r: [
@@ -753,7 +585,7 @@ def _against(res: StudyResults, d: str, variants: Sequence[str], refs: Sequence[
     where both have cells: one family."""
     c = res.config
     pairs = [
-        _pair(res, d, (v, r), (ref, r), where=f"r={r}")
+        pair(res, d, (v, r), (ref, r), (_name(v), _name(ref)), f"r={r}")
         for v in variants
         for ref in refs
         if ref in c["variants"]
@@ -762,7 +594,7 @@ def _against(res: StudyResults, d: str, variants: Sequence[str], refs: Sequence[
     ]
     return [
         *_twin_notes(res, d, list(variants)),
-        *_comparison_table(_family(pairs, _metrics(res))),
+        *comparison_table(family(pairs, metrics(res))),
         "",
     ]
 
@@ -773,7 +605,7 @@ def _table2(res: StudyResults, d: str) -> list[str]:
     if not variants:
         return []
     return [
-        f"### Table 2: ablations against NoRA ({_primary(res).label}; Holm over this table)",
+        f"### Table 2: ablations against NoRA ({primary(res).label}; Holm over this table)",
         "",
         *_against(res, d, variants, ["nora"]),
     ]
@@ -872,7 +704,7 @@ def _mechanism(res: StudyResults, d: str) -> list[str]:
     """Spearman's ρ between each run's effective rank (per view) and its primary test metric,
     per variant: pooled over ranks and seeds, and within each rank (whether ER says more than
     the rank itself). Twins' reused runs count once."""
-    m = _primary(res)
+    m = primary(res)
     rows = []
     for v in sorted({t.variant for t in res.tested if t.dataset == d}):
         runs = [
@@ -928,12 +760,13 @@ def _headline(res: StudyResults) -> list[str]:
     """The paper's question first: NoRA vs LoRA α=32 at the default rank, per dataset, and
     how far apart all variants are there once each has its own tuned learning rate."""
     r = res.config["lr_search"].get("default_rank", 16)
-    m, want = _primary(res), len(res.config["seeds"])
-    pairs = [_pair(res, d, ("nora", r), ("lora", r), where=d) for d in res.config["datasets"]]
+    m, want = primary(res), len(res.config["seeds"])
+    labels = (_name("nora"), _name("lora"))
+    pairs = [pair(res, d, ("nora", r), ("lora", r), labels, d) for d in res.config["datasets"]]
     lines = [
         f"## Headline: NoRA vs LoRA at r = {r}, each at its tuned learning rate",
         "",
-        *_comparison_table(_family(pairs, _metrics(res))),
+        *comparison_table(family(pairs, metrics(res))),
         "",
     ]
     for d in res.config["datasets"]:
@@ -976,7 +809,7 @@ def _glance(res: StudyResults, vs_lora: dict[str, list[Comparison]]) -> list[str
     for d in c["datasets"]:
         found = {(x.pair.b.label, x.pair.where, x.metric.key): x for x in vs_lora[d]}
         for other in [v for v in _rank_study(c) if v != "nora"]:
-            for m in _metrics(res):
+            for m in metrics(res):
                 cells = []
                 for r in c["ranks"]:
                     x = found.get((_name(other), f"r={r}", m.key))
