@@ -3,7 +3,6 @@ method_comparison layout, and the report built from a tiny study's files."""
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +12,6 @@ import pytest
 import yaml
 from conftest import make_tokenizer, tiny_llama
 
-from nora.study import study_report
 from nora.study.results import StudyResults
 from nora.study.runner import StudyConfig, run_study
 from nora.study.stats import Interval, PerExample, paired_difference, verdict
@@ -336,12 +334,7 @@ def v2_report(tmp_path_factory):
         spectra=("lora", "lora-alpha-r", "lora-rslora", "nora", "nora-identity", "nolora"),
         controls=("lora", "nora"),
     )
-    # the mechanism test's ρ intervals at 200 draws, not 2000: its 18 bootstraps would take
-    # most of this fixture's time (rank_correlation itself: test_study_stats.py)
-    fast = functools.partial(study_report.rank_correlation, n_boot=200)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(study_report, "rank_correlation", fast)
-        return root, build_study_report(root).read_text()
+    return root, build_study_report(root).read_text()
 
 
 def _rows(text: str, start: str, end: str = "\n#") -> dict[str, list[str]]:

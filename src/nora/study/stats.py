@@ -156,25 +156,39 @@ def _percentile_interval(boots: np.ndarray, level: float) -> tuple[float, float,
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 of a 1-D array, ties given their average rank."""
-    ranks = np.empty(len(v))
-    ranks[np.argsort(v, kind="stable")] = np.arange(len(v))
-    _, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
-    return np.bincount(inv, weights=ranks)[inv] / counts[inv]  # each tie: its mean rank
+    """Ranks 0..n-1 along the last axis, ties given their average rank (`scipy.stats.rankdata`'s
+    "average" method, less 1): every row of a (draws, n) array ranked at once."""
+    n = v.shape[-1]
+    order = np.argsort(v, axis=-1, kind="stable")
+    s = np.take_along_axis(v, order, -1)
+    pos = np.broadcast_to(np.arange(n), v.shape)
+    first = np.ones(v.shape, dtype=bool)  # the first of its run of equal values (sorted)
+    first[..., 1:] = s[..., 1:] != s[..., :-1]
+    last = np.ones(v.shape, dtype=bool)
+    last[..., :-1] = first[..., 1:]
+    lo = np.maximum.accumulate(np.where(first, pos, 0), axis=-1)  # the run's first position
+    hi = np.flip(np.minimum.accumulate(np.flip(np.where(last, pos, n - 1), -1), axis=-1), -1)
+    ranks = np.empty(v.shape)
+    np.put_along_axis(ranks, order, (lo + hi) / 2, -1)  # a run's mean position, in place
+    return ranks
 
 
-def _spearman(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None) -> float:
-    """ρ of x and y; with groups, of their ranks within each group, centred per group."""
+def _spearman(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """ρ of x and y along the last axis (each row at once); with groups (one label per column),
+    of their ranks within each group, centred per group. NaN where x or y has no spread."""
     if groups is None:
         rx, ry = _ranks(x), _ranks(y)
     else:
-        rx, ry = np.empty(len(x)), np.empty(len(y))
+        rx, ry = np.empty(x.shape), np.empty(y.shape)
         for g in np.unique(groups):
             m = groups == g
-            rx[m], ry[m] = _ranks(x[m]) - (m.sum() - 1) / 2, _ranks(y[m]) - (m.sum() - 1) / 2
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = math.sqrt(float((rx**2).sum() * (ry**2).sum()))
-    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+            centre = (m.sum() - 1) / 2
+            rx[..., m], ry[..., m] = _ranks(x[..., m]) - centre, _ranks(y[..., m]) - centre
+    rx = rx - rx.mean(-1, keepdims=True)
+    ry = ry - ry.mean(-1, keepdims=True)
+    den = np.sqrt((rx**2).sum(-1) * (ry**2).sum(-1))
+    num = (rx * ry).sum(-1)
+    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
 
 
 def rank_correlation(
@@ -188,7 +202,10 @@ def rank_correlation(
     """Spearman's ρ between x[i] and y[i] (one pair per run), with a percentile bootstrap
     interval over runs (resampled within each group when `groups` is given) and a two-sided
     p-value of ρ = 0. With `groups`, ρ is computed on ranks within each group: whether x
-    predicts y among runs of the same group (e.g. the same adapter rank)."""
+    predicts y among runs of the same group (e.g. the same adapter rank).
+
+    The draws: `n_boot` resamples of the runs (within groups: each group's runs, its size,
+    groups in sorted order), drawn at once and ranked at once."""
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if xa.shape != ya.shape or xa.ndim != 1 or len(xa) < 3:
         raise ValueError("rank_correlation needs two equal-length lists of at least 3 values")
@@ -196,17 +213,23 @@ def rank_correlation(
     if ga is not None and len(ga) != len(xa):
         raise ValueError("groups must give one group per pair")
     rng = np.random.default_rng(seed)
-    point = _spearman(xa, ya, ga)
-    boots = []
-    for _ in range(n_boot):
-        if ga is None:
-            idx = rng.integers(0, len(xa), len(xa))
-        else:  # resample runs within each group, so every group keeps its size
-            idx = np.concatenate(
-                [rng.choice(np.flatnonzero(ga == g), (ga == g).sum()) for g in np.unique(ga)]
-            )
-        boots.append(_spearman(xa[idx], ya[idx], None if ga is None else ga[idx]))
-    b = np.asarray([v for v in boots if v == v])  # a resample of ties only has no ρ
+    point = float(_spearman(xa, ya, ga))
+    n = len(xa)
+    if ga is None:
+        idx = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n)
+        labels = None
+    else:  # each draw: every group's runs resampled with replacement, the group's size
+        members = [np.flatnonzero(ga == g) for g in np.unique(ga)]
+        sizes = np.array([len(m) for m in members])
+        runs = np.concatenate(members)  # a draw's slot j resamples group_of(j)'s runs
+        start = np.repeat(np.cumsum(sizes) - sizes, sizes)  # (n,) the slot's group in `runs`
+        local = rng.integers(0, np.broadcast_to(np.repeat(sizes, sizes), (n_boot, n)))
+        idx = runs[start + local]  # (n_boot, n)
+        labels = ga[runs]  # the slots' groups, the same in every draw
+    boots = _spearman(xa[idx], ya[idx], labels)  # (n_boot,)
+    b = boots[~np.isnan(boots)]  # a resample of ties only has no ρ
+    if not b.size:  # x or y is constant: no draw has a ρ, nor an interval
+        return Interval(point, math.nan, math.nan, (), p_value=1.0, over="runs")
     low, high, p = _percentile_interval(b, level)
     return Interval(point, low, high, (), p_value=p, over="runs")
 
