@@ -211,6 +211,19 @@ def test_the_report_says_where_each_rate_was_searched():
         "LoRA α=32: searched at r = 4, 16, 128 (r = 64 takes r = 128's); "
         "LoRA α=r, rsLoRA, NoRA: searched at r = 16 (its rate used at every rank)."
     )
+    # where a variant runs at some ranks only: the ranks it runs at, the rates they take
+    v2 = StudyConfig.from_dict(STUDY_PRESETS["study-v2"]).to_dict()
+    assert "; NoLoRA, AuroRA, LoRAN: searched at r = 16." in _searched_ranks(v2)
+    assert (
+        "NoRA-ReLU, NoRA without dropout, LoRA + latent-equivalent dropout 0.1, LoRA with "
+        "NoRA's init and scale: searched at r = 16, 128;"
+    ) in _searched_ranks(v2)
+    cfg["variant_ranks"] = {"lora": [16, 64], "nora": [16, 128]}
+    assert _searched_ranks(cfg).startswith(
+        "LoRA α=32: searched at r = 16, 128 (r = 64 takes r = 128's); LoRA α=r, rsLoRA: "
+        "searched at r = 16 (its rate used at every rank); NoRA: searched at r = 16 (its rate "
+        "used at r = 128 too)."
+    )
 
 
 def test_at_a_glance_table_agrees_with_every_interval(study_dir):
@@ -294,6 +307,7 @@ V2_LEVELS = {
     ("lora-nora-init", 16): 0, ("nolora", 16): 0.0102, ("loran", 16): 0.0160,
 }  # fmt: skip
 V2_SEEDS = [0, 1, 2]
+RANK_STUDY = ("lora", "lora-alpha-r", "lora-rslora", "nora")
 DATASET = "reasoning-mix"
 
 
@@ -324,6 +338,8 @@ def v2_report(tmp_path_factory):
         distill={"steps": 2, "lr": 1e-4},
         variants=V2_VARIANTS,
         ranks=[4, 16, 64],
+        # Table 2 and the siblings at r=16 only (StudyConfig.variant_ranks)
+        variant_ranks={v: [16] for v in V2_VARIANTS if v not in RANK_STUDY},
         seeds=V2_SEEDS,
     )
     root = write_study(
@@ -457,6 +473,20 @@ def test_table2_siblings_and_spectra_sections(v2_report):
     }
 
 
+def test_cells_outside_a_variants_ranks_are_not_run_not_missing(v2_report):
+    _, text = v2_report
+    plan = text.split("## Compute plan")[1].split("\n## ")[0]
+    # 4 rank-study variants at 3 ranks, 8 others at r=16 only, 3 seeds: all finished
+    assert "Cells finished: **60 of 60** (datasets × 20 (variant, rank) cells" in plan
+    assert "- Left: 0 test stages and about 0 trainings" in plan
+    assert "| reasoning-mix | NoRA-ReLU | · | 3 | · |" in plan  # not "0": not run by design
+    assert "| reasoning-mix | NoRA | 3 | 3 | 3 |" in plan
+    assert "(·: not run by design, a rank outside the variant's `variant_ranks`.)" in plan
+    assert "- r=16: LoRA with NoRA's init and scale = LoRA α=r" in text  # its one rank
+    rows = _rows(text, "### Table 2")
+    assert len(rows) == 5 and all(k.endswith(", r=16") for k in rows)  # no r=4 or r=64 row
+
+
 @pytest.fixture(scope="module")
 def plain_dir(tmp_path_factory):
     """A plain (no distillation) study that generates: LoRA α=32 and NoRA at r=4 and 16, NoRA
@@ -501,6 +531,22 @@ def test_plain_study_none_crossover_prior_and_no_v2_sections(plain_dir):
     }
     del res.config["title"]  # a study saved before the field existed: the default title
     assert _header(res)[0] == "# NoRA vs LoRA: the rank-scaling study (issue 13)"
+
+
+def test_a_rank_study_variant_at_some_ranks_only(plain_dir):
+    from nora.study.study_report import _crossover, _glance, _table, _vs_lora
+
+    res = StudyResults.load(plain_dir)
+    res.config["variant_ranks"] = {"nora": [16]}  # its r=4 runs: outside its ranks now
+    nora = next(x for x in _table(res, DATASET) if x.startswith("| NoRA (test PPL) |"))
+    assert nora.split(" | ")[1] == "·"
+    vs = _vs_lora(res, DATASET)
+    assert {c.pair.where for c in vs} == {"r=16"}
+    glance = _glance(res, {DATASET: vs})
+    row = next(x for x in glance if x.startswith(f"| {DATASET} | LoRA α=32 | test PPL |"))
+    assert row.split(" | ")[3] == "·" and row.split(" | ")[4].startswith("**LoRA α=32** (+")
+    assert "(·: not run by design" in "\n".join(glance)
+    assert "NoRA r=4" not in "\n".join(_crossover(res, DATASET))
 
 
 def test_report_pilots_option(plain_dir, tmp_path):

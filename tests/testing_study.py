@@ -139,11 +139,13 @@ def write_study(
     spectra: tuple[str, ...] = (),
     controls: tuple[str, ...] = (),
 ) -> Path:
-    """A finished study's folder: every (variant, rank, seed) whose `level` is not None (a
-    twin's copied from its twin's, its level unused), the base model at `base_level` (with the majority-answer
-    prior's `prior` accuracy where the study generates), analysis summaries for the runs of
-    the variants in `spectra` and untrained controls of those in `controls` at every rank."""
-    cfg = StudyConfig.from_dict(config).to_dict()
+    """A finished study's folder: every (variant, rank, seed) whose `level` is not None, at
+    the variant's ranks (a twin's copied from its twin's, its level unused), the base model at
+    `base_level` (with the majority-answer prior's `prior` accuracy where the study
+    generates), analysis summaries for the runs of the variants in `spectra` and untrained
+    controls of those in `controls` at each of their ranks."""
+    study = StudyConfig.from_dict(config)
+    cfg = study.to_dict()
     distill, n_gen = bool(cfg["distill"]), cfg["n_gen"]
     _write(
         root / "study.json",
@@ -161,7 +163,7 @@ def write_study(
             base["prior"] = {"correct": correct, "accuracy": sum(correct) / n_gen}
         _write(runs / d / "base" / "test.json", {"variant": "base", "dataset": d, **base})
         for v in cfg["variants"]:
-            for r in cfg["ranks"]:
+            for r in study.ranks_of(v):
                 twin = twin_of(cfg["variants"], v, r)
                 for s in cfg["seeds"]:
                     folder = runs / d / v / f"r{r}" / f"lr{lr_of(K):.3g}" / f"s{s}"

@@ -86,6 +86,23 @@ def _lora_variants(config: dict) -> list[str]:
     return [v for v in _rank_study(config) if config["variants"][v].get("method", "lora") == "lora"]
 
 
+def _ranks_of(config: dict, variant: str) -> list[int]:
+    """The ranks a variant's cells run at, in the study's order (`StudyConfig.ranks_of`; a
+    study.json from before `variant_ranks` runs every variant at every rank)."""
+    mine = config.get("variant_ranks", {}).get(variant, config["ranks"])
+    return [r for r in config["ranks"] if r in mine]
+
+
+NOT_RUN = "·"  # a cell outside its variant's ranks: not run by design (not "–", missing)
+
+
+def _not_run_note(config: dict, variants: Sequence[str]) -> list[str]:
+    """The legend of `NOT_RUN`, where one of `variants` leaves a rank out."""
+    if all(_ranks_of(config, v) == config["ranks"] for v in variants):
+        return []
+    return [f"({NOT_RUN}: not run by design, a rank outside the variant's `variant_ranks`.)", ""]
+
+
 def _twin(res: StudyResults, variant: str, r: int) -> str | None:
     """The earlier variant `variant` is the same adapter as at rank r (its runs are that
     one's), or None."""
@@ -110,7 +127,7 @@ def _twin_notes(res: StudyResults, d: str, variants: list[str]) -> list[str]:
         f"- r={r}: {_name(v)} = {_name(t)} (the same adapter: shown and compared once, as "
         f"{_name(t)})"
         for v in variants
-        for r in res.config["ranks"]
+        for r in _ranks_of(res.config, v)
         if (t := _twin(res, v, r)) and res.cell(d, v, r)
     ]
     return [*notes, ""] if notes else []
@@ -238,7 +255,7 @@ def _compute(res: StudyResults) -> list[str]:
         (d, v, r, s)
         for d in c["datasets"]
         for v in c["variants"]
-        for r in c["ranks"]
+        for r in _ranks_of(c, v)
         for s in c["seeds"]
     ]
     done = {(t.dataset, t.variant, t.r, t.seed) for t in res.tested}
@@ -274,13 +291,18 @@ def _compute(res: StudyResults) -> list[str]:
     else:
         rest = "(minutes per run: not measured yet, no stage of each kind has finished)"
     budget = c.get("budget_cpu_hours", _defaults().budget_cpu_hours)
+    if _not_run_note(c, list(c["variants"])):
+        n_cells = sum(len(_ranks_of(c, v)) for v in c["variants"])
+        grid = f"{n_cells} (variant, rank) cells, each variant at its `variant_ranks`"
+    else:
+        grid = f"{len(c['variants'])} variants × {len(c['ranks'])} ranks"
     lines += [
         f"- Spent so far: **{spent:.1f} CPU hours** of the {budget:g} budgeted (the config's "
         "`budget_cpu_hours`; summed over finished stages; a worker's first stage includes "
         "building its dataset's prefix cache).",
-        f"- Headline cells finished: **{sum(k in done for k in cells)} of {len(cells)}** "
-        f"(datasets × {len(c['variants'])} variants × {len(c['ranks'])} ranks × "
-        f"{len(c['seeds'])} seeds); learning-rate searches finished: {len(res.searches)}.",
+        f"- Cells finished: **{sum(k in done for k in cells)} of {len(cells)}** "
+        f"(datasets × {grid} × {len(c['seeds'])} seeds); learning-rate searches finished: "
+        f"{len(res.searches)}.",
         f"- Left: {len(todo)} test stages and about {len(need_train)} trainings {rest} at the "
         "medians above (plus any learning-rate searches not yet run; cells that reuse an "
         "identical variant's runs cost nothing and are not counted). "
@@ -293,7 +315,7 @@ def _compute(res: StudyResults) -> list[str]:
         if (d, v, r, s) in done:
             by_cell.setdefault((d, v, r), []).append(s)
     lines += ["", "Seeds finished per cell:", "", _cell_table(res, by_cell), ""]
-    return lines
+    return lines + _not_run_note(c, list(c["variants"]))
 
 
 def _cell_table(res: StudyResults, by_cell: dict[tuple, list[int]]) -> str:
@@ -302,31 +324,40 @@ def _cell_table(res: StudyResults, by_cell: dict[tuple, list[int]]) -> str:
     rows = [head, "|---|---|" + "---|" * len(c["ranks"])]
     for d in c["datasets"]:
         for v in c["variants"]:
-            cells = [str(len(by_cell.get((d, v, r), []))) for r in c["ranks"]]
+            cells = [
+                str(len(by_cell.get((d, v, r), []))) if r in _ranks_of(c, v) else NOT_RUN
+                for r in c["ranks"]
+            ]
             rows.append(f"| {d} | {_name(v)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def _searched_ranks(config: dict) -> str:
-    """Which ranks each variant's rate is searched at, and where the other ranks' come from."""
+    """Which ranks each variant's rate is searched at, and where its other ranks' come from:
+    as the runner does it, a cell at rank r runs at the rate searched at
+    `LRSearch.source_rank(v, r)`, for each rank the variant runs at."""
     from nora.study.runner import LRSearch
 
     lr = LRSearch(**config["lr_search"])
-    groups: dict[tuple, list[str]] = {}  # searched ranks -> the variants searched there
+    said: dict[str, list[str]] = {}  # what is said -> the variants it is said of
     for v in config["variants"]:
-        groups.setdefault(tuple(lr.ranks_of(v)), []).append(v)
-    parts = []
-    for ranks, variants in groups.items():
-        unsearched = [r for r in config["ranks"] if r not in ranks]
+        runs = _ranks_of(config, v)
+        source = {r: lr.source_rank(v, r) for r in runs}
+        searched = sorted(set(source.values()))
+        unsearched = [r for r in runs if r not in searched]
         if not unsearched:
             took = ""
-        elif len(ranks) == 1:  # one rate for every rank
-            took = " (its rate used at every rank)"
+        elif len(searched) == 1:  # one rate for every rank
+            took = (
+                " (its rate used at every rank)"
+                if runs == config["ranks"]
+                else f" (its rate used at r = {', '.join(map(str, unsearched))} too)"
+            )
         else:
-            src = (f"r = {r} takes r = {lr.source_rank(variants[0], r)}'s" for r in unsearched)
+            src = (f"r = {r} takes r = {source[r]}'s" for r in unsearched)
             took = f" ({'; '.join(src)})"
-        searched = ", ".join(map(str, ranks))
-        parts.append(f"{', '.join(map(_name, variants))}: searched at r = {searched}{took}")
+        said.setdefault(f"searched at r = {', '.join(map(str, searched))}{took}", []).append(v)
+    parts = [f"{', '.join(map(_name, vs))}: {what}" for what, vs in said.items()]
     return "; ".join(parts) + ". (An unsearched rank takes the nearest searched rank's rate.)"
 
 
@@ -415,7 +446,10 @@ def _table(res: StudyResults, d: str) -> list[str]:
 
 def _cell(res: StudyResults, d: str, v: str, r: int, m: Metric) -> str:
     """Mean ± std over the seeds, how many, and (beside the primary metric) the rate the cell
-    ran at; a twin's cell names the variant it is."""
+    ran at; a twin's cell names the variant it is; one outside the variant's ranks is
+    `NOT_RUN`."""
+    if r not in _ranks_of(res.config, v):
+        return NOT_RUN
     if twin := _twin(res, v, r):
         return f"= {_name(twin)}"
     runs = [t for t in res.cell(d, v, r) if m.of(t.per_example) is not None]
@@ -433,8 +467,10 @@ def _vs_lora(res: StudyResults, d: str, against: str = "nora") -> list[Compariso
         pair(res, d, (against, r), (other, r), (_name(against), _name(other)), f"r={r}")
         for other in _rank_study(res.config)
         if other != against
-        for r in res.config["ranks"]
-        if not _twin(res, other, r) and not _twin(res, against, r)
+        for r in _ranks_of(res.config, other)
+        if r in _ranks_of(res.config, against)
+        and not _twin(res, other, r)
+        and not _twin(res, against, r)
     ]
     return family(pairs, metrics(res))
 
@@ -447,10 +483,10 @@ def _crossover(res: StudyResults, d: str) -> list[str]:
     means = {
         (v, r): statistics.mean(m.of(t.per_example) for t in res.cell(d, v, r))
         for v in _lora_variants(c)
-        for r in c["ranks"]
+        for r in _ranks_of(c, v)
         if res.cell(d, v, r) and not _twin(res, v, r)
     }
-    nora = [r for r in sorted(c["ranks"]) if res.cell(d, "nora", r)]
+    nora = [r for r in sorted(_ranks_of(c, "nora")) if res.cell(d, "nora", r)]
     if not means or not nora:
         return []
     best = min(means, key=means.get)
@@ -493,7 +529,7 @@ def _each_cell_vs(res: StudyResults, d: str, label: str, ref: PerExample) -> lis
             Side(_name(v), [t.per_example for t in runs]), Side(label, [ref] * len(runs)), f"r={r}"
         )
         for v in res.config["variants"]
-        for r in res.config["ranks"]
+        for r in _ranks_of(res.config, v)
         if (runs := res.cell(d, v, r)) and not _twin(res, v, r)
     ]
 
@@ -536,6 +572,7 @@ def _rank_section(res: StudyResults, d: str, figures: Path, vs_lora: list[Compar
         "",
         *_table(res, d),
         "",
+        *_not_run_note(res.config, _rank_study(res.config)),
         *_twin_notes(res, d, _rank_study(res.config)),
         *_rank_figure(res, d, figures),
         "**NoRA vs each LoRA variant** (Holm over this table):",
@@ -558,7 +595,7 @@ def _rank_figure(res: StudyResults, d: str, figures: Path) -> list[str]:
                 r: [
                     x * m.scale for t in res.cell(d, v, r) if (x := m.of(t.per_example)) is not None
                 ]
-                for r in c["ranks"]
+                for r in _ranks_of(c, v)
             }
             for v in _rank_study(c)
         }
@@ -589,8 +626,11 @@ def _against(res: StudyResults, d: str, variants: Sequence[str], refs: Sequence[
         for v in variants
         for ref in refs
         if ref in c["variants"]
-        for r in c["ranks"]
-        if res.cell(d, v, r) and not _twin(res, v, r) and not _twin(res, ref, r)
+        for r in _ranks_of(c, v)
+        if r in _ranks_of(c, ref)
+        and res.cell(d, v, r)
+        and not _twin(res, v, r)
+        and not _twin(res, ref, r)
     ]
     return [
         *_twin_notes(res, d, list(variants)),
@@ -793,7 +833,8 @@ def _headline(res: StudyResults) -> list[str]:
 def _glance(res: StudyResults, vs_lora: dict[str, list[Comparison]]) -> list[str]:
     """Every NoRA-vs-LoRA verdict of the report in one table, read from each dataset's family
     (the same verdicts as there): the better one per rank (its Δ in brackets), "no difference"
-    otherwise, "= Y" where the variant is Y's adapter, – where a cell is missing."""
+    otherwise, "= Y" where the variant is Y's adapter, – where a cell is missing, `NOT_RUN`
+    where NoRA or the other variant does not run at that rank."""
     c = res.config
     lines = [
         "## At a glance: NoRA vs each LoRA variant, per rank",
@@ -813,7 +854,9 @@ def _glance(res: StudyResults, vs_lora: dict[str, list[Comparison]]) -> list[str
                 cells = []
                 for r in c["ranks"]:
                     x = found.get((_name(other), f"r={r}", m.key))
-                    if twin := _twin(res, other, r):
+                    if r not in set(_ranks_of(c, other)) & set(_ranks_of(c, "nora")):
+                        cells.append(NOT_RUN)
+                    elif twin := _twin(res, other, r):
                         cells.append(f"= {_name(twin)}")
                     elif x is None:
                         cells.append("–")
@@ -823,13 +866,13 @@ def _glance(res: StudyResults, vs_lora: dict[str, list[Comparison]]) -> list[str
                         est = f"{x.iv.estimate * m.scale:+.{m.digits}f}{m.delta_unit}"
                         w = f"**{x.winner}**" if x.winner else "no difference"
                         cells.append(f"{w} ({est}{seeds})")
-                if any(x != "–" and not x.startswith("=") for x in cells):
+                if any(x not in ("–", NOT_RUN) and not x.startswith("=") for x in cells):
                     lines.append(
                         f"| {d} | {_name(other)} | {m.label} | " + " | ".join(cells) + " |"
                     )
     if not lines[-1].startswith("| "):  # no row: the table's header alone
         lines.append("| – | – | – | " + " | ".join("–" for _ in c["ranks"]) + " |")
-    return [*lines, ""]
+    return [*lines, "", *_not_run_note(c, _rank_study(c))]
 
 
 # --- the report ----------------------------------------------------------------------------
