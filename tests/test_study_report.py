@@ -56,6 +56,10 @@ def test_verdict_reads_the_direction_from_the_interval():
     assert verdict(lower, "NoRA", "LoRA", lower_is_better=True).startswith("NoRA is better")
     assert verdict(lower, "NoRA", "LoRA", lower_is_better=False).startswith("LoRA is better")
     assert Interval(0.5, -0.1, 1.0, (0.5,)).excludes_zero is False
+    # the side of 0 the interval lies on decides, also where a skewed bootstrap leaves the
+    # point estimate outside the interval
+    skewed = Interval(0.01, -0.2, -0.05, (0.01,))
+    assert verdict(skewed, "NoRA", "LoRA", lower_is_better=True).startswith("NoRA is better")
 
 
 def test_unpaired_or_empty_inputs():
@@ -251,13 +255,16 @@ def test_at_a_glance_table_agrees_with_every_interval(study_dir):
 def test_means_over_fewer_seeds_are_marked(study_dir, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(study_dir, partial)
-    (test_json,) = partial.glob("runs/logistic-map/nora/r2/*/s1/test.json")
-    test_json.unlink()
+    for r in (2, 4):  # the test stages only: both trainings are there
+        (test_json,) = partial.glob(f"runs/logistic-map/nora/r{r}/*/s1/test.json")
+        test_json.unlink()
     text = build_study_report(partial).read_text()
     glance = text.split("## At a glance")[1].split("## Compute plan")[0]
-    assert glance.count("1 of 2 seeds") == 2  # r=2's PPL and pass@1 cells, not r=4's
+    assert glance.count("1 of 2 seeds") == 4  # each rank's PPL and pass@1 cells
     spread = next(x for x in text.splitlines() if "spread of mean test PPL" in x)
-    assert "NoRA" in spread and spread.count("(1 of 2 seeds)") == 1
+    assert "NoRA" in spread and spread.count("(1 of 2 seeds)") == 1  # at r=2 only
+    # r=4 runs at r=2's searched rate: its training is found there, not counted as left
+    assert "- Left: 2 test stages and about 0 trainings" in text
 
 
 def test_cli_sweep_resumes_a_study_and_report_dispatches(study_dir):
@@ -348,7 +355,7 @@ def v2_report(tmp_path_factory):
         lambda v, r, s: levels.get((v, r)),
         base_level=0.44,
         spectra=("lora", "lora-alpha-r", "lora-rslora", "nora", "nora-identity", "nolora"),
-        controls=("lora", "nora"),
+        controls=("lora", "lora-rslora", "nora"),
     )
     return root, build_study_report(root).read_text()
 
@@ -395,9 +402,40 @@ def test_crossover_names_the_rank_that_ties_the_best_lora_cell(v2_report):
     assert rows["NoRA r=4 − LoRA α=32 r=64"][-1] == "LoRA α=32 r=64 is better |"
     assert rows["NoRA r=16 − LoRA α=32 r=64"][-1].startswith("no difference (the interval")
     assert (
-        "The smallest NoRA rank whose interval ties (no difference) or beats (NoRA better) the "
-        "best LoRA cell is **r = 16** (ties it)."
+        "The smallest NoRA rank that ties the best LoRA cell (no winner after Holm) or beats it "
+        "(NoRA better) is **r = 16** (ties it)."
     ) in text
+    assert "*No difference* (a *tie*) means no winner after Holm" in text  # how it is read
+    # the headline's spread of the rank study at r=16: rsLoRA is LoRA α=32 there, counted once
+    spread = next(x for x in text.splitlines() if "spread of mean test KL" in x)
+    assert "over the 3 finished variants" in spread and "rsLoRA" not in spread
+
+
+def test_crossover_with_fewer_seeds_and_a_later_loss(tmp_path):
+    """NoRA ties LoRA at r=16 on its one finished seed, and is worse again at r=64."""
+    from testing_study import spec, write_study
+
+    from nora.study.study_report import _crossover
+
+    def level(v, r, s):
+        if v == "nora" and r == 16:
+            return 3.0 if s == 0 else None
+        return 3.0 if v == "lora" else 6.0
+
+    root = write_study(tmp_path, spec(ranks=[4, 16, 64]), level, base_level=28.0)
+    text = "\n".join(_crossover(StudyResults.load(root), DATASET))
+    assert "(ties it, over 1 of 2 seeds); LoRA α=32 r=" in text
+    assert text.rstrip().endswith("is better again at r = 64.")
+
+
+def test_twins_the_runner_and_the_report_agree_on(v2_report):
+    from nora.study.study_report import _twin
+
+    res = StudyResults.load(v2_report[0])
+    assert _twin(res, "lora-rslora", 16) == "lora" and _twin(res, "lora-rslora", 64)
+    # a twin that does not run at a rank: the variant runs its own cell there
+    res.config["variant_ranks"]["lora-alpha-r"] = [4, 16]
+    assert _twin(res, "lora-rslora", 64) is None and _twin(res, "lora-rslora", 16) == "lora"
 
 
 def test_table2_verdicts_are_holm_adjusted_within_the_table(v2_report):
@@ -469,8 +507,32 @@ def test_table2_siblings_and_spectra_sections(v2_report):
         "NoRA-identity (σ = identity)",
     }  # fmt: skip  (not NoLoRA, whose runs have spectra too)
     assert {(s["group"], s["r"]) for s in controls} == {
-        (g, r) for g in ("LoRA α=32", "NoRA") for r in (4, 16, 64)
-    }
+        (g, r) for g in ("LoRA α=32", "rsLoRA", "NoRA") for r in (4, 16, 64)
+    }  # the figure's rsLoRA line runs through its twins' points
+    # the controls table: rsLoRA's own adapter at r=4 only (at 16 and 64 it is a twin's)
+    assert "| rsLoRA | 4 | weight |" in text
+    assert "| rsLoRA | 16 |" not in text and "| rsLoRA | 64 |" not in text
+
+
+def test_a_distillation_studys_searches_and_pilots_read_in_kl(v2_report, tmp_path):
+    from nora.study.pilots import Pilot, RankCell
+    from nora.study.results import Search
+    from nora.study.study_report import _learning_rates, _pilot_section
+
+    res = StudyResults.load(v2_report[0])
+    # a distilling run's validation loss is its KL to the teacher: ~4 significant digits
+    res.searches.append(Search(DATASET, "lora", 16, [1e-3, 3.16e-3], [0.0081234, 0.0032111],
+                               3.16e-3, True))  # fmt: skip
+    lines = "\n".join(_learning_rates(res, tmp_path))
+    assert "| grid (val KL) |" in lines and "| 0.001 (0.008123), 0.00316 (0.003211) |" in lines
+    cells = [RankCell(4, 3.16e-3, {0: 0.0036, 1: 0.0038}, {}),
+             RankCell(128, 1e-3, {0: 0.0031, 1: 0.0032}, {})]  # fmt: skip
+    change = Interval(-0.00055, -0.0007, -0.0004, (-0.0005, -0.0006))
+    said = _pilot_section([Pilot("pilot-distill", DATASET, "kl", cells, change, 1.0, None)])
+    assert said[-2] == (
+        f"- pilot-distill ({DATASET}): **shows a rank effect** (high − low ΔKL -0.000550 "
+        "[-0.000700, -0.000400], seed spread 0.000200 (test KL))"
+    )
 
 
 def test_cells_outside_a_variants_ranks_are_not_run_not_missing(v2_report):

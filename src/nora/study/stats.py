@@ -248,10 +248,11 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def winner(iv: Interval, a: str, b: str, lower_is_better: bool) -> str | None:
-    """The better of A and B by the interval, or None when it contains 0."""
+    """The better of A and B by the interval, or None when it contains 0: the side of 0 the
+    interval lies on (a skewed bootstrap can leave the point estimate outside it)."""
     if not iv.excludes_zero:
         return None
-    return a if (iv.estimate < 0) == lower_is_better else b
+    return a if (iv.high < 0) == lower_is_better else b
 
 
 def verdict(iv: Interval, a: str, b: str, lower_is_better: bool) -> str:

@@ -11,18 +11,22 @@ each adapter against the base model), Table 2 (ablations) and the siblings where
 has those variants, and the spectra (weight, output and latent views, beside the untrained
 controls) with the mechanism test: does each view's effective rank predict the test metric?
 
-The primary metric is the test KL(teacher ‖ adapter) in a distillation study (config
-`distill`), else the test perplexity; pass@1 is a second metric where the study generates.
-Every verdict comes from a paired hierarchical-bootstrap interval (seeds, then examples;
-`stats.paired_difference`) and Holm's adjustment within its table (`compare.family`): a winner is
-named only when the interval excludes 0 and the adjusted p < 0.05. A variant that is the same
-adapter as an earlier one at a rank (`runner.twin_of`) is shown once there, as "X = Y", and
-not compared again. Each finished run is also written in the layout of PEFT's
+The metrics and each table's comparisons are `nora.study.compare`'s: the primary metric is
+the test KL(teacher ‖ adapter) in a distillation study (config `distill`), else the test
+perplexity; pass@1 is a second metric where the study generates. Every verdict comes from a
+paired hierarchical-bootstrap interval (seeds, then examples; `stats.paired_difference`) and
+Holm's adjustment within its table (`compare.family`): a winner is named only when the
+interval excludes 0 and the adjusted p < 0.05; "no difference" (a tie) is no winner after
+Holm. A variant runs only at its ranks (`StudyConfig.variant_ranks`): a cell outside them is
+"·" (not run by design), not "–" (missing). A variant that is the same adapter as an earlier
+one at a rank (`runner.twin_of`, where that one runs at the rank) is shown once there, as
+"X = Y", and not compared again. Each finished run is also written in the layout of PEFT's
 method_comparison results (`peft/`, see `nora.study.peft_layout`).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,12 +109,13 @@ def _not_run_note(config: dict, variants: Sequence[str]) -> list[str]:
 
 def _twin(res: StudyResults, variant: str, r: int) -> str | None:
     """The earlier variant `variant` is the same adapter as at rank r (its runs are that
-    one's), or None."""
+    one's: `runner.twin_of`), or None; also None where that one does not run at r (its
+    `variant_ranks`), so `variant` runs its own cell there."""
     from nora.study.runner import twin_of
 
-    return (
-        twin_of(res.config["variants"], variant, r) if variant in res.config["variants"] else None
-    )
+    c = res.config
+    twin = twin_of(c["variants"], variant, r) if variant in c["variants"] else None
+    return twin if twin is not None and r in _ranks_of(c, twin) else None
 
 
 def _defaults():
@@ -182,7 +187,8 @@ def _header(res: StudyResults) -> list[str]:
 
 
 def _reading(res: StudyResults) -> list[str]:
-    """How every verdict of the report is made (the rule `compare.family` and `Comparison` apply)."""
+    """How every verdict of the report is made (the rule `compare.family` and `Comparison`
+    apply)."""
     return [
         "## How the verdicts are read",
         "",
@@ -195,8 +201,12 @@ def _reading(res: StudyResults) -> list[str]:
         "well as the choice of test examples (with one seed, the examples only). Within each "
         "table the bootstrap p-values are adjusted together by Holm's method (*Holm p*): a "
         f"verdict names the better one only when the interval excludes 0 **and** the adjusted "
-        f"p < {ALPHA}; otherwise it says no difference. A variant that is the same adapter as "
-        'an earlier one at a rank is shown there once, as "X = Y", and not compared again.',
+        f"p < {ALPHA}; otherwise it says no difference. *No difference* (a *tie*) means no "
+        "winner after Holm: the study cannot tell the two apart, not that they are equal. Each "
+        "table is its own family, so a pair that appears in two tables (the headline's NoRA − "
+        "LoRA α=32 is also in its dataset's rank-study table) can read differently in each. A "
+        "variant that is the same adapter as an earlier one at a rank is shown there once, as "
+        '"X = Y", and not compared again.',
         "",
     ]
 
@@ -238,15 +248,23 @@ def _pilot_section(pilots: list) -> list[str]:
         if p.change is None:
             said = "not decided yet (fewer than two ranks finished)"
         else:
-            spread = f"{p.spread:.4f}" if p.spread == p.spread else "not measured (one seed)"
+            # ~4 significant digits of a KL pilot's small values (0.001-0.06), else 4 decimals;
+            # the change is in the interval's metric (KL, or PPL), the spread in the cells' (KL
+            # or NLL)
+            values = [v for c in p.cells for v in c.per_seed.values() if v > 0]
+            digits = max(4, 3 - math.floor(math.log10(min(values, default=0.1))))
+            delta, unit = ("ΔKL", "test KL") if p.metric == "kl" else ("ΔPPL", "test NLL")
+            spread = f"{p.spread:.{digits}f} ({unit})" if p.spread == p.spread else "not measured"
             yes = "**shows a rank effect**" if p.shows_rank_effect else "shows no rank effect"
-            said = f"{yes} (high − low {p.change.fmt(4)}, seed spread {spread})"
+            said = f"{yes} (high − low {delta} {p.change.fmt(digits)}, seed spread {spread})"
         lines.append(f"- {p.name} ({p.dataset}): {said}")
     return [*lines, ""]
 
 
 def _compute(res: StudyResults) -> list[str]:
     """Minutes per run, CPU hours spent, what ran and what did not, what the rest costs."""
+    from nora.study.runner import LRSearch
+
     c = res.config
     train_min = [r.cost_s / 60 for r in res.trained if r.same_as is None]
     test_min = [t.cost_s / 60 for t in res.tested if t.same_as is None]
@@ -262,9 +280,13 @@ def _compute(res: StudyResults) -> list[str]:
     trained_keys = {(t.dataset, t.variant, t.r, t.seed, t.lr) for t in res.trained}
     # a cell whose variant is the same adapter as an earlier one's reuses its runs (no cost)
     todo = [k for k in cells if k not in done and not _twin(res, k[1], k[2])]
-    # a missing cell needs a test stage, and a training unless its search already trained it
+    # a missing cell needs a test stage, and a training unless it is trained already (at the
+    # rate searched at its source rank: its own search's seed-0 run, or a test stage left)
+    search = LRSearch(**c["lr_search"])
     need_train = [
-        d for d, v, r, s in todo if (d, v, r, s, res.chosen_lr(d, v, r)) not in trained_keys
+        d
+        for d, v, r, s in todo
+        if (d, v, r, s, res.chosen_lr(d, v, search.source_rank(v, r))) not in trained_keys
     ]
     lines = ["## Compute plan", ""]
     if train_min and test_min:
@@ -363,7 +385,10 @@ def _searched_ranks(config: dict) -> str:
 
 def _learning_rates(res: StudyResults, figures: Path) -> list[str]:
     from nora.study.plots import plot_learning_curves
+    from nora.study.runner import LRSearch
 
+    # a distilling run's validation loss is its mean KL to the teacher per position (train.py)
+    loss, digits = ("KL", primary(res).digits) if res.config.get("distill") else ("NLL", 4)
     lines = [
         "## Learning rates",
         "",
@@ -372,21 +397,30 @@ def _learning_rates(res: StudyResults, figures: Path) -> list[str]:
         "interior. " + _searched_ranks(res.config),
         "",
     ]
-    if {"lora-alpha-r", "lora-rslora"} & set(res.config["variants"]):
+    c, search = res.config, LRSearch(**res.config["lr_search"])
+    carried = [  # LoRA α=r or rsLoRA at a rank whose rate was searched at another rank
+        v
+        for v in ("lora-alpha-r", "lora-rslora")
+        if v in c["variants"] and any(search.source_rank(v, r) != r for r in _ranks_of(c, v))
+    ]
+    if carried:
         lines += [
-            "With Adam, one step moves B·A roughly by the rate "
-            "times the adapter's scale times the rank: LoRA α=32's scale 32/r keeps that steady "
-            "across ranks, while LoRA α=r's 1 and rsLoRA's 8/√r do not, so a rate carried from "
-            "r = 16 to a larger rank takes larger steps there (rsLoRA's argument) — the learning "
-            "curves below show whether such a run is still well tuned.",
+            "With Adam, every entry of A and B moves by about the rate per step, so the update "
+            "s·B·A grows with the adapter's scale s times its rank r (`runner.Study._start`): "
+            "LoRA α=32's s·r = 32 is the same at every rank, while LoRA α=r's r and rsLoRA's "
+            "8·√r grow with it, so a rate carried to a larger rank takes larger steps there "
+            "(rsLoRA's argument) — the learning curves below show whether such a run is still "
+            "well tuned.",
             "",
         ]
     lines += [
-        "| dataset | variant | r | grid (val NLL) | chosen | interior |",
+        f"| dataset | variant | r | grid (val {loss}) | chosen | interior |",
         "|---|---|---|---|---|---|",
     ]
     for s in res.searches:
-        grid = ", ".join(f"{lr:.3g} ({v:.4f})" for lr, v in zip(s.grid, s.val_nll, strict=True))
+        grid = ", ".join(
+            f"{lr:.3g} ({v:.{digits}f})" for lr, v in zip(s.grid, s.val_nll, strict=True)
+        )
         lines.append(
             f"| {s.dataset} | {_name(s.variant)} | {s.r} | {grid} | **{s.best_lr:.3g}** | "
             f"{'yes' if s.interior else 'NO (grid limit)'} |"
@@ -476,10 +510,12 @@ def _vs_lora(res: StudyResults, d: str, against: str = "nora") -> list[Compariso
 
 
 def _crossover(res: StudyResults, d: str) -> list[str]:
-    """The crossover question: the best LoRA cell (the lowest mean primary metric of any LoRA
-    variant at any rank), and NoRA at each rank, ascending, against it; the smallest NoRA rank
-    that ties it (no difference) or beats it."""
-    c, m = res.config, primary(res)
+    """The crossover question: the best LoRA cell (the lowest mean primary metric over its
+    finished seeds of any rank-study LoRA variant at any of its ranks; a twin's cell is its
+    twin's), and NoRA at each rank, ascending, against it, seed s with seed s over the seeds
+    both finished; the smallest NoRA rank that ties it (no winner after Holm) or beats it, and
+    any larger rank where the LoRA cell wins again."""
+    c, m, want = res.config, primary(res), len(res.config["seeds"])
     means = {
         (v, r): statistics.mean(m.of(t.per_example) for t in res.cell(d, v, r))
         for v in _lora_variants(c)
@@ -495,6 +531,7 @@ def _crossover(res: StudyResults, d: str) -> list[str]:
     comps = family(pairs, (m,))
     rank_of = {p.a.label: r for p, r in zip(pairs, nora, strict=True)}
     won = {rank_of[x.pair.a.label]: x.winner for x in comps}  # NoRA's rank -> the winner
+    seeds = {rank_of[x.pair.a.label]: len(x.pair.a.runs) for x in comps}  # paired seeds
     first = next((r for r in sorted(won) if won[r] != best_label), None)
     if not won:
         answer = "Not answerable yet: no NoRA rank shares a finished seed with the best LoRA cell."
@@ -505,14 +542,25 @@ def _crossover(res: StudyResults, d: str) -> list[str]:
         )
     else:
         how = "beats it" if won[first] else "ties it"
+        over = "" if seeds[first] == want else f", over {seeds[first]} of {want} seeds"
+        again = [r for r in sorted(won) if r > first and won[r] == best_label]
         answer = (
-            "The smallest NoRA rank whose interval ties (no difference) or beats (NoRA better) "
-            f"the best LoRA cell is **r = {first}** ({how})."
+            "The smallest NoRA rank that ties the best LoRA cell (no winner after Holm) or beats "
+            f"it (NoRA better) is **r = {first}** ({how}{over})"
+            + (
+                f"; {best_label} is better again at r = {', '.join(map(str, again))}."
+                if again
+                else "."
+            )
         )
+    n_best = len(res.cell(d, *best))
+    best_seeds = "" if n_best == want else f", {n_best} of {want} seeds"
     return [
         f"**The crossover question**: the best LoRA cell is {best_label} (the lowest mean "
-        f"{m.label} of the LoRA variants at any rank: {m.fmt(means[best])}). NoRA at each rank "
-        "against it, paired seed by seed; Holm over this table:",
+        f"{m.label} of the LoRA variants at any rank: {m.fmt(means[best])}{best_seeds}). NoRA "
+        "at each rank against it, paired seed by seed; Holm over this table. The cell is picked "
+        "as the best on these same test examples, so its mean is, if anything, optimistic: the "
+        "comparison leans towards LoRA.",
         "",
         *comparison_table(comps),
         "",
@@ -712,7 +760,11 @@ def _spectral(res: StudyResults, d: str, figures: Path) -> list[str]:
 def _controls(res: StudyResults, d: str) -> list[str]:
     """Effective rank and AUC-90 of the trained runs (mean over seeds) beside the untrained
     control of the same variant and rank, per view."""
-    controls = {(c.variant, c.r): c for c in res.controls if c.dataset == d}
+    controls = {  # a twin's control is its twin's adapter at the same init: shown once
+        (c.variant, c.r): c
+        for c in res.controls
+        if c.dataset == d and not _twin(res, c.variant, c.r)
+    }
     if not controls:
         return []
     rows = []
@@ -810,7 +862,9 @@ def _headline(res: StudyResults) -> list[str]:
         "",
     ]
     for d in res.config["datasets"]:
-        runs = {_name(v): res.cell(d, v, r) for v in _rank_study(res.config)}
+        runs = {  # a twin's runs are its twin's: counted once
+            _name(v): res.cell(d, v, r) for v in _rank_study(res.config) if not _twin(res, v, r)
+        }
         means = {
             k: statistics.mean(m.of(t.per_example) for t in ts) for k, ts in runs.items() if ts
         }
