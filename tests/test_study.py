@@ -138,22 +138,19 @@ def test_a_variant_runs_only_at_its_ranks():
 @pytest.mark.parametrize(
     "variant, found, r, start",
     [
-        # LoRA α=32: s·r = 32 at every rank, so the rate carries unchanged (the pilots' r=4
-        # and r=128 best rates are at most a half-decade apart)
-        ("lora", {4: -5}, 128, [-6, -5, -4]),
-        # scale 1 (NoRA's default, LoRA α=r): s·r grows 8x from 16 to 128, lr ∝ 8^(-1/2)
-        ("lora-alpha-r", {16: -4}, 128, [-6, -5, -4]),
-        ("nora", {16: -4}, 128, [-6, -5, -4]),
-        ("nora", {128: -5}, 4, [-4, -3, -2]),
-        # rsLoRA: s·r = 8·√r grows √8 = 2.8x (0.45 of a half-decade: rounds to no shift)
+        # LoRA α=32 (s·r = 32 at every rank): r^(1/3), the pilots' measurement, 32x the rank is
+        # one half-decade up (3.16e-3 at r=4, 1e-2 at r=128 in both pilots)
+        ("lora", {4: -5}, 128, [-5, -4, -3]),
+        ("nora", {128: -5}, 4, [-5, -4, -3]),  # s fixed: r^(-1/6), 32x down: a half-decade up
+        # scale 1 (NoRA's default, LoRA α=r): 8x the rank, 8^(-1/6): 0.3 of a half-decade
+        ("lora-alpha-r", {16: -4}, 128, [-5, -4, -3]),
+        # rsLoRA 8/√r: (1/√8)^(-1/2)·8^(-1/6) = 8^(1/12): no shift either
         ("lora-rslora", {16: -5}, 128, [-6, -5, -4]),
         # the nearest finished rank in log2 is the one carried: r=64 takes r=128's
         ("nora", {4: -2, 128: -5}, 64, [-6, -5, -4]),
     ],
 )
-def test_a_rate_carries_across_ranks_as_the_inverse_root_of_scale_times_rank(
-    tmp_path, variant, found, r, start
-):
+def test_a_rate_carries_across_ranks_by_scale_and_rank(tmp_path, variant, found, r, start):
     from nora.study.runner import Study
 
     study = Study(StudyConfig.from_dict(STUDY_PRESETS["study"]), tmp_path)
@@ -181,8 +178,8 @@ def test_an_ablation_starts_at_the_rate_of_the_variant_it_is_like(tmp_path):
     assert study._start("math", "nora-relu", 16) == [-6, -5, -4]  # nothing finished yet
     study.rates.record("math", "nora", 16, [-4], {-4: 1.0}, -4)
     assert study._start("math", "nora-relu", 16) == [-5, -4, -3]
-    assert study._start("math", "nora-relu", 128) == [-6, -5, -4]  # s·r 8x: a half-decade
-    # LoRA α=32 at r=16 has s·r = 32 against NoRA's 16: lr x 2^(-1/2), 0.3 of a half-decade
+    assert study._start("math", "nora-relu", 128) == [-5, -4, -3]  # 8^(-1/6): no shift
+    # LoRA α=32 at r=16 has s = 2 against NoRA's 1: lr x 2^(-1/2), 0.3 of a half-decade
     assert study._start("math", "lora-dropout", 16) == [-5, -4, -3]
     study.rates.record("math", "nora-relu", 16, [-3], {-3: 1.0}, -3)  # its own, once it has it
     assert study._start("math", "nora-relu", 16) == [-4, -3, -2]

@@ -512,12 +512,13 @@ class Study(Runner):
         search of this variant at another rank (below) or on another dataset (the same k), or
         while it has none, from the variant it is `like` (lr_search.like).
 
-        Across ranks the rate is carried as lr ∝ (s·r)^(-1/2), s the adapter's scale: Adam
-        moves every entry of A and B by about lr per step, so after t steps the update
-        s·B·A, a sum of r such outer products, has grown about as s·r·(lr·t)². Measured in
-        the pilots (LoRA α=32, s·r = 32 at every rank): r=4's best rate 3.16e-3 and r=128's
-        are at most a half-decade apart, while carrying lr ∝ 1/s (Adam's step on B alone)
-        started r=128 three half-decades higher, at rates that diverged."""
+        Across ranks the rate is carried as lr ∝ s^(-1/2)·r^(-1/6), s the adapter's scale.
+        Adam moves every entry of A and B by about lr per step, so after t steps the update
+        s·B·A has grown about as s·(lr·t)²·g(r): hence s^(-1/2). The rank's own exponent is
+        measured: in both pilots (LoRA α=32, s·r = 32) r=128's best rate is one half-decade
+        above r=4's (3.16e-3 -> 1e-2; 32x the rank: lr ∝ r^(1/3) at fixed s·r, so g(r) ∝
+        r^(1/3)). Carrying lr ∝ 1/s (Adam's step on B alone) started r=128 three
+        half-decades up, where it diverged; a wrong guess costs one run past the edge."""
         chosen = self.rates.chosen()  # one read of lr_choices.json
 
         def finished(v: str) -> dict | None:  # this dataset's searches of v, else another's
@@ -537,7 +538,8 @@ class Study(Runner):
         )
         s0 = AdapterConfig(**{**self.cfg.variants[source], "r": r0}).effective_scale
         s1 = AdapterConfig(**{**self.cfg.variants[variant], "r": r}).effective_scale
-        k = k0 - round(math.log10(s1 * r / (s0 * r0)))  # k = 2·log10(lr): half-decades
+        # k = 2·log10(lr), so lr ∝ s^(-1/2)·r^(-1/6) moves k by -log10(s) - log10(r)/3
+        k = k0 - round(math.log10(s1 / s0) + math.log10(r / r0) / 3)
         return [k - 1, k, k + 1]
 
     def lr_for(self, dataset: str, variant: str, r: int) -> int | None:
