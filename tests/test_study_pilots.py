@@ -60,7 +60,7 @@ def test_a_rank_effect_is_called_only_when_it_beats_the_seeds(tmp_path):
     big = load_pilot(write_pilot(tmp_path, "pilot-distill", -0.1, {"steps": 480}))
     none = load_pilot(write_pilot(tmp_path, "pilot-logistic", 0.0, {}))
     assert [c.r for c in big.cells] == [4, 128] and big.cells[1].lr == 0.1
-    assert big.metric == "kl" and none.metric == "ppl"
+    assert big.metric == "kl" and none.metric == "nll"
     assert big.change.estimate < -0.09 and big.change.excludes_zero and big.shows_rank_effect
     assert not none.shows_rank_effect
     assert big.cpu_h == 4 * 0.5 + 1.0  # four runs' test stages + the teacher
@@ -79,3 +79,12 @@ def test_a_rank_effect_is_called_only_when_it_beats_the_seeds(tmp_path):
         "modules, then each ΔW replaced by a seeded Gaussian matrix of 19× its Frobenius norm"
         in pilot_table([load_pilot(rnd)])
     )
+
+
+def test_a_label_pilots_change_is_in_nll_the_unit_of_its_seed_spread(tmp_path):
+    p = load_pilot(write_pilot(tmp_path, "pilot-logistic", -0.05, {}))
+    # per-example NLL 0.5 -> 0.45 (one token each): the change is -0.05 nats, where PPL would
+    # say exp(0.45) - exp(0.5) = -0.08 and be compared with a spread in nats
+    assert abs(p.change.estimate + 0.05) < 0.005
+    assert abs(p.spread - 0.001) < 0.005
+    assert "test NLL (nats/token)" in pilot_table([p]) and "(PPL)" not in pilot_table([p])

@@ -43,7 +43,7 @@ class RankCell:
 class Pilot:
     name: str
     dataset: str
-    metric: str  # "kl" or "ppl" (the interval's); the cells hold test_kl or test_nll
+    metric: str  # "kl" or "nll": the cells' test_kl or test_nll, and the interval's
     cells: list[RankCell]
     change: Interval | None  # high rank − low rank
     cpu_h: float
@@ -66,7 +66,8 @@ def load_pilot(folder: str | Path) -> Pilot:
     (dataset,) = info["datasets"]
     (variant,) = info["variants"]
     distill = bool(info.get("distill"))
-    key = "test_kl" if distill else "test_nll"
+    # the change is in the cells' own unit, so that it compares with their seed spread
+    key, metric = ("test_kl", "kl") if distill else ("test_nll", "nll")
     choices = (
         json.loads((folder / "lr_choices.json").read_text())
         if (folder / "lr_choices.json").is_file()
@@ -88,7 +89,7 @@ def load_pilot(folder: str | Path) -> Pilot:
         lo, hi = cells[0], cells[-1]
         shared = sorted(set(lo.runs) & set(hi.runs))
         change = paired_difference(
-            [hi.runs[s] for s in shared], [lo.runs[s] for s in shared], "kl" if distill else "ppl"
+            [hi.runs[s] for s in shared], [lo.runs[s] for s in shared], metric
         )
     cpu = sum(
         json.loads(f.read_text()).get("cpu_s", 0.0)
@@ -100,9 +101,7 @@ def load_pilot(folder: str | Path) -> Pilot:
     if tj.is_file():
         teacher = json.loads(tj.read_text())
         cpu += teacher.get("cpu_s", 0.0)
-    return Pilot(
-        folder.name, dataset, "kl" if distill else "ppl", cells, change, cpu / 3600, teacher
-    )
+    return Pilot(folder.name, dataset, metric, cells, change, cpu / 3600, teacher)
 
 
 def pilot_table(pilots: list[Pilot]) -> str:
@@ -114,9 +113,10 @@ def pilot_table(pilots: list[Pilot]) -> str:
     ]
     for p in pilots:
         what = "test KL to teacher (nats/position)" if p.metric == "kl" else "test NLL (nats/token)"
+        d = 5 if p.metric == "kl" else 4  # decimals: 3 significant digits of a KL ~ 0.001
         ranks = "<br>".join(
-            f"r={c.r}: lr {c.lr:g}, {c.mean:.4f} ("
-            + ", ".join(f"s{s} {v:.4f}" for s, v in sorted(c.per_seed.items()))
+            f"r={c.r}: lr {c.lr:g}, {c.mean:.{d}f} ("
+            + ", ".join(f"s{s} {v:.{d}f}" for s, v in sorted(c.per_seed.items()))
             + ")"
             for c in p.cells
         )
@@ -124,10 +124,9 @@ def pilot_table(pilots: list[Pilot]) -> str:
         if iv is None:
             change, effect = "not yet run", "-"
         else:
-            ppl_note = " (PPL)" if p.metric == "ppl" else ""
-            change = iv.fmt(4) + ppl_note
+            change = iv.fmt(d)
             effect = "yes" if p.shows_rank_effect else "no"
-        spread = f"{p.spread:.4f}" if p.spread == p.spread else "-"
+        spread = f"{p.spread:.{d}f}" if p.spread == p.spread else "-"
         row = f"| {p.name} ({p.dataset}) | {what} | {ranks or '-'} | {change} | {spread} "
         lines.append(row + f"| {effect} | {p.cpu_h:.2f} |")
     for p in pilots:

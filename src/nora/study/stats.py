@@ -18,7 +18,7 @@ over runs with a bootstrap interval over runs, optionally within groups (e.g. wi
 rank, so that ρ says whether ER predicts PPL beyond what the rank itself does).
 
 Perplexity of a resample = exp(Σ NLL / Σ tokens) over its examples (token-weighted, like the
-point estimate); KL = Σ KL / Σ positions (nora.distill); accuracy = the mean of the 0/1 scores.
+point estimate); NLL the same without the exp; KL = Σ KL / Σ positions (nora.distill); accuracy = the mean of the 0/1 scores.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ class PerExample:
         )
 
     def ratio(self, metric: str) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(numerators, denominators, exp?) of a token-weighted metric: ppl or kl."""
-        if metric == "ppl":
-            return self.nll, self.tokens, True
+        """(numerators, denominators, exp?) of a token-weighted metric: ppl, nll or kl."""
+        if metric in ("ppl", "nll"):
+            return self.nll, self.tokens, metric == "ppl"
         if self.kl is None:
             raise ValueError("no per-example KL: this run was not distilled")
         return self.kl, self.positions, False
@@ -100,15 +100,15 @@ def paired_difference(
     level: float = 0.95,
     over: str = "seeds+examples",
 ) -> Interval | None:
-    """A − B for `metric` ("ppl", "kl" or "accuracy"), seed-paired (a[i] with b[i]), by the
+    """A − B for `metric` ("ppl", "nll", "kl" or "accuracy"), seed-paired (a[i] with b[i]), by the
     hierarchical bootstrap (`over="seeds+examples"`) or over examples only (`"examples"`).
     None when there is nothing to compare (no seeds, or no generated problems)."""
     if not a or len(a) != len(b):
         return None
     if over not in ("seeds+examples", "examples"):
         raise ValueError(f"over must be 'seeds+examples' or 'examples', got {over!r}")
-    if metric not in ("ppl", "kl", "accuracy"):
-        raise ValueError(f"unknown metric {metric!r}; use 'ppl', 'kl' or 'accuracy'")
+    if metric not in ("ppl", "nll", "kl", "accuracy"):
+        raise ValueError(f"unknown metric {metric!r}; use 'ppl', 'nll', 'kl' or 'accuracy'")
     rng = np.random.default_rng(seed)
     if metric == "accuracy":
         m = a[0].correct.size
