@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import types
 
 import pytest
 import torch
@@ -400,6 +401,56 @@ def test_a_stage_costs_every_attempt(tmp_path):
     (tmp_path / "runs/x/s0/test.cost.json").write_text("{}")  # a test stage still running
     export_results(tmp_path, tmp_path / "exported")
     assert [p.name for p in (tmp_path / "exported").glob("runs/x/s0/*")] == ["val.json"]
+
+
+def test_workers_on_one_folder_never_run_a_stage_twice(tmp_path):
+    from nora.study.context import Runner, StageBusy, stage_lock
+
+    out, calls = tmp_path / "a", []
+    shared = Runner(tmp_path, log=lambda m: None)
+    shared.shared = True
+    with stage_lock(out / "val.lock"):  # another worker is training this run
+        with pytest.raises(StageBusy):
+            shared.guarded(out, out / "val.json", lambda: calls.append(1) or {}, "a")
+        assert calls == [] and not (out / "val.json").exists()
+        # a runner that does not share its folder (the sweep) does not look at the lock
+        solo = Runner(tmp_path, log=lambda m: None)
+        assert solo.guarded(out, out / "val.json", lambda: {"ppl": 1.0}, "a")["ppl"] == 1.0
+    # finished by the other worker: read back, not run again
+    assert shared.guarded(out, out / "val.json", lambda: calls.append(1) or {}, "a")["ppl"] == 1.0
+    assert calls == []
+
+
+def test_a_search_runs_the_points_no_other_worker_holds_then_waits(tmp_path, monkeypatch):
+    from nora.study.context import StageBusy
+    from nora.study.runner import Study, run_plan
+
+    study = Study(StudyConfig.from_dict(STUDY_PRESETS["study"]), tmp_path, log=lambda m: None)
+    trained, held = [], {-5}
+
+    def fake_trained(key):
+        if key.k in held:
+            raise StageBusy(str(key))
+        trained.append(key.k)
+        return types.SimpleNamespace(val_nll={-6: 2.0, -5: 1.0, -4: 3.0}[key.k])
+
+    monkeypatch.setattr(study, "trained", fake_trained)
+    with pytest.raises(StageBusy):
+        study.search_lr("math", "lora", 16)
+    assert trained == [-6, -4]  # the free points ran; the held one was left to its worker
+    # the plan passes over a busy step, runs the rest, and comes back to it
+    order = []
+
+    def cell(*key):
+        order.append(key[3])
+        if key[3] == 1 and order.count(1) == 1:
+            raise StageBusy("s1")
+
+    monkeypatch.setattr(study, "cell", cell)
+    run_plan(study, [("cell", "math", "lora", 16, s) for s in (0, 1, 2)], wait_s=0)
+    assert order == [0, 1, 2, 1]
+    held.clear()
+    assert study.search_lr("math", "lora", 16) == -5
 
 
 def test_a_variant_that_is_the_same_adapter_reuses_the_runs(tmp_path, model_dir, monkeypatch):

@@ -218,6 +218,7 @@ class Runner:
         self.out, self.log = out, log
         self.ctx: DataContext | None = None
         self.failed = 0
+        self.shared = False  # True: other workers may run this folder's stages at once
 
     def build_context(self, dataset: str) -> DataContext:
         raise NotImplementedError
@@ -235,10 +236,20 @@ class Runner:
         `TrainedRun`) the job returns such a record (written by its `to_dict`) and the result
         comes back as one, parsed from what was written; without, both are dicts.
         A failure writes out/error.json (message + traceback), is logged, returns None; a
-        later call tries again unless `retry_failed` is False."""
+        later call tries again unless `retry_failed` is False. With `shared` set, a stage is
+        run under its lock (`stage_lock`): one that another worker is running raises
+        `StageBusy` instead of being run twice."""
         typed = parse if parse is not None else (lambda d: d)
         if done.is_file():
             return typed(json.loads(done.read_text()))
+        lock = stage_lock(done.with_suffix(".lock")) if self.shared else contextlib.nullcontext()
+        with lock:
+            if done.is_file():  # another worker finished it while this one looked
+                return typed(json.loads(done.read_text()))
+            result = self._run_stage(out, done, job, what, retry_failed, parse)
+        return None if result is None else typed(result)
+
+    def _run_stage(self, out: Path, done: Path, job, what: str, retry_failed: bool, parse):
         error = out / "error.json"
         if error.is_file() and not retry_failed:
             return None
@@ -268,7 +279,30 @@ class Runner:
         meter.path.unlink(missing_ok=True)
         ppl = f" ppl={result['ppl']:.4f}" if isinstance(result.get("ppl"), float) else ""
         self.log(f"done {what}{ppl} in {result['wall_s']:.0f} s")
-        return typed(result)
+        return result
+
+
+class StageBusy(Exception):
+    """Another worker holds this stage's lock (it is running it now): skip it, come back."""
+
+
+@contextlib.contextmanager
+def stage_lock(path: Path):
+    """Hold `path`'s exclusive advisory lock while a stage runs, or raise StageBusy at once if
+    another worker holds it. The lock belongs to the open file (flock), so a worker that is
+    killed frees its stage immediately; the next worker resumes it from its checkpoint."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageBusy(str(path)) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class CostMeter:

@@ -36,7 +36,7 @@ import torch
 import nora
 from nora.checkpoint import write_json
 from nora.config import AdapterConfig, ConfigError, from_mapping
-from nora.study.context import DataContext, Runner
+from nora.study.context import DataContext, Runner, StageBusy
 from nora.study.results import TrainedRun
 from nora.train import TrainConfig, train
 
@@ -284,6 +284,7 @@ class Study(Runner):
         super().__init__(out, log)
         self.cfg = cfg
         self.rates = RateChoices(out)
+        self.shared = True  # workers started on one folder split its stages (run_study)
 
     def build_context(self, dataset: str) -> DataContext:
         t = self.cfg.train
@@ -328,11 +329,15 @@ class Study(Runner):
         c = self.context(dataset)
         if path.is_file():
             return Teacher.load(path).check(c.model)
-        self.log(f"[{dataset}] fitting the teacher")
-        t0, c0 = time.perf_counter(), time.process_time()
-        teacher = fit_study_teacher(c, self.cfg.teacher_settings(), log=self.log)
-        teacher.meta.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
-        teacher.save(path)  # + teacher.json, its meta
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path.with_suffix(".lock")):  # a second worker waits for the first's fit
+            if path.is_file():
+                return Teacher.load(path).check(c.model)
+            self.log(f"[{dataset}] fitting the teacher")
+            t0, c0 = time.perf_counter(), time.process_time()
+            teacher = fit_study_teacher(c, self.cfg.teacher_settings(), log=self.log)
+            teacher.meta.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
+            teacher.save(path)  # + teacher.json, its meta
         return teacher
 
     def teacher_path(self, dataset: str) -> Path:
@@ -492,10 +497,16 @@ class Study(Runner):
         ks = self._start(dataset, variant, r)
         limit = self.cfg.lr_search.max_values
         while True:
-            scores = {}
-            for k in ks:
-                res = self.trained(RunKey(dataset, variant, r, k, 0))
+            scores, busy = {}, False
+            for k in ks:  # a point another worker is training is skipped, the others run
+                try:
+                    res = self.trained(RunKey(dataset, variant, r, k, 0))
+                except StageBusy:
+                    busy = True
+                    continue
                 scores[k] = res.val_nll if res else math.inf
+            if busy:
+                raise StageBusy(f"search {dataset} {variant} r{r}")
             best = min(ks, key=lambda k: scores[k])
             if not math.isfinite(scores[best]):
                 return None
@@ -669,6 +680,25 @@ def plan(cfg: StudyConfig, datasets: list[str] | None = None) -> list[tuple]:
     return steps
 
 
+def run_plan(study: Study, steps: list[tuple], wait_s: float = 60.0) -> None:
+    """Run the plan's steps in order. Workers started on one folder share it: a step whose
+    stage another worker is running (StageBusy: a search point, a seed, a test) is passed
+    over for the next ones, and the passed-over steps are tried again, after `wait_s`,
+    until every step is done or failed."""
+    do = {"lr": study.search_lr, "base": study.base, "control": study.control}
+    while steps:
+        busy = []
+        for step in steps:
+            try:
+                do.get(step[0], study.cell)(*step[1:])
+            except StageBusy:
+                busy.append(step)
+        if busy:
+            study.log(f"{len(busy)} step(s) wait for another worker; again in {wait_s:.0f} s")
+            time.sleep(wait_s)
+        steps = busy
+
+
 def _saved_config(path: Path) -> dict | None:
     try:
         return StudyConfig.from_dict(json.loads(path.read_text())["config"]).to_dict()
@@ -701,15 +731,7 @@ def run_study(
         raise StudyError(f"the study has no dataset(s) {unknown}; it has {cfg.datasets}")
     study = Study(cfg, out, log)
     t0 = time.perf_counter()
-    for step in plan(cfg, datasets or None):
-        if step[0] == "lr":
-            study.search_lr(*step[1:])
-        elif step[0] == "base":
-            study.base(step[1])
-        elif step[0] == "control":
-            study.control(*step[1:])
-        else:
-            study.cell(*step[1:])
+    run_plan(study, plan(cfg, datasets or None))
     study.ctx = None
     total = time.perf_counter() - t0
     log(f"study finished in {total / 60:.1f} min, {study.failed} failed stage(s)")
