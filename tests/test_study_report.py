@@ -533,6 +533,11 @@ def test_a_distillation_studys_searches_and_pilots_read_in_kl(v2_report, tmp_pat
         f"- pilot-distill ({DATASET}): **shows a rank effect** (high − low ΔKL -0.000550 "
         "[-0.000700, -0.000400], seed spread 0.000200 (test KL))"
     )
+    # a label pilot's change is in NLL, like its seed spread (pilots.load_pilot)
+    nll = [RankCell(4, 3.16e-3, {0: 0.685, 1: 0.685}, {}), RankCell(128, 1e-2, {0: 0.683}, {})]
+    iv = Interval(-0.0021, -0.0043, 0.0003, (-0.0021,))
+    said = _pilot_section([Pilot("pilot-logistic", "logistic-map", "nll", nll, iv, 1.0, None)])
+    assert "high − low ΔNLL -0.0021 [-0.0043, +0.0003]" in said[-2] and "PPL" not in said[-2]
 
 
 def test_cells_outside_a_variants_ranks_are_not_run_not_missing(v2_report):

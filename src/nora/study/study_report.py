@@ -249,11 +249,10 @@ def _pilot_section(pilots: list) -> list[str]:
             said = "not decided yet (fewer than two ranks finished)"
         else:
             # ~4 significant digits of a KL pilot's small values (0.001-0.06), else 4 decimals;
-            # the change is in the interval's metric (KL, or PPL), the spread in the cells' (KL
-            # or NLL)
+            # the change and the spread are both in the cells' metric (KL, or NLL)
             values = [v for c in p.cells for v in c.per_seed.values() if v > 0]
             digits = max(4, 3 - math.floor(math.log10(min(values, default=0.1))))
-            delta, unit = ("ΔKL", "test KL") if p.metric == "kl" else ("ΔPPL", "test NLL")
+            delta, unit = ("ΔKL", "test KL") if p.metric == "kl" else ("ΔNLL", "test NLL")
             spread = f"{p.spread:.{digits}f} ({unit})" if p.spread == p.spread else "not measured"
             yes = "**shows a rank effect**" if p.shows_rank_effect else "shows no rank effect"
             said = f"{yes} (high − low {delta} {p.change.fmt(digits)}, seed spread {spread})"
