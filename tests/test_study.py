@@ -13,6 +13,7 @@ import torch
 import yaml
 from conftest import save_model_dir
 
+import nora
 from nora.study.runner import (
     STUDY_PRESETS,
     LRSearch,
@@ -451,6 +452,37 @@ def test_a_search_runs_the_points_no_other_worker_holds_then_waits(tmp_path, mon
     assert order == [0, 1, 2, 1]
     held.clear()
     assert study.search_lr("math", "lora", 16) == -5
+
+
+def test_module_level_nora_trains_at_the_rank_that_matches_noras_parameters(tmp_path, model_dir):
+    from nora.study.runner import RunKey, Study
+
+    variants = {
+        "nora": {"method": "nora"},
+        "nora-module": {"method": "nora", "placement": "module", "match_params": "nora"},
+    }
+    spec = study_dict(model_dir, variants=variants, ranks=[4], seeds=[0], n_gen=0)
+    cfg = StudyConfig.from_dict(spec)
+    study = Study(cfg, tmp_path, log=lambda m: None)
+    # the tiny model: q (d->d) and v (d->kv) per layer against self_attn and mlp (d->d each)
+    c = study.context("logistic-map")
+    cm = c.model.config
+    d, kv = cm.hidden_size, cm.num_key_value_heads * (cm.hidden_size // cm.num_attention_heads)
+    weight, module = 2 * d + d + kv, 2 * (2 * d)  # params per rank and layer
+    r = study.adapter_rank("logistic-map", "nora-module", 4)
+    assert r == round(4 * weight / module) and study.adapter_rank("logistic-map", "nora", 4) == 4
+    assert not nora.has_adapters(c.model)  # counted, not injected
+    key = RunKey("logistic-map", "nora-module", 4, -4, 0)
+    run = study.trained(key)
+    want = study.trained(RunKey("logistic-map", "nora", 4, -4, 0)).trainable_params
+    assert abs(run.trainable_params - want) <= module * len(c.layers) / 2  # nearest rank
+    saved = json.loads((key.folder(tmp_path) / "train_config.json").read_text())
+    assert saved["adapter"]["r"] == r and saved["adapter"]["placement"] == "module"
+    assert "match_params" not in saved["adapter"]
+    for bad in ("nora-module", "lora"):
+        variants["nora-module"]["match_params"] = bad
+        with pytest.raises(StudyError, match="`match_params` names another variant"):
+            StudyConfig.from_dict(study_dict(model_dir, variants=variants))
 
 
 def test_a_variant_that_is_the_same_adapter_reuses_the_runs(tmp_path, model_dir, monkeypatch):

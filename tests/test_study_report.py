@@ -219,8 +219,8 @@ def test_the_report_says_where_each_rate_was_searched():
     v2 = StudyConfig.from_dict(STUDY_PRESETS["study-v2"]).to_dict()
     assert "; NoLoRA, AuroRA, LoRAN: searched at r = 16." in _searched_ranks(v2)
     assert (
-        "NoRA-ReLU, NoRA without dropout, LoRA + latent-equivalent dropout 0.1, LoRA with "
-        "NoRA's init and scale: searched at r = 16, 128;"
+        "NoRA-ReLU, NoRA without dropout, LoRA α=32 + input dropout 0.1, LoRA with "
+        "NoRA's init and scale, module-level NoRA (matched parameters): searched at r = 16, 128;"
     ) in _searched_ranks(v2)
     cfg["variant_ranks"] = {"lora": [16, 64], "nora": [16, 128]}
     assert _searched_ranks(cfg).startswith(
@@ -452,7 +452,7 @@ def test_table2_verdicts_are_holm_adjusted_within_the_table(v2_report):
         raw.append(paired_difference([t.per_example for t in a], [t.per_example for t in b], "kl"))
     adjusted = holm([iv.p_value for iv in raw])
     names = ["NoRA-identity (σ = identity)", "NoRA-ReLU", "NoRA without dropout",
-             "module-level NoRA (matched parameters)", "LoRA + latent-equivalent dropout 0.1"]  # fmt: skip
+             "module-level NoRA (matched parameters)", "LoRA α=32 + input dropout 0.1"]  # fmt: skip
     assert sorted(rows) == sorted(f"{n} − NoRA, r=16" for n in names)  # the twin: not here
     for name, q in zip(names, adjusted, strict=True):
         assert rows[f"{name} − NoRA, r=16"][-2] == fmt_p(q)  # the Holm p column

@@ -118,9 +118,15 @@ class StudyConfig:
             raise StudyError("the study names no variants")
         for name, kw in self.variants.items():
             try:
-                AdapterConfig(**{**kw, "r": 4})
+                AdapterConfig(**{**adapter_kwargs(kw), "r": 4})
             except (TypeError, ValueError) as e:
                 raise StudyError(f"variant {name!r}: {e}") from None
+            other = kw.get("match_params")
+            if other is not None and (other == name or other not in self.variants):
+                raise StudyError(
+                    f"variant {name!r}: `match_params` names another variant of the study, "
+                    f"not {other!r}"
+                )
         from nora.study.sweep.run import PER_RUN_FIELDS, check_train_keys
 
         # n_eval is the study's n_val (the split scored during training)
@@ -177,6 +183,17 @@ TEACHER_DEFAULTS: dict[str, Any] = {
 }
 
 
+# A variant's settings that are the study's, not the adapter's: "match_params": another
+# variant whose trainable parameter count this one matches at each cell's rank (module-level
+# NoRA at NoRA's budget: its cell "r=16" trains the rank with the nearest count)
+STUDY_KEYS = ("match_params",)
+
+
+def adapter_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """A variant's AdapterConfig fields: its settings without the study's own (STUDY_KEYS)."""
+    return {k: v for k, v in kw.items() if k not in STUDY_KEYS}
+
+
 def lr_of(k: int) -> float:
     """The half-decade grid: k=-6 -> 1e-3, k=-5 -> 3.16e-3, k=-4 -> 1e-2."""
     return float(f"{10 ** (k / 2):.3g}")
@@ -229,7 +246,9 @@ def twin_of(variants: dict[str, dict], variant: str, r: int) -> str | None:
     same rate and seed stands for this variant's (see `Study._twin_done`)."""
 
     def norm(v: str) -> tuple[dict, float]:
-        c = AdapterConfig(**{**variants[v], "r": r})
+        if "match_params" in variants[v]:  # its adapter's rank is not r: never a twin
+            return {"variant": v}, 0.0
+        c = AdapterConfig(**{**adapter_kwargs(variants[v]), "r": r})
         d = {k: x for k, x in c.to_dict().items() if k not in ("alpha", "rslora", "scale")}
         return d, c.effective_scale
 
@@ -347,8 +366,9 @@ class Study(Runner):
         if self.cfg.distill:
             self.teacher(key.dataset)  # fitted before the first student
         c = self.ctx
-        kw = self.cfg.variants[key.variant]
-        adapter = AdapterConfig(**{**kw, "r": key.r, "layers_to_transform": c.layers})
+        kw = adapter_kwargs(self.cfg.variants[key.variant])
+        r = self.adapter_rank(key.dataset, key.variant, key.r)
+        adapter = AdapterConfig(**{**kw, "r": r, "layers_to_transform": c.layers})
         return TrainConfig(
             adapter=adapter,
             model=self.cfg.model,
@@ -365,6 +385,24 @@ class Study(Runner):
             teacher=str(self.teacher_path(key.dataset)) if self.cfg.distill else None,
             **self.cfg.train,
         )
+
+    def adapter_rank(self, dataset: str, variant: str, r: int) -> int:
+        """The rank of `variant`'s adapter in the cell labelled `r`: r, or with `match_params`
+        the rank whose trainable parameter count is nearest the other variant's at r (the
+        counts are linear in r: r·(d+k) per adapted module)."""
+        other = self.cfg.variants[variant].get("match_params")
+        if other is None:
+            return r
+        from nora.inject import plan as wrappers_for
+
+        c = self.context(dataset)
+
+        def per_rank(v: str) -> int:  # planned on the model, not injected: nothing changes
+            kw = {**adapter_kwargs(self.cfg.variants[v]), "r": 1, "layers_to_transform": c.layers}
+            wrappers = wrappers_for(c.model, AdapterConfig(**kw))
+            return sum(p.numel() for _, w in wrappers for p in w.adapter.parameters())
+
+        return max(1, round(r * per_rank(other) / per_rank(variant)))
 
     def twin(self, variant: str, r: int) -> str | None:
         return twin_of(self.cfg.variants, variant, r)
@@ -481,7 +519,8 @@ class Study(Runner):
         out = self.out / "runs" / dataset / variant / f"r{r}" / "untrained"
 
         def job() -> dict:
-            kw = {**self.cfg.variants[variant], "r": r}
+            kw = {**adapter_kwargs(self.cfg.variants[variant])}
+            kw["r"] = self.adapter_rank(dataset, variant, r)
             spectra = untrained_spectra(self.context(dataset), kw, self.cfg.analysis_tokens)
             return {"dataset": dataset, "variant": variant, "r": r, "analysis": spectra}
 
@@ -547,8 +586,8 @@ class Study(Runner):
         r0, k0 = min(
             ((int(q), k) for q, k in found.items()), key=lambda x: abs(math.log2(x[0] / r))
         )
-        s0 = AdapterConfig(**{**self.cfg.variants[source], "r": r0}).effective_scale
-        s1 = AdapterConfig(**{**self.cfg.variants[variant], "r": r}).effective_scale
+        s0 = AdapterConfig(**{**adapter_kwargs(self.cfg.variants[source]), "r": r0}).effective_scale
+        s1 = AdapterConfig(**{**adapter_kwargs(self.cfg.variants[variant]), "r": r}).effective_scale
         # k = 2·log10(lr), so lr ∝ s^(-1/2)·r^(-1/6) moves k by -log10(s) - log10(r)/3
         k = k0 - round(math.log10(s1 / s0) + math.log10(r / r0) / 3)
         return [k - 1, k, k + 1]
@@ -857,6 +896,8 @@ V2_VARIANTS: dict[str, dict[str, Any]] = {
     # is the latent-dropout contrast at NoRA's init and scale
     "lora-dropout": {"method": "lora", "alpha": 32, "dropout": 0.1},
     "lora-nora-init": {"method": "nora", "activation": "identity", "dropout": 0.0},
+    # one NoRA adapter parallel to each attention and MLP block, at NoRA's parameter count
+    "nora-module": {"method": "nora", "placement": "module", "match_params": "nora"},
     "nolora": {"method": "nolora"},
     "aurora": {"method": "aurora"},
     "loran": {"method": "loran"},
@@ -864,7 +905,7 @@ V2_VARIANTS: dict[str, dict[str, Any]] = {
 V2_RANKS = [4, 16, 64, 128]
 V2_VARIANT_RANKS = {
     **{v: [16, 128] for v in ("nora-identity", "nora-relu", "nora-no-dropout")},
-    **{v: [16, 128] for v in ("lora-dropout", "lora-nora-init")},
+    **{v: [16, 128] for v in ("lora-dropout", "lora-nora-init", "nora-module")},
     **{v: [16] for v in ("nolora", "aurora", "loran")},
 }
 V2: dict[str, Any] = {

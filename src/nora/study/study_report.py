@@ -58,7 +58,9 @@ NAMES = {
     "nora-relu": "NoRA-ReLU",
     "nora-no-dropout": "NoRA without dropout",
     "nora-module": "module-level NoRA (matched parameters)",
-    "lora-dropout": "LoRA + latent-equivalent dropout 0.1",
+    # dropout 0.1 where LoRA has it (its input, PEFT's place); the latent-dropout contrast at
+    # NoRA's init and scale is NoRA-identity against LoRA with NoRA's init and scale
+    "lora-dropout": "LoRA α=32 + input dropout 0.1",
     "lora-nora-init": "LoRA with NoRA's init and scale",
     # the siblings
     "nolora": "NoLoRA",
