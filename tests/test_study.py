@@ -163,6 +163,26 @@ def test_a_rate_carries_across_ranks_by_scale_and_rank(tmp_path, variant, found,
     assert study._start("reasoning-mix", variant, r) == start
 
 
+def test_a_search_keeps_the_start_its_first_worker_chose(tmp_path):
+    """The carried start changes once the search it carries from finishes; a second worker
+    (another Study on the folder) still gets the first worker's points."""
+    from nora.study.runner import Study
+
+    cfg = StudyConfig.from_dict(STUDY_PRESETS["study"])
+    first, second = Study(cfg, tmp_path), Study(cfg, tmp_path)
+
+    def start(s: Study) -> list[int]:  # as search_lr asks
+        return s.rates.start("math", "lora", 128, lambda: s._start("math", "lora", 128))
+
+    assert start(first) == [-6, -5, -4]  # nothing finished: the configured start
+    first.rates.record("math", "lora", 4, [-4], {-4: 1.0}, -4)  # r=4 finishes meanwhile
+    assert second._start("math", "lora", 128) == [-4, -3, -2]  # a fresh guess would differ
+    assert start(second) == [-6, -5, -4]
+    saved = json.loads((tmp_path / "lr_choices.json").read_text())
+    assert saved["k"] == {"math": {"lora": {"4": -4}}}  # record() keeps `started`, and back
+    assert saved["started"] == {"math": {"lora": {"128": [-6, -5, -4]}}}
+
+
 def test_an_ablation_starts_at_the_rate_of_the_variant_it_is_like(tmp_path):
     from nora.study.runner import Study
 

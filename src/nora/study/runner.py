@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,8 @@ def twin_of(variants: dict[str, dict], variant: str, r: int) -> str | None:
 
 class RateChoices:
     """`lr_choices.json`: the grid index k each finished rate search chose, per dataset,
-    variant and rank, and each search's grid and validation NLLs (what the report shows).
+    variant and rank, each search's grid and validation NLLs (what the report shows), and
+    each search's first points (`started`, see `start`).
     Workers on other datasets write it too: every update is a locked read-modify-write."""
 
     def __init__(self, out: Path):
@@ -272,10 +274,26 @@ class RateChoices:
     def chosen(self) -> dict[str, dict[str, dict[str, int]]]:
         return json.loads(self.file.read_text())["k"] if self.file.is_file() else {}
 
+    def start(self, dataset, variant, r, guess: Callable[[], list[int]]) -> list[int]:
+        """A search's first grid points: `guess()` the first time any worker asks, then the
+        same points for every worker (kept under `started`). A guess carried from another
+        search changes when that search finishes; a second worker guessing again then would
+        train the union of two starts (one run more, seen in pilot-distill-random)."""
+        with _locked(self.lock):
+            data = self._read()
+            by_r = data["started"].setdefault(dataset, {}).setdefault(variant, {})
+            if str(r) not in by_r:
+                by_r[str(r)] = guess()
+                write_json(self.file, data)
+            return list(by_r[str(r)])
+
+    def _read(self) -> dict[str, Any]:
+        data = json.loads(self.file.read_text()) if self.file.is_file() else {}
+        return {"k": {}, "searches": [], "started": {}, **data}
+
     def record(self, dataset, variant, r, ks: list[int], scores: dict, best: int) -> None:
         with _locked(self.lock):
-            f = self.file
-            data = json.loads(f.read_text()) if f.is_file() else {"k": {}, "searches": []}
+            f, data = self.file, self._read()
             data["k"].setdefault(dataset, {}).setdefault(variant, {})[str(r)] = best
             data["searches"] = [
                 s
@@ -533,7 +551,7 @@ class Study(Runner):
         done = self.rates.chosen().get(dataset, {}).get(variant, {}).get(str(r))
         if done is not None:
             return done
-        ks = self._start(dataset, variant, r)
+        ks = self.rates.start(dataset, variant, r, lambda: self._start(dataset, variant, r))
         limit = self.cfg.lr_search.max_values
         while True:
             scores, busy = {}, False
