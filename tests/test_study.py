@@ -170,14 +170,10 @@ def test_a_search_keeps_the_start_its_first_worker_chose(tmp_path):
 
     cfg = StudyConfig.from_dict(STUDY_PRESETS["study"])
     first, second = Study(cfg, tmp_path), Study(cfg, tmp_path)
-
-    def start(s: Study) -> list[int]:  # as search_lr asks
-        return s.rates.start("math", "lora", 128, lambda: s._start("math", "lora", 128))
-
-    assert start(first) == [-6, -5, -4]  # nothing finished: the configured start
+    assert first.search_start("math", "lora", 128) == [-6, -5, -4]  # the configured start
     first.rates.record("math", "lora", 4, [-4], {-4: 1.0}, -4)  # r=4 finishes meanwhile
     assert second._start("math", "lora", 128) == [-4, -3, -2]  # a fresh guess would differ
-    assert start(second) == [-6, -5, -4]
+    assert second.search_start("math", "lora", 128) == [-6, -5, -4]
     saved = json.loads((tmp_path / "lr_choices.json").read_text())
     assert saved["k"] == {"math": {"lora": {"4": -4}}}  # record() keeps `started`, and back
     assert saved["started"] == {"math": {"lora": {"128": [-6, -5, -4]}}}

@@ -272,7 +272,7 @@ class RateChoices:
         self.file, self.lock = out / "lr_choices.json", out / "lr_choices.lock"
 
     def chosen(self) -> dict[str, dict[str, dict[str, int]]]:
-        return json.loads(self.file.read_text())["k"] if self.file.is_file() else {}
+        return self._read()["k"]
 
     def start(self, dataset, variant, r, guess: Callable[[], list[int]]) -> list[int]:
         """A search's first grid points: `guess()` the first time any worker asks, then the
@@ -551,7 +551,7 @@ class Study(Runner):
         done = self.rates.chosen().get(dataset, {}).get(variant, {}).get(str(r))
         if done is not None:
             return done
-        ks = self.rates.start(dataset, variant, r, lambda: self._start(dataset, variant, r))
+        ks = self.search_start(dataset, variant, r)
         limit = self.cfg.lr_search.max_values
         while True:
             scores, busy = {}, False
@@ -574,6 +574,10 @@ class Study(Runner):
             else:
                 self.rates.record(dataset, variant, r, ks, scores, best)
                 return best
+
+    def search_start(self, dataset: str, variant: str, r: int) -> list[int]:
+        """The search's first points: `_start`'s guess, fixed by the first worker to ask."""
+        return self.rates.start(dataset, variant, r, lambda: self._start(dataset, variant, r))
 
     def _start(self, dataset: str, variant: str, r: int) -> list[int]:
         """Three grid points around a guess: the configured start, or carried from a finished
