@@ -374,6 +374,13 @@ def test_distillation_report_is_read_in_kl(v2_report):
     root, text = v2_report
     assert text.startswith("# Study v2 (synthetic)\n") and "of the 15 budgeted" in text
     assert "Primary metric: **test KL**" in text and "| ΔKL |" in text
+    # the header says how the teacher was made and how far it is from the base
+    assert (
+        f"  - {DATASET}'s teacher: 2 steps at lr 0.0001 on every weight of 2 modules, then each "
+        "ΔW replaced by a seeded Gaussian matrix of 19× its Frobenius norm; validation NLL "
+        "3.5000 (base) → 4.0000 (teacher); KL(teacher ‖ base) 0.4400 nats/position; ΔW "
+        "effective rank 21–40, 90 % of its energy in 12–30 singular values.\n"
+    ) in text
     assert "PPL" not in text  # no perplexity table, comparison or verdict
     res = StudyResults.load(root)
     kl = primary(res)

@@ -124,6 +124,22 @@ def analysis(method: str, r: int, spread: float, layers: int = 2) -> dict:
     }
 
 
+TEACHER = {
+    "modules": ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"],
+    "steps": 2,
+    "lr": 1e-4,
+    "delta_kind": "random",
+    "delta_scale": 19.0,
+    "val_nll_base": 3.5,
+    "val_nll_teacher": 4.0,
+    "val_kl_base": 0.44,
+    "delta": {
+        "model.layers.0.self_attn.q_proj": {"effective_rank": 40.2, "rank90": 30},
+        "model.layers.0.self_attn.v_proj": {"effective_rank": 20.7, "rank90": 12},
+    },
+}
+
+
 def _write(path: Path, d: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(d))
@@ -162,6 +178,8 @@ def write_study(
             correct = (np.arange(n_gen) < round(prior * n_gen)).astype(float).tolist()
             base["prior"] = {"correct": correct, "accuracy": sum(correct) / n_gen}
         _write(runs / d / "base" / "test.json", {"variant": "base", "dataset": d, **base})
+        if distill:  # the teacher's fit, as `runner` records it (the keys a report reads)
+            _write(root / "teachers" / d / "teacher.json", TEACHER)
         for v in cfg["variants"]:
             for r in study.ranks_of(v):
                 twin = twin_of(cfg["variants"], v, r)

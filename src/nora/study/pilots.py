@@ -129,26 +129,28 @@ def pilot_table(pilots: list[Pilot]) -> str:
         spread = f"{p.spread:.{d}f}" if p.spread == p.spread else "-"
         row = f"| {p.name} ({p.dataset}) | {what} | {ranks or '-'} | {change} | {spread} "
         lines.append(row + f"| {effect} | {p.cpu_h:.2f} |")
-    for p in pilots:
-        if p.teacher:
-            t = p.teacher
-            ranks = [d["effective_rank"] for d in t.get("delta", {}).values()]
-            r90 = [d["rank90"] for d in t.get("delta", {}).values()]
-            spread = (
-                f", then each ΔW replaced by a seeded Gaussian matrix of {t['delta_scale']:g}× "
-                "its Frobenius norm"
-                if t.get("delta_kind") == "random"
-                else ""
-            )
-            lines.append(
-                f"\n{p.name}'s teacher: {t['steps']} steps at lr {t['lr']:g} on every weight of "
-                f"{len(t['modules'])} modules{spread}; validation NLL {t['val_nll_base']:.4f} "
-                f"(base) → {t['val_nll_teacher']:.4f} (teacher); KL(teacher ‖ base) "
-                f"{t['val_kl_base']:.4f} nats/position; ΔW effective rank "
-                f"{min(ranks):.0f}–{max(ranks):.0f}, 90 % of its energy in "
-                f"{min(r90)}–{max(r90)} singular values."
-            )
+    lines += [f"\n{p.name}'s teacher: {teacher_summary(p.teacher)}" for p in pilots if p.teacher]
     return "\n".join(lines)
+
+
+def teacher_summary(t: dict) -> str:
+    """How a distillation teacher (its `teacher.json`) was made and how far it is from the
+    base: the sentence the pilot table and a study report's header print."""
+    ranks = [d["effective_rank"] for d in t.get("delta", {}).values()]
+    r90 = [d["rank90"] for d in t.get("delta", {}).values()]
+    random = (
+        f", then each ΔW replaced by a seeded Gaussian matrix of {t['delta_scale']:g}× "
+        "its Frobenius norm"
+        if t.get("delta_kind") == "random"
+        else ""
+    )
+    return (
+        f"{t['steps']} steps at lr {t['lr']:g} on every weight of {len(t['modules'])} "
+        f"modules{random}; validation NLL {t['val_nll_base']:.4f} (base) → "
+        f"{t['val_nll_teacher']:.4f} (teacher); KL(teacher ‖ base) {t['val_kl_base']:.4f} "
+        f"nats/position; ΔW effective rank {min(ranks):.0f}–{max(ranks):.0f}, 90 % of its "
+        f"energy in {min(r90)}–{max(r90)} singular values."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

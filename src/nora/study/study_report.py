@@ -26,6 +26,7 @@ method_comparison results (`peft/`, see `nora.study.peft_layout`).
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -165,8 +166,9 @@ def _header(res: StudyResults) -> list[str]:
         f"# {c.get('title') or _defaults().title}",
         "",
         f"- **Machine**: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch "
-        f"{m.get('torch', '?')}; 1 torch thread per run, one worker per dataset running side "
-        "by side (`--dataset`), sharing the CPU with the session's other work",
+        f"{m.get('torch', '?')}; 1 torch thread per run, workers side by side (one per "
+        "dataset with `--dataset`, or several on one folder), sharing the CPU with the "
+        "session's other work",
         f"- **Model**: {c['model']}; adapted layers: top {c['top_layers']}, q_proj and v_proj",
         f"- **Training**: {t.get('max_steps')} steps × {t.get('batch_size')} examples "
         f"({t.get('n_train')} training examples, one pass), cosine schedule, warmup "
@@ -174,12 +176,19 @@ def _header(res: StudyResults) -> list[str]:
         f"{c['n_val']} examples",
     ]
     if c.get("distill"):
+        from nora.study.pilots import teacher_summary
+
         fit = ", ".join(f"{k} {v}" for k, v in c["distill"].items())
         lines.append(
             f"- **Distillation**: each dataset's teacher fine-tunes every weight of the adapted "
             f"modules ({fit}); the adapters are trained to match its next-token distributions "
             "at every position (`nora.distill`); its fit is in `teachers/<dataset>/teacher.json`"
         )
+        for d in c["datasets"]:  # a teacher not fitted yet has no line
+            fitted = res.folder / "teachers" / d / "teacher.json"
+            if fitted.is_file():
+                teacher = teacher_summary(json.loads(fitted.read_text()))
+                lines.append(f"  - {d}'s teacher: {teacher}")
     return [
         *lines,
         test,
