@@ -506,7 +506,7 @@ def test_a_variant_that_is_the_same_adapter_reuses_the_runs(tmp_path, model_dir,
     (16/√2 vs 16) it is not."""
     from nora.study.results import StudyResults
     from nora.study.runner import Study
-    from nora.study.study_report import build_study_report
+    from nora.study.report import build_study_report
 
     variants = {
         "lora": {"method": "lora", "alpha": 32},

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from conftest import make_tokenizer, tiny_llama
 
+from nora.study.report import build_study_report
 from nora.study.results import StudyResults
 from nora.study.runner import StudyConfig, run_study
 from nora.study.stats import Interval, PerExample, paired_difference, verdict
-from nora.study.study_report import build_study_report
 
 
 def per_example(nll, correct, tokens=None):
@@ -132,7 +132,7 @@ def test_results_load_as_typed_records(study_dir):
 
 
 def test_the_recorded_command_is_made_generic_per_dataset():
-    from nora.study.study_report import _command
+    from nora.study.report.overview import _command
 
     assert _command("nora sweep study --out s") == "`nora sweep study --out s`"
     assert _command("nora sweep study --dataset math --threads 1") == (
@@ -207,23 +207,23 @@ def test_report_from_the_study_files(study_dir):
 
 
 def test_the_report_says_where_each_rate_was_searched():
+    from nora.study.report.plan import searched_ranks
     from nora.study.runner import STUDY_PRESETS
-    from nora.study.study_report import _searched_ranks
 
     cfg = StudyConfig.from_dict(STUDY_PRESETS["study"]).to_dict()
-    assert _searched_ranks(cfg).startswith(
+    assert searched_ranks(cfg).startswith(
         "LoRA α=32: searched at r = 4, 16, 128 (r = 64 takes r = 128's); "
         "LoRA α=r, rsLoRA, NoRA: searched at r = 16 (its rate used at every rank)."
     )
     # where a variant runs at some ranks only: the ranks it runs at, the rates they take
     v2 = StudyConfig.from_dict(STUDY_PRESETS["study-v2"]).to_dict()
-    assert "; NoLoRA, AuroRA, LoRAN: searched at r = 16." in _searched_ranks(v2)
+    assert "; NoLoRA, AuroRA, LoRAN: searched at r = 16." in searched_ranks(v2)
     assert (
         "NoRA-ReLU, NoRA without dropout, LoRA α=32 + input dropout 0.1, LoRA with "
         "NoRA's init and scale, module-level NoRA (matched parameters): searched at r = 16, 128;"
-    ) in _searched_ranks(v2)
+    ) in searched_ranks(v2)
     cfg["variant_ranks"] = {"lora": [16, 64], "nora": [16, 128]}
-    assert _searched_ranks(cfg).startswith(
+    assert searched_ranks(cfg).startswith(
         "LoRA α=32: searched at r = 16, 128 (r = 64 takes r = 128's); LoRA α=r, rsLoRA: "
         "searched at r = 16 (its rate used at every rank); NoRA: searched at r = 16 (its rate "
         "used at r = 128 too)."
@@ -422,7 +422,7 @@ def test_crossover_with_fewer_seeds_and_a_later_loss(tmp_path):
     """NoRA ties LoRA at r=16 on its one finished seed, and is worse again at r=64."""
     from testing_study import spec, write_study
 
-    from nora.study.study_report import _crossover
+    from nora.study.report.rank import _crossover
 
     def level(v, r, s):
         if v == "nora" and r == 16:
@@ -436,13 +436,16 @@ def test_crossover_with_fewer_seeds_and_a_later_loss(tmp_path):
 
 
 def test_twins_the_runner_and_the_report_agree_on(v2_report):
-    from nora.study.study_report import _twin
+    from nora.study.report.common import same_adapter
 
     res = StudyResults.load(v2_report[0])
-    assert _twin(res, "lora-rslora", 16) == "lora" and _twin(res, "lora-rslora", 64)
+    assert same_adapter(res, "lora-rslora", 16) == "lora" and same_adapter(res, "lora-rslora", 64)
     # a twin that does not run at a rank: the variant runs its own cell there
     res.config["variant_ranks"]["lora-alpha-r"] = [4, 16]
-    assert _twin(res, "lora-rslora", 64) is None and _twin(res, "lora-rslora", 16) == "lora"
+    assert (
+        same_adapter(res, "lora-rslora", 64) is None
+        and same_adapter(res, "lora-rslora", 16) == "lora"
+    )
 
 
 def test_table2_verdicts_are_holm_adjusted_within_the_table(v2_report):
@@ -503,7 +506,7 @@ def test_table2_siblings_and_spectra_sections(v2_report):
         assert (root / "figures" / f"effective_rank_{view}_{DATASET}.png").stat().st_size > 1000
         assert f"![{view} view: effective rank and AUC-90 vs rank]" in text
     assert "dashed: the untrained controls" in text and "| NoRA | 16 | weight |" in text
-    from nora.study.study_report import _spectral_runs
+    from nora.study.report.spectra import _spectral_runs
 
     runs, controls = _spectral_runs(StudyResults.load(root), DATASET)  # what the figures draw
     assert {s["group"] for s in runs} == {
@@ -523,19 +526,20 @@ def test_table2_siblings_and_spectra_sections(v2_report):
 
 def test_a_distillation_studys_searches_and_pilots_read_in_kl(v2_report, tmp_path):
     from nora.study.pilots import Pilot, RankCell
+    from nora.study.report.overview import pilot_section
+    from nora.study.report.plan import learning_rates
     from nora.study.results import Search
-    from nora.study.study_report import _learning_rates, _pilot_section
 
     res = StudyResults.load(v2_report[0])
     # a distilling run's validation loss is its KL to the teacher: ~4 significant digits
     res.searches.append(Search(DATASET, "lora", 16, [1e-3, 3.16e-3], [0.0081234, 0.0032111],
                                3.16e-3, True))  # fmt: skip
-    lines = "\n".join(_learning_rates(res, tmp_path))
+    lines = "\n".join(learning_rates(res, tmp_path))
     assert "| grid (val KL) |" in lines and "| 0.001 (0.008123), 0.00316 (0.003211) |" in lines
     cells = [RankCell(4, 3.16e-3, {0: 0.0036, 1: 0.0038}, {}),
              RankCell(128, 1e-3, {0: 0.0031, 1: 0.0032}, {})]  # fmt: skip
     change = Interval(-0.00055, -0.0007, -0.0004, (-0.0005, -0.0006))
-    said = _pilot_section([Pilot("pilot-distill", DATASET, "kl", cells, change, 1.0, None)])
+    said = pilot_section([Pilot("pilot-distill", DATASET, "kl", cells, change, 1.0, None)])
     assert said[-2] == (
         f"- pilot-distill ({DATASET}): **shows a rank effect** (high − low ΔKL -0.000550 "
         "[-0.000700, -0.000400], seed spread 0.000200 (test KL))"
@@ -543,7 +547,7 @@ def test_a_distillation_studys_searches_and_pilots_read_in_kl(v2_report, tmp_pat
     # a label pilot's change is in NLL, like its seed spread (pilots.load_pilot)
     nll = [RankCell(4, 3.16e-3, {0: 0.685, 1: 0.685}, {}), RankCell(128, 1e-2, {0: 0.683}, {})]
     iv = Interval(-0.0021, -0.0043, 0.0003, (-0.0021,))
-    said = _pilot_section([Pilot("pilot-logistic", "logistic-map", "nll", nll, iv, 1.0, None)])
+    said = pilot_section([Pilot("pilot-logistic", "logistic-map", "nll", nll, iv, 1.0, None)])
     assert "high − low ΔNLL -0.0021 [-0.0043, +0.0003]" in said[-2] and "PPL" not in said[-2]
 
 
@@ -580,21 +584,16 @@ def plain_dir(tmp_path_factory):
 
 def test_plain_study_none_crossover_prior_and_no_v2_sections(plain_dir):
     from nora.study.compare import PPL, primary
-    from nora.study.study_report import (
-        _crossover,
-        _header,
-        _prior,
-        _siblings,
-        _table,
-        _table2,
-    )
+    from nora.study.report.ablations import siblings, table2
+    from nora.study.report.overview import header
+    from nora.study.report.rank import _crossover, _prior, _table
 
     res = StudyResults.load(plain_dir)
     assert primary(res) is PPL
     crossover = "\n".join(_crossover(res, DATASET))
     assert "No NoRA rank ties or beats the best LoRA cell: LoRA α=32 r=" in crossover
     assert "better than NoRA at every rank compared (r = 4, 16)." in crossover
-    assert _table2(res, DATASET) == [] and _siblings(res, DATASET) == []
+    assert table2(res, DATASET) == [] and siblings(res, DATASET) == []
     assert "| majority answer per family (pass@1) | 25.0% |" in _table(res, DATASET)
     prior = {k: v[-1] for k, v in _rows("\n".join(_prior(res, DATASET)), "prior**").items()}
     assert prior == {
@@ -604,19 +603,20 @@ def test_plain_study_none_crossover_prior_and_no_v2_sections(plain_dir):
         "NoRA − majority answer, r=16": "not above the prior |",
     }
     del res.config["title"]  # a study saved before the field existed: the default title
-    assert _header(res)[0] == "# NoRA vs LoRA: the rank-scaling study (issue 13)"
+    assert header(res)[0] == "# NoRA vs LoRA: the rank-scaling study (issue 13)"
 
 
 def test_a_rank_study_variant_at_some_ranks_only(plain_dir):
-    from nora.study.study_report import _crossover, _glance, _table, _vs_lora
+    from nora.study.report.overview import glance
+    from nora.study.report.rank import _crossover, _table, nora_vs_lora
 
     res = StudyResults.load(plain_dir)
     res.config["variant_ranks"] = {"nora": [16]}  # its r=4 runs: outside its ranks now
     nora = next(x for x in _table(res, DATASET) if x.startswith("| NoRA (test PPL) |"))
     assert nora.split(" | ")[1] == "·"
-    vs = _vs_lora(res, DATASET)
+    vs = nora_vs_lora(res, DATASET)
     assert {c.pair.where for c in vs} == {"r=16"}
-    glance = _glance(res, {DATASET: vs})
+    glance = glance(res, {DATASET: vs})
     row = next(x for x in glance if x.startswith(f"| {DATASET} | LoRA α=32 | test PPL |"))
     assert row.split(" | ")[3] == "·" and row.split(" | ")[4].startswith("**LoRA α=32** (+")
     assert "(·: not run by design" in "\n".join(glance)

@@ -500,7 +500,7 @@ def report(
     ] = False,
 ) -> None:
     """Markdown report with the paper's figures and tables, from a sweep or study folder."""
-    from nora.study.study_report import build_study_report
+    from nora.study.report import build_study_report
     from nora.study.sweep.report import build_report
 
     # click takes no variadic option: --pilots is a flag, the folders after it are arguments
