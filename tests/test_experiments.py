@@ -12,7 +12,7 @@ from conftest import make_tokenizer, save_model_dir
 from transformers import AutoModelForCausalLM
 
 from nora.study.sweep.report import build_report
-from nora.study.sweep.run import SweepConfig, SweepError, probe_logistic, run_sweep
+from nora.study.sweep.run import SweepConfig, SweepError, run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_presets_are_valid():
 
 
 def test_probe_counts_correct_steps_and_collapse():
-    from nora.data import logistic_steps
+    from nora.data import logistic_steps, probe_logistic
 
     truth = logistic_steps(3.7, 0.25, 5)
     good = "\n".join(f"x{i} = {v:.4f}" for i, v in enumerate(truth, 1))

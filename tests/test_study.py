@@ -113,6 +113,20 @@ def test_the_v2_study_searches_every_rank_and_runs_the_crossover_first():
     assert cfg.distill["delta"] == "random" and cfg.controls
 
 
+def test_the_v2_probe_study_trains_lora_and_nora_on_the_logistic_map_and_probes_them():
+    from nora.data import load_examples
+
+    cfg = StudyConfig.from_dict(STUDY_PRESETS["study-v2-probe"])
+    steps = plan(cfg)
+    assert {s[1:] for s in steps if s[0] == "lr"} == {
+        ("logistic-map", v, r) for v in ("lora", "nora") for r in (16, 128)
+    }
+    assert sum(s[0] == "cell" for s in steps) == 2 * 2 * 3 and not cfg.distill
+    # the probed problems: held-out logistic-map iterations, every one with its answer
+    held = load_examples("logistic-map", cfg.n_val + cfg.n_test, 0)[cfg.n_val :]
+    assert sum(e.answer is not None for e in held) >= cfg.n_gen == 100
+
+
 def test_a_variant_runs_only_at_its_ranks():
     spec = {
         **STUDY_PRESETS["study"],
@@ -264,6 +278,16 @@ def test_study_searches_resumes_and_keeps_per_example_scores(tmp_path, model_dir
     assert len(per["nll"]) == len(per["tokens"]) == t["n_test"] > 0
     assert math.isclose(t["test_nll"], sum(per["nll"]) / sum(per["tokens"]))
     assert len(per["correct"]) == t["n_gen"] == 2
+    # the logistic-map probe (paper Table 1) of each generated problem, here all of them
+    from nora.data import load_examples, probe_logistic
+
+    problems = load_examples("logistic-map", 8, 0)[4:6]  # after the 4 validation examples
+    want = [
+        probe_logistic(o, e.meta["r"], e.meta["x0"], e.meta["steps"])
+        for e, o in zip(problems, t["samples"], strict=True)
+    ]
+    assert per["correct_steps"] == [w["correct_steps"] for w in want]
+    assert per["collapse"] == [w["collapse"] for w in want]
     assert "analysis" in t and (tests[0].parent / "adapter").is_dir()
     assert not (tests[0].parent / "checkpoints").exists()
     curve = [json.loads(x) for x in (tests[0].parent / "metrics.jsonl").read_text().splitlines()]
@@ -320,6 +344,22 @@ def test_paper_preset_dry_run_on_the_meta_device():
         assert by[("lora", r)]["trainable_params"] == r * (4096 + 4096 + 4096 + 1024) * 32
         assert by[("nora", r)]["trainable_params"] == by[("lora", r)]["trainable_params"]
     assert all(x["modules"] == 64 for x in rows)
+
+
+def test_the_probe_counts_each_generated_problems_correct_iterations(tmp_path, model_dir):
+    from nora.data import logistic_steps
+    from nora.study.context import DataContext
+
+    c = DataContext(str(model_dir), "logistic-map", 8, 2, 3, 300, 2, cache_dir=tmp_path)
+
+    def lines(m, wrong_from=None):  # a completion of problem m, off by 0.01 from `wrong_from`
+        xs = logistic_steps(m["r"], m["x0"], m["steps"])
+        xs = [x + 0.01 * (wrong_from is not None and i >= wrong_from) for i, x in enumerate(xs)]
+        return "\n".join(f"x{i} = {x:.4f}" for i, x in enumerate(xs, 1))
+
+    first, second = (e.meta for e in c.gen_examples(2))
+    got = c.probe([lines(first), lines(second, wrong_from=2)])
+    assert got["correct_steps"] == [first["steps"], 2] and got["collapse"] == [0, 0]
 
 
 def test_prefix_cache_is_kept_on_disk_and_reused(tmp_path, model_dir, monkeypatch):
@@ -504,9 +544,9 @@ def test_module_level_nora_trains_at_the_rank_that_matches_noras_parameters(tmp_
 def test_a_variant_that_is_the_same_adapter_reuses_the_runs(tmp_path, model_dir, monkeypatch):
     """rsLoRA α=16 at r=4 has scale 16/√4 = 8 = LoRA α=32's 32/4: the same adapter; at r=2
     (16/√2 vs 16) it is not."""
+    from nora.study.report import build_study_report
     from nora.study.results import StudyResults
     from nora.study.runner import Study
-    from nora.study.report import build_study_report
 
     variants = {
         "lora": {"method": "lora", "alpha": 32},

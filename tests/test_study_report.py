@@ -148,6 +148,15 @@ def test_report_from_the_study_files(study_dir):
     assert "| NoRA − LoRA α=32, logistic-map | ΔPPL | 2 |" in head
     assert "- logistic-map: spread of mean test PPL over the 2" in head
     assert text.startswith("# NoRA vs LoRA: the rank-scaling study (issue 13)\n")  # the default
+    # the logistic-map probe (paper Table 1): said in the header, a row per variant, its mean
+    assert "also the logistic-map probe of the paper's Table 1" in text
+    steps = [
+        np.mean(json.loads(f.read_text())["per_example"]["correct_steps"])
+        for f in sorted(study_dir.glob("runs/logistic-map/lora/r2/*/s*/test.json"))
+    ]
+    row = next(x for x in text.splitlines() if x.startswith("| LoRA α=32 (probe steps) |"))
+    mean = f"{np.mean(steps):.2f}"  # ± the std over seeds where they differ
+    assert row.split(" | ")[1].startswith(mean if len(set(steps)) == 1 else f"{mean} ± ")
     for needle in (
         "## Compute plan",
         "CPU hours",
@@ -234,10 +243,12 @@ def test_at_a_glance_table_agrees_with_every_interval(study_dir):
     text = build_study_report(study_dir).read_text()
     glance = text.split("## At a glance")[1].split("## Compute plan")[0]
     rows = [x.split(" | ") for x in glance.splitlines() if x.startswith("| logistic-map")]
-    assert [(r[1], r[2]) for r in rows] == [("LoRA α=32", "test PPL"), ("LoRA α=32", "pass@1")]
+    # on the logistic map the study also probes (paper Table 1): a third metric
+    metrics = ["test PPL", "pass@1", "probe steps"]
+    assert [(r[1], r[2]) for r in rows] == [("LoRA α=32", m) for m in metrics]
     section = text.split("**NoRA vs each LoRA variant**")[1].split("**The crossover")[0]
     for row in rows:
-        label = "ΔPPL" if row[2] == "test PPL" else "Δpass@1"
+        label = {"test PPL": "ΔPPL", "pass@1": "Δpass@1", "probe steps": "Δprobe steps"}[row[2]]
         for r, cell in zip((2, 4), row[3:], strict=True):
             line = next(
                 x
@@ -260,7 +271,7 @@ def test_means_over_fewer_seeds_are_marked(study_dir, tmp_path):
         test_json.unlink()
     text = build_study_report(partial).read_text()
     glance = text.split("## At a glance")[1].split("## Compute plan")[0]
-    assert glance.count("1 of 2 seeds") == 4  # each rank's PPL and pass@1 cells
+    assert glance.count("1 of 2 seeds") == 6  # each rank's PPL, pass@1 and probe cells
     spread = next(x for x in text.splitlines() if "spread of mean test PPL" in x)
     assert "NoRA" in spread and spread.count("(1 of 2 seeds)") == 1  # at r=2 only
     # r=4 runs at r=2's searched rate: its training is found there, not counted as left

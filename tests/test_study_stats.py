@@ -56,6 +56,24 @@ def test_kl_and_ppl_are_token_weighted_ratios():
         paired_difference([a], [b], "ppl", over="seeds")
 
 
+def test_the_probes_steps_are_a_mean_per_problem_and_absent_without_a_probe():
+    def probed(steps):  # pass@1 all wrong; the probe's counts per problem
+        one = np.ones(1)
+        return PerExample(one, one, np.zeros(len(steps)), steps=np.asarray(steps, float))
+
+    a = [probed([3, 5, 8, 0]), probed([4, 4, 8, 0])]
+    b = [probed([1, 5, 6, 0]), probed([1, 4, 6, 0])]
+    iv = paired_difference(a, b, "steps")
+    assert iv.per_seed == pytest.approx((1.0, 1.25))  # (2 + 0 + 2 + 0) / 4, (3 + 0 + 2 + 0) / 4
+    assert iv.estimate == pytest.approx(1.125) and 0 <= iv.low <= 1.125 <= iv.high <= 3
+    d = {"nll": [1.0], "tokens": [1.0], "correct": [0.0], "correct_steps": [3, 5]}
+    assert PerExample.from_dict(d).steps.tolist() == [3.0, 5.0]
+    plain = PerExample.from_dict({**d, "correct_steps": []})  # not the logistic map
+    assert plain.steps is None and paired_difference([plain], [plain], "steps") is None
+    with pytest.raises(ValueError, match="'accuracy' or 'steps'"):
+        paired_difference(a, b, "collapse")
+
+
 @pytest.mark.parametrize(
     "p, want",
     [

@@ -25,7 +25,7 @@ Bad-input policy:
 from nora.data.core import DataError, DataStats, Example, Loaded
 from nora.data.generators import MIX_TASKS, logistic_steps
 from nora.data.registry import DATASETS, load_examples
-from nora.data.scoring import extract_final_answer, majority_prior, score_answer
+from nora.data.scoring import extract_final_answer, majority_prior, probe_logistic, score_answer
 from nora.data.splits import build_splits
 from nora.data.tokenization import (
     IGNORE_INDEX,
@@ -52,6 +52,7 @@ __all__ = [
     "load_examples",
     "logistic_steps",
     "prompt_ids",
+    "probe_logistic",
     "majority_prior",
     "score_answer",
     "tokenize_example",

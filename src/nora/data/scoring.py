@@ -4,7 +4,8 @@
 of the line after the last `####`, the text after the last "the answer is", else the last
 non-empty line. `score_answer` then scores with the generator's own scorer for
 reasoning-gym examples (`math`, `reasoning-mix`), a 4-decimal comparison for `logistic-map`,
-and a normalised exact match otherwise.
+and a normalised exact match otherwise. `probe_logistic` is the paper's Table 1 probe of a
+logistic-map completion: how many iterations it gets right, and its state collapse.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import functools
 import re
 
 from nora.data.core import DataError, Example
+from nora.data.generators import logistic_steps
 
 _TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
 _ANSWER_IS = re.compile(r"answer is:?\s*(.+)", re.I)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+_ITERATE = re.compile(r"x\d+\s*=\s*(-?\d+(?:\.\d+)?)")  # a logistic-map line: "x3 = 0.1234"
 
 
 def extract_final_answer(text: str) -> str | None:
@@ -98,3 +101,29 @@ def majority_prior(train: list[Example], test: list[Example]) -> list[float]:
     """
     majority = majority_answers(train)
     return [score_answer(e, majority[family(e)]) if family(e) in majority else 0.0 for e in test]
+
+
+def probe_logistic(completion: str, r: float, x0: float, steps: int) -> dict:
+    """The paper's Table 1 probe of a logistic-map completion: how many iterations x1, x2, …
+    are right (to the 4 printed decimals) before the first wrong one, and its "state
+    collapse", the steps that repeat the previous value where the true one changes. Checked
+    against the same rounded-at-each-step recurrence the data uses (`logistic_steps`)."""
+    truth = logistic_steps(r, x0, steps)
+    got = [float(v) for v in _ITERATE.findall(completion)]
+    correct = 0
+    for g, t in zip(got, truth, strict=False):
+        if abs(g - t) > 5e-5:
+            break
+        correct += 1
+    collapse = sum(
+        1
+        for i in range(1, min(len(got), len(truth)))
+        if got[i] == got[i - 1] and truth[i] != truth[i - 1]
+    )
+    return {
+        "correct_steps": correct,
+        "steps": steps,
+        "all_correct": correct == steps,
+        "collapse": collapse,
+        "n_values": len(got),
+    }

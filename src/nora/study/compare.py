@@ -32,7 +32,7 @@ ALPHA = 0.05  # a verdict's level, after Holm's adjustment within its table
 class Metric:
     """A test metric as the report prints it."""
 
-    key: str  # stats.paired_difference's name: "ppl", "kl" or "accuracy"
+    key: str  # stats.paired_difference's name: "ppl", "kl", "accuracy" or "steps"
     label: str  # "test KL"
     what: str  # the header's sentence
     digits: int  # decimals of values and differences, after `scale`
@@ -45,11 +45,18 @@ class Metric:
     def delta(self) -> str:
         return "Δ" + self.label.removeprefix("test ")
 
+    @property
+    def generated(self) -> bool:
+        """Scored on greedy completions (pass@1, the probe), not on the test tokens."""
+        return self.key in ("accuracy", "steps")
+
     def of(self, pe: PerExample) -> float | None:
         """A run's value: token-weighted like the bootstrap's point estimate (KL: Σ KL / Σ
-        positions; PPL: exp(Σ NLL / Σ tokens)); pass@1: the mean score, None without any."""
-        if self.key == "accuracy":
-            return pe.accuracy()
+        positions; PPL: exp(Σ NLL / Σ tokens)); pass@1 and the probe's steps: the mean per
+        problem, None without any."""
+        if self.generated:
+            scores = pe.per_problem(self.key)
+            return float(scores.mean()) if scores.size else None
         num, den, exp = pe.ratio(self.key)
         m = float(num.sum() / den.sum())
         return math.exp(m) if exp else m
@@ -69,6 +76,14 @@ class Metric:
 
 PPL = Metric("ppl", "test PPL", "token-weighted test perplexity, lower is better", 3)
 PASS1 = Metric("accuracy", "pass@1", "greedy pass@1", 1, 100.0, "%", " pp", lower_is_better=False)
+STEPS = Metric(
+    "steps",
+    "probe steps",
+    "the logistic-map probe (the paper's Table 1): correct iterations before the first wrong "
+    "one, greedy, higher is better",
+    2,
+    lower_is_better=False,
+)
 
 
 def primary(res: StudyResults) -> Metric:
@@ -85,8 +100,11 @@ def primary(res: StudyResults) -> Metric:
 
 
 def metrics(res: StudyResults) -> tuple[Metric, ...]:
-    """The primary metric, then pass@1 where the study generates (n_gen > 0)."""
-    return (primary(res), PASS1) if res.config.get("n_gen") else (primary(res),)
+    """The primary metric, then pass@1 where the study generates (n_gen > 0), then the
+    logistic-map probe's steps where a run has them (its problems are the logistic map's)."""
+    found = (PASS1,) * bool(res.config.get("n_gen"))
+    found += (STEPS,) * any(t.per_example.steps is not None for t in res.tested)
+    return (primary(res), *found)
 
 
 # --- comparisons: one table's intervals, Holm-adjusted together ------------------------------

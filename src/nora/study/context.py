@@ -180,15 +180,32 @@ class DataContext:
         outs = generate(model, self.tok, prompts, max_new_tokens=max_new_tokens, batch_size=16)
         return [score_answer(e, o) for e, o in zip(examples, outs, strict=True)], outs
 
+    def probe(self, outs: list[str]) -> dict[str, list[int]]:
+        """The logistic-map probe (the paper's Table 1, `nora.data.probe_logistic`) of each
+        completion of `gen_examples`: correct iterations and state collapse per problem;
+        empty lists where the problems are not logistic-map iterations."""
+        from nora.data import probe_logistic
+
+        examples = self.gen_examples(len(outs))
+        if not examples or any(e.meta.get("source") != "logistic-map" for e in examples):
+            return {"correct_steps": [], "collapse": []}
+        probes = [
+            probe_logistic(o, e.meta["r"], e.meta["x0"], e.meta["steps"])
+            for e, o in zip(examples, outs, strict=True)
+        ]
+        return {k: [x[k] for x in probes] for k in ("correct_steps", "collapse")}
+
     def score_test(
         self, model, n_gen: int, max_new_tokens: int, keep_samples: int = 10, teacher=None
     ) -> dict:
         """Per-example test NLL and pass@1, their aggregates (PPL, accuracy), and the first
-        `keep_samples` completions; with a `teacher`, also the KL to it per example."""
+        `keep_samples` completions; with a `teacher`, also the KL to it per example; on
+        logistic-map problems, also the probe's correct iterations and collapse per problem."""
         import math
 
         nll, tokens = self.example_nll(model)
         correct, outs = self.pass_at_1(model, n_gen, max_new_tokens) if n_gen else ([], [])
+        probe = self.probe(outs) if outs else {}
         distill = {}
         if teacher is not None:
             kl, positions = self.example_kl(model, teacher)
@@ -201,7 +218,7 @@ class DataContext:
             "test_ppl": math.exp(sum(nll) / sum(tokens)),
             "test_nll": sum(nll) / sum(tokens),
             "accuracy": sum(correct) / len(correct) if correct else None,
-            "per_example": {"nll": nll, "tokens": tokens, "correct": correct},
+            "per_example": {"nll": nll, "tokens": tokens, "correct": correct, **probe},
             "samples": outs[:keep_samples],
             "n_test": len(nll),
             "n_gen": len(correct),

@@ -950,6 +950,29 @@ V2: dict[str, Any] = {
     "controls": True,
 }
 STUDY_PRESETS["study-v2"] = {**V2, "datasets": ["reasoning-mix"], "distill": PILOT_DISTILL_RANDOM}
+# The paper's Table 1 case study beside it: the distilled adapters above never saw the
+# logistic map, so its probe (`nora.data.probe_logistic`: correct iterations before the first
+# wrong one, state collapse) needs adapters trained on it. LoRA α=32 at r=16 and 128 (its best
+# rank is the better of the two) against NoRA at both, tuned, 3 seeds, 100 greedy answers
+# (5-8 lines "x3 = 0.6762" of ~10 tokens: the longest of the 300 test answers is 87 tokens
+# for SmolLM2's tokenizer, so 96 new tokens hold any). pilot-logistic chose LoRA's rates.
+STUDY_PRESETS["study-v2-probe"] = {
+    **PILOT,
+    "title": "Study v2 (issue 21), Table 1: the logistic-map probe, LoRA vs NoRA",
+    "datasets": ["logistic-map"],
+    "variants": {"lora": V2_VARIANTS["lora"], "nora": V2_VARIANTS["nora"]},
+    "ranks": [16, 128],
+    "seeds": [0, 1, 2],
+    "n_gen": 100,
+    "max_new_tokens": {"logistic-map": 96},
+    "lr_search": {
+        "start": [-5, -4, -3],  # around pilot-logistic's LoRA choices (3.16e-3, 1e-2)
+        "ranks": {"lora": [16, 128], "nora": [16, 128]},
+        "like": {"nora": "lora"},
+        "default_rank": 16,
+    },
+    "first": ["lora", "nora"],
+}
 
 
 def load_study(spec: str) -> StudyConfig | None:

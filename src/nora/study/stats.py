@@ -18,7 +18,8 @@ over runs with a bootstrap interval over runs, optionally within groups (e.g. wi
 rank, so that ρ says whether ER predicts PPL beyond what the rank itself does).
 
 Perplexity of a resample = exp(Σ NLL / Σ tokens) over its examples (token-weighted, like the
-point estimate); NLL the same without the exp; KL = Σ KL / Σ positions (nora.distill); accuracy = the mean of the 0/1 scores.
+point estimate); NLL the same without the exp; KL = Σ KL / Σ positions (nora.distill);
+accuracy = the mean of the 0/1 scores; the probe's steps = the mean of its per-problem counts.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class PerExample:
     correct: np.ndarray  # (m,) 0/1 greedy pass@1 per problem
     kl: np.ndarray | None = None  # (n,) summed KL to the teacher (distillation studies)
     positions: np.ndarray | None = None  # (n,) positions the KL is summed over
+    # (m,) the logistic-map probe's correct iterations per generated problem (paper Table 1)
+    steps: np.ndarray | None = None
 
     @classmethod
     def from_dict(cls, d: dict, kl: dict | None = None) -> PerExample:
@@ -48,7 +51,15 @@ class PerExample:
             np.asarray(d["correct"], dtype=float),
             np.asarray(kl["kl"], dtype=float) if kl else None,
             np.asarray(kl["positions"], dtype=float) if kl else None,
+            np.asarray(d["correct_steps"], dtype=float) if d.get("correct_steps") else None,
         )
+
+    def per_problem(self, metric: str) -> np.ndarray:
+        """(m,) one score per generated problem, averaged by a mean metric: pass@1's 0/1
+        ("accuracy") or the probe's correct iterations ("steps"; empty without a probe)."""
+        if metric == "accuracy":
+            return self.correct
+        return self.steps if self.steps is not None else np.empty(0)
 
     def ratio(self, metric: str) -> tuple[np.ndarray, np.ndarray, bool]:
         """(numerators, denominators, exp?) of a token-weighted metric: ppl, nll or kl."""
@@ -63,6 +74,9 @@ class PerExample:
 
     def accuracy(self) -> float | None:
         return float(self.correct.mean()) if self.correct.size else None
+
+    def mean_steps(self) -> float | None:
+        return float(self.steps.mean()) if self.steps is not None and self.steps.size else None
 
 
 @dataclass(frozen=True)
@@ -100,23 +114,26 @@ def paired_difference(
     level: float = 0.95,
     over: str = "seeds+examples",
 ) -> Interval | None:
-    """A − B for `metric` ("ppl", "nll", "kl" or "accuracy"), seed-paired (a[i] with b[i]), by the
-    hierarchical bootstrap (`over="seeds+examples"`) or over examples only (`"examples"`).
-    None when there is nothing to compare (no seeds, or no generated problems)."""
+    """A − B for `metric` ("ppl", "nll", "kl", "accuracy" or the probe's "steps"), seed-paired
+    (a[i] with b[i]), by the hierarchical bootstrap (`over="seeds+examples"`) or over examples
+    only (`"examples"`). None when there is nothing to compare (no seeds, or no generated
+    problems, or no probe)."""
     if not a or len(a) != len(b):
         return None
     if over not in ("seeds+examples", "examples"):
         raise ValueError(f"over must be 'seeds+examples' or 'examples', got {over!r}")
-    if metric not in ("ppl", "nll", "kl", "accuracy"):
-        raise ValueError(f"unknown metric {metric!r}; use 'ppl', 'nll', 'kl' or 'accuracy'")
+    if metric not in ("ppl", "nll", "kl", "accuracy", "steps"):
+        raise ValueError(
+            f"unknown metric {metric!r}; use 'ppl', 'nll', 'kl', 'accuracy' or 'steps'"
+        )
     rng = np.random.default_rng(seed)
-    if metric == "accuracy":
-        m = a[0].correct.size
-        if m == 0 or any(x.correct.size != m for x in (*a, *b)):
+    if metric in ("accuracy", "steps"):  # a mean over the generated problems
+        m = a[0].per_problem(metric).size
+        if m == 0 or any(x.per_problem(metric).size != m for x in (*a, *b)):
             return None
 
         def value(x: PerExample, idx: np.ndarray) -> np.ndarray:
-            return x.correct[idx].mean(-1)
+            return x.per_problem(metric)[idx].mean(-1)
 
         n = m
     else:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nora.study.compare import (
     ALPHA,
+    STEPS,
     Comparison,
     comparison_table,
     family,
@@ -49,6 +50,11 @@ def header(res: StudyResults) -> list[str]:
     if c["n_gen"]:
         new = ", ".join(f"{d} {n}" for d, n in c["max_new_tokens"].items()) or "256"
         test += f" and greedy pass@1 on the first {c['n_gen']} of them (max new tokens: {new})"
+    if STEPS in metrics(res):
+        test += (
+            "; on them also the logistic-map probe of the paper's Table 1 (correct iterations "
+            "before the first wrong one, `nora.data.probe_logistic`)"
+        )
     lines = [
         f"# {c.get('title') or config_defaults().title}",
         "",

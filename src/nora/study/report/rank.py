@@ -67,7 +67,7 @@ def _cell(res: StudyResults, d: str, v: str, r: int, m: Metric) -> str:
     if not runs:
         return "–"
     rates = {t.lr for t in runs}
-    rate = f"; lr {rates.pop():.3g}" if m is not PASS1 and len(rates) == 1 else ""
+    rate = f"; lr {rates.pop():.3g}" if not m.generated and len(rates) == 1 else ""
     seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
     return f"{m.spread([t.per_example for t in runs])} ({seeds}{rate})"
 

@@ -487,38 +487,8 @@ def _chosen_lrs(out: Path, dataset: str) -> dict[str, float]:
 # --- the logistic-map case study (paper Table 1) -------------------------------------------
 
 
-def probe_logistic(completion: str, r: float, x0: float, steps: int) -> dict:
-    """Count correct steps and 'state collapse' (a value repeated where it should change).
-
-    Compared against the same rounded-at-each-step recurrence the data uses.
-    """
-    import re
-
-    from nora.data import logistic_steps
-
-    truth = logistic_steps(r, x0, steps)
-    got = [float(v) for v in re.findall(r"x\d+\s*=\s*(-?\d+(?:\.\d+)?)", completion)]
-    correct = 0
-    for g, t in zip(got, truth, strict=False):
-        if abs(g - t) > 5e-5:
-            break
-        correct += 1
-    collapse = sum(
-        1
-        for i in range(1, min(len(got), len(truth)))
-        if got[i] == got[i - 1] and truth[i] != truth[i - 1]
-    )
-    return {
-        "correct_steps": correct,
-        "steps": steps,
-        "all_correct": correct == steps,
-        "collapse": collapse,
-        "n_values": len(got),
-    }
-
-
 def _probe_phase(cfg: SweepConfig, out: Path, sweep: Runner) -> None:
-    from nora.data import load_examples
+    from nora.data import load_examples, probe_logistic
     from nora.data.tokenization import prompt_ids
     from nora.evaluate import generate
 
