@@ -357,8 +357,9 @@ def test_the_probe_counts_each_generated_problems_correct_iterations(tmp_path, m
         xs = [x + 0.01 * (wrong_from is not None and i >= wrong_from) for i, x in enumerate(xs)]
         return "\n".join(f"x{i} = {x:.4f}" for i, x in enumerate(xs, 1))
 
-    first, second = (e.meta for e in c.gen_examples(2))
-    got = c.probe([lines(first), lines(second, wrong_from=2)])
+    problems = c.gen_examples(2)
+    first, second = (e.meta for e in problems)
+    got = c.probe(problems, [lines(first), lines(second, wrong_from=2)])
     assert got["correct_steps"] == [first["steps"], 2] and got["collapse"] == [0, 0]
 
 

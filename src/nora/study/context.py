@@ -169,24 +169,26 @@ class DataContext:
         train = load_examples(self.dataset, held + self.n_train, 0, **self.data_kw)[held:]
         return majority_prior(train, self.gen_examples(n_gen))
 
-    def pass_at_1(self, model, n_gen: int, max_new_tokens: int) -> tuple[list[float], list[str]]:
-        """Greedy pass@1 per test problem (the data source's scorer) and the completions."""
+    def pass_at_1(
+        self, model, examples: list, max_new_tokens: int
+    ) -> tuple[list[float], list[str]]:
+        """Greedy pass@1 per test problem (`gen_examples`; the data source's scorer) and the
+        completions."""
         from nora.data import score_answer
         from nora.data.tokenization import prompt_ids
         from nora.evaluate import generate
 
-        examples = self.gen_examples(n_gen)
         prompts = [prompt_ids(self.tok, e.messages) for e in examples]
         outs = generate(model, self.tok, prompts, max_new_tokens=max_new_tokens, batch_size=16)
         return [score_answer(e, o) for e, o in zip(examples, outs, strict=True)], outs
 
-    def probe(self, outs: list[str]) -> dict[str, list[int]]:
+    @staticmethod
+    def probe(examples: list, outs: list[str]) -> dict[str, list[int]]:
         """The logistic-map probe (the paper's Table 1, `nora.data.probe_logistic`) of each
-        completion of `gen_examples`: correct iterations and state collapse per problem;
-        empty lists where the problems are not logistic-map iterations."""
+        problem's completion: correct iterations and state collapse per problem; empty lists
+        where the problems are not logistic-map iterations."""
         from nora.data import probe_logistic
 
-        examples = self.gen_examples(len(outs))
         if not examples or any(e.meta.get("source") != "logistic-map" for e in examples):
             return {"correct_steps": [], "collapse": []}
         probes = [
@@ -204,8 +206,9 @@ class DataContext:
         import math
 
         nll, tokens = self.example_nll(model)
-        correct, outs = self.pass_at_1(model, n_gen, max_new_tokens) if n_gen else ([], [])
-        probe = self.probe(outs) if outs else {}
+        examples = self.gen_examples(n_gen) if n_gen else []  # loaded once: pass@1, probe
+        correct, outs = self.pass_at_1(model, examples, max_new_tokens) if n_gen else ([], [])
+        probe = self.probe(examples, outs) if outs else {}
         distill = {}
         if teacher is not None:
             kl, positions = self.example_kl(model, teacher)

@@ -72,12 +72,6 @@ class PerExample:
     def ppl(self) -> float:
         return math.exp(self.nll.sum() / self.tokens.sum())
 
-    def accuracy(self) -> float | None:
-        return float(self.correct.mean()) if self.correct.size else None
-
-    def mean_steps(self) -> float | None:
-        return float(self.steps.mean()) if self.steps is not None and self.steps.size else None
-
 
 @dataclass(frozen=True)
 class Interval:
